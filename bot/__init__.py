@@ -1,0 +1,1 @@
+"""callbot: start WhatsApp voice calls through Pilot Status from Telegram."""

@@ -1,0 +1,116 @@
+"""Settings read from the environment (and `.env`), validated once at start."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import (
+    AnyHttpUrl,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+IdList = Annotated[frozenset[int], NoDecode]
+NumberTypeSetting = Literal["auto", "meta", "web"]
+_TOKEN = re.compile(r"^\d+:[A-Za-z0-9_-]{20,}$")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+
+    bot_token: SecretStr
+    telegram_api_url: AnyHttpUrl | None = None
+
+    pilot_status_api_key: SecretStr | None = None
+    pilot_status_api_key_id: SecretStr | None = None
+    pilot_status_base_url: AnyHttpUrl = AnyHttpUrl("https://pilotstatus.com.br")
+    pilot_status_number_type: NumberTypeSetting = "auto"
+    # For a tenant-scoped key: which number to act on (header x-whatsapp-number-id).
+    pilot_status_number_id: str | None = None
+    pilot_status_connect_timeout: float = Field(default=5.0, gt=0, le=60)
+    pilot_status_read_timeout: float = Field(default=20.0, gt=0, le=300)
+    pilot_status_max_connections: int = Field(default=20, ge=1, le=1000)
+    pilot_status_max_retries: int = Field(default=2, ge=0, le=10)
+    pilot_status_retry_backoff: float = Field(default=0.5, ge=0, le=30)
+
+    operator_ids: IdList = frozenset()
+    admin_ids: IdList = frozenset()
+    allowed_chat_ids: IdList = frozenset()
+
+    default_region: str = "BR"
+    default_locale: Literal["en", "pt_BR"] = "en"
+    confirm_ttl_seconds: int = Field(default=60, ge=5, le=3600)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("operator_ids", "admin_ids", "allowed_chat_ids", mode="before")
+    @classmethod
+    def _split_ids(cls, value: object) -> object:
+        if isinstance(value, str):
+            parts = [p for p in re.split(r"[,\s]+", value) if p]
+            bad = [p for p in parts if not re.fullmatch(r"-?\d+", p)]
+            if bad:
+                raise ValueError(f"not Telegram ids: {', '.join(bad)}")
+            return frozenset(int(p) for p in parts)
+        return value
+
+    @field_validator("bot_token")
+    @classmethod
+    def _token_shape(cls, value: SecretStr) -> SecretStr:
+        if not _TOKEN.match(value.get_secret_value()):
+            raise ValueError("does not look like a token from @BotFather (digits:letters)")
+        return value
+
+    @field_validator("default_region")
+    @classmethod
+    def _region(cls, value: str) -> str:
+        import phonenumbers
+
+        region = value.strip().upper()
+        if region not in phonenumbers.SUPPORTED_REGIONS:
+            raise ValueError("not a two-letter region code such as BR or US")
+        return region
+
+    @field_validator("default_locale", mode="before")
+    @classmethod
+    def _locale(cls, value: object) -> object:
+        if isinstance(value, str) and value.replace("-", "_").lower() in {"pt", "pt_br"}:
+            return "pt_BR"
+        return value
+
+    @model_validator(mode="after")
+    def _one_key(self) -> Settings:
+        if self.pilot_status_api_key is None and self.pilot_status_api_key_id is None:
+            raise ValueError("set PILOT_STATUS_API_KEY (or PILOT_STATUS_API_KEY_ID)")
+        if not self.operator_ids and not self.admin_ids:
+            raise ValueError("set OPERATOR_IDS or ADMIN_IDS: nobody could place a call")
+        return self
+
+    @property
+    def caller_ids(self) -> frozenset[int]:
+        """Everyone who may start calls: operators and admins."""
+        return self.operator_ids | self.admin_ids
+
+
+class ConfigError(Exception):
+    """The environment does not make a valid configuration; the message names each variable."""
+
+
+def load_settings(**overrides: object) -> Settings:
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as err:
+        raise ConfigError(describe_errors(err)) from None
+
+
+def describe_errors(err: ValidationError) -> str:
+    lines = ["callbot cannot start, the configuration is incomplete:"]
+    for item in err.errors(include_input=False, include_url=False):
+        where = "_".join(str(p) for p in item["loc"]).upper()
+        message = item["msg"].removeprefix("Value error, ")
+        lines.append(f"  - {where}: {message}" if where else f"  - {message}")
+    return "\n".join(lines)

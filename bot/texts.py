@@ -1,0 +1,316 @@
+"""Everything the bot says, as HTML with every user- or API-provided value escaped.
+
+The error catalogue maps each code of `bot.errors` to a localized text naming what to do next.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from html import escape
+
+from aiogram.utils.i18n import gettext as _
+from aiogram.utils.i18n import lazy_gettext as __
+from babel.support import LazyProxy
+
+from bot.calls import NeedsMedia, NeedsPermission, Started
+from bot.errors import CallbotError
+from bot.phones import Phone
+from bot.pilot_status.models import CallStatus, Limit, NumberType, PermissionProbe
+
+ERRORS: dict[str, LazyProxy] = {
+    # the operator's input
+    "usage": __(
+        "Usage: <code>/call &lt;phone&gt; [note]</code>, e.g. "
+        "<code>/call +55 11 99999-9999 server down</code>."
+    ),
+    "phone_empty": __("Tell me which number to call: <code>/call +55 11 99999-9999</code>."),
+    "phone_not_a_number": __(
+        "<b>{text}</b> is not a phone number. Write it with digits, e.g. +55 11 99999-9999."
+    ),
+    "phone_invalid": __(
+        "<b>{text}</b> is not a valid phone number. Check the country and area code "
+        "(numbers without + are read as {region})."
+    ),
+    "phone_not_mobile": __("<b>{text}</b> is a landline. WhatsApp calls need a mobile number."),
+    # who is asking
+    "not_operator": __(
+        "Sorry, you are not allowed to place calls with this bot. Ask an admin to add your "
+        "Telegram id (send /whoami) to OPERATOR_IDS."
+    ),
+    "chat_not_allowed": __(
+        "Calls cannot be placed from this chat. Ask an admin to add this chat id (send /whoami) "
+        "to ALLOWED_CHAT_IDS, or call from a private chat with me."
+    ),
+    # buttons and flow
+    "confirm_expired": __("This request expired. Send /call again."),
+    "not_your_button": __("Only the operator who asked can answer this."),
+    "already_handled": __("This was already handled."),
+    "call_in_flight": __(
+        "A call to this number is being started right now. Wait for its answer before trying again."
+    ),
+    "permission_not_needed": __("This business number is a web number: it needs no permission."),
+    "number_unsupported": __(
+        "The business number cannot place calls: Pilot Status only calls from Meta Cloud API and "
+        "web numbers. Check the number's provider in the Pilot Status dashboard."
+    ),
+    "internal": __("Something went wrong on my side. The error was logged; please try again."),
+    # Pilot Status answers
+    "api_validation": __(
+        "Pilot Status refused the request as invalid (HTTP {status}). Check the number and try "
+        "again; if it keeps happening, tell an admin."
+    ),
+    "api_missing_to": __("Pilot Status did not receive the number to call. Send /call again."),
+    "api_feature_not_supported": __(
+        "This business number does not support that. Calling works only with Meta Cloud API and "
+        "web numbers; an admin can check PILOT_STATUS_NUMBER_TYPE and the number's provider."
+    ),
+    "api_number_not_found": __(
+        "The API key is not bound to a WhatsApp number. An admin must use a number-scoped key "
+        "or set PILOT_STATUS_NUMBER_ID."
+    ),
+    "api_unauthorized": __(
+        "Pilot Status rejected the API key. An admin must check PILOT_STATUS_API_KEY."
+    ),
+    "api_tenant_scope": __(
+        "The API key has the wrong scope for calls. An admin must use the number's own key, or "
+        "set PILOT_STATUS_NUMBER_ID for a tenant key."
+    ),
+    "api_call_not_found": __("Pilot Status does not know that call on this number."),
+    "api_not_connected": __(
+        "The WhatsApp number is not connected. Reconnect it (scan the QR code) in the Pilot "
+        "Status dashboard, then try again."
+    ),
+    "api_billing_suspended": __(
+        "The Pilot Status account is suspended for billing. An admin must settle it in the "
+        "dashboard."
+    ),
+    "api_rate_limited": __(
+        "Pilot Status is receiving too many requests. Wait a minute and try again."
+    ),
+    "api_permission_required": __(
+        "This person has not allowed WhatsApp calls from us yet. Ask for permission first."
+    ),
+    "api_permission_request_limit": __(
+        "Too many permission requests were sent to this person. Meta allows only a few; wait a "
+        "day before asking again."
+    ),
+    "api_outside_window": __(
+        "A permission request can only be sent within 24 hours of this person's last WhatsApp "
+        "message. Ask them to message the business number first."
+    ),
+    "api_payment_required": __(
+        "Meta needs a payment method on the WhatsApp Business account before calls can be "
+        "made. An admin must add one in Meta Business Manager."
+    ),
+    "api_calling_disabled": __(
+        "Calling is not enabled on this WhatsApp number. An admin must enable it in the Pilot "
+        "Status dashboard."
+    ),
+    "api_call_limit": __(
+        "This number reached Meta's limit of business-initiated calls (100 per 24 hours). Try "
+        "again tomorrow."
+    ),
+    "api_tier_too_low": __(
+        "Meta does not allow calling yet: the number's messaging tier is below 2,000 a day."
+    ),
+    "api_calling_prerequisites": __(
+        "Calling is not set up on the WhatsApp Business account (the 'calls' webhook field is "
+        "not subscribed). An admin must finish the setup in the Pilot Status dashboard."
+    ),
+    "api_answer_too_late": __("The call's media answer came too late and Meta ended the call."),
+    "api_server_error": __("Pilot Status had a problem (HTTP {status}). Try again in a minute."),
+    "api_bad_response": __(
+        "Pilot Status answered something I could not read (HTTP {status}). Try again later; if it "
+        "keeps happening, tell an admin."
+    ),
+    "api_timeout_maybe_sent": __(
+        "Pilot Status did not answer in time. The call may still have started: check before you "
+        "call again."
+    ),
+    "api_dropped": __(
+        "The connection to Pilot Status broke after the request was sent. The call may still have "
+        "started: check before you call again."
+    ),
+    "api_unreachable": __(
+        "Cannot reach Pilot Status right now; nothing was sent. Try again in a minute."
+    ),
+    "api_unknown_code": __("Pilot Status refused (HTTP {status}, {code}): {message}"),
+}
+
+STATUS: dict[CallStatus, LazyProxy] = {
+    CallStatus.INITIATED: __("started"),
+    CallStatus.RINGING: __("ringing"),
+    CallStatus.ACCEPTED: __("answered"),
+    CallStatus.REJECTED: __("rejected"),
+    CallStatus.COMPLETED: __("ended"),
+    CallStatus.FAILED: __("failed"),
+    CallStatus.MISSED: __("missed"),
+    CallStatus.UNKNOWN: __("unknown"),
+}
+
+
+def error_text(error: CallbotError) -> str:
+    template = ERRORS.get(error.code, ERRORS["internal"])
+    params = {key: escape(value) for key, value in error.params.items()}
+    return str(template).format_map(_Blank(params))
+
+
+class _Blank(dict[str, str]):
+    def __missing__(self, key: str) -> str:
+        return "?"
+
+
+def number_label(phone: Phone, *, masked: bool) -> str:
+    return escape(phone.masked if masked else phone.display)
+
+
+def _note_line(note: str | None) -> str:
+    return "\n" + _("Note: {note}").format(note=escape(note)) if note else ""
+
+
+def limits_lines(limits: tuple[Limit, ...]) -> str:
+    lines = []
+    for limit in limits:
+        if limit.max_allowed is None:
+            continue
+        lines.append(
+            _("Calls used: {used} of {allowed} per {period}").format(
+                used=limit.current_usage or 0,
+                allowed=limit.max_allowed,
+                period=_period(limit.time_period),
+            )
+        )
+    return "".join("\n" + line for line in lines)
+
+
+def _period(iso: str) -> str:
+    match = re.fullmatch(r"P(?:(\d+)D)?(?:T(?:(\d+)H)?)?", iso)
+    if not match or not any(match.groups()):
+        return escape(iso)
+    days, hours = (int(g) if g else 0 for g in match.groups())
+    return _("{n} h").format(n=days * 24 + hours)
+
+
+def _expiry(probe: PermissionProbe) -> str:
+    when = probe.permission.expiration_time
+    if not when:
+        return ""
+    moment = datetime.fromtimestamp(when, UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return "\n" + _("Permission valid until {moment}").format(moment=moment)
+
+
+def started_text(started: Started, phone: Phone, note: str | None, *, masked: bool) -> str:
+    call = started.call
+    lines = [
+        _("📞 <b>Call started</b> to {number}").format(number=number_label(phone, masked=masked)),
+        _("Call id: <code>{id}</code>").format(id=escape(call.id)),
+    ]
+    if call.external_call_id:
+        lines.append(_("External id: <code>{id}</code>").format(id=escape(call.external_call_id)))
+    lines.append(_("Status: {status}").format(status=STATUS[call.status]))
+    return "\n".join(lines) + limits_lines(started.limits) + _note_line(note)
+
+
+def needs_permission_text(outcome: NeedsPermission, phone: Phone, *, masked: bool) -> str:
+    text = _(
+        "🔒 {number} has not allowed WhatsApp calls from this business yet. Meta requires "
+        "their permission before a call."
+    ).format(number=number_label(phone, masked=masked))
+    if outcome.probe.may_ask:
+        return text + "\n" + _("Press <b>Ask for permission</b> to send them the request.")
+    return text + "\n" + _("Meta does not allow another permission request right now.")
+
+
+def needs_media_text(outcome: NeedsMedia, phone: Phone, *, masked: bool) -> str:
+    return (
+        _("✅ {number} allows calls from this business.").format(
+            number=number_label(phone, masked=masked)
+        )
+        + _expiry(outcome.probe)
+        + limits_lines(outcome.limits)
+        + "\n\n"
+        + _(
+            "This is a Meta Cloud API number: a call needs the bot's media (WebRTC) endpoint, "
+            "which is not configured yet, so no call was placed."
+        )
+    )
+
+
+def confirm_text(phone: Phone, note: str | None, *, masked: bool, ttl: int) -> str:
+    return (
+        _("Call {number}?").format(number=number_label(phone, masked=masked))
+        + _note_line(note)
+        + "\n"
+        + _("Confirm within {seconds} s.").format(seconds=ttl)
+    )
+
+
+def calling_text(phone: Phone, *, masked: bool) -> str:
+    return _("Calling {number}…").format(number=number_label(phone, masked=masked))
+
+
+def cancelled_text() -> str:
+    return _("Cancelled. No call was placed.")
+
+
+def permission_sent_text(phone: Phone, *, masked: bool) -> str:
+    return _("📨 Permission request sent to {number}. You can call once they accept.").format(
+        number=number_label(phone, masked=masked)
+    )
+
+
+def default_permission_reason() -> str:
+    return _("May we call you on WhatsApp?")
+
+
+def whoami_text(user_id: int | None, chat_id: int, chat_type: str) -> str:
+    return (
+        _("Your Telegram user id: <code>{user}</code>").format(user=user_id if user_id else "?")
+        + "\n"
+        + _("This chat id: <code>{chat}</code> ({kind})").format(
+            chat=chat_id, kind=escape(chat_type)
+        )
+    )
+
+
+def help_text(*, is_caller: bool, is_admin: bool, number_type: NumberType | None) -> str:
+    lines = [
+        _("I place WhatsApp voice calls through Pilot Status."),
+        "",
+        _(
+            "<code>/call &lt;phone&gt; [note]</code> — call a WhatsApp number; in groups I ask you "
+            "to confirm first."
+        ),
+        _("/whoami — your Telegram id and this chat's id, for the admins' configuration."),
+        _("/help — this message."),
+    ]
+    if not is_caller:
+        lines += ["", _("You are not an operator yet: send /whoami and give the id to an admin.")]
+    if is_admin:
+        kind = {
+            NumberType.META: _("Meta Cloud API (needs call permission and a media endpoint)"),
+            NumberType.WEB: _("web (no permission step)"),
+            None: _("not detected yet (Pilot Status unreachable); I will retry on the next /call"),
+        }[number_type]
+        lines += ["", _("Admin: business number type: {kind}").format(kind=kind)]
+    return "\n".join(lines)
+
+
+COMMANDS: tuple[tuple[str, LazyProxy], ...] = (
+    ("call", __("Start a WhatsApp call: /call <phone> [note]")),
+    ("whoami", __("Show your Telegram id and this chat's id")),
+    ("help", __("How to use the bot")),
+)
+
+
+def button_confirm() -> str:
+    return _("✅ Confirm")
+
+
+def button_cancel() -> str:
+    return _("✖️ Cancel")
+
+
+def button_ask_permission() -> str:
+    return _("🔓 Ask for permission")

@@ -1,0 +1,12 @@
+"""aiogram routers: parse the update, call one service, render, reply."""
+
+from aiogram import Router
+
+from handlers import calls, common, errors
+
+
+def build_router() -> Router:
+    """Fresh routers each time: a Router can have only one parent."""
+    root = Router(name="callbot")
+    root.include_routers(common.build_router(), calls.build_router(), errors.build_router())
+    return root

@@ -1,0 +1,178 @@
+"""/call, its confirmation buttons in groups, and the Ask-for-permission button."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
+
+from aiogram import Router
+from aiogram.filters import Command, CommandObject
+from aiogram.filters.callback_data import CallbackData
+from aiogram.types import CallbackQuery, InlineKeyboardMarkup, Message
+from aiogram.utils.keyboard import InlineKeyboardBuilder
+
+from bot.access import AccessPolicy
+from bot.calls import CallOutcome, CallRequest, CallService, NeedsMedia, NeedsPermission
+from bot.config import Settings
+from bot.errors import CallbotError
+from bot.pending import PendingStore, Taken
+from bot.phones import Phone, split_phone_and_note
+from bot.texts import (
+    button_ask_permission,
+    button_cancel,
+    button_confirm,
+    calling_text,
+    cancelled_text,
+    confirm_text,
+    default_permission_reason,
+    error_text,
+    needs_media_text,
+    needs_permission_text,
+    permission_sent_text,
+    started_text,
+)
+
+
+class ConfirmCall(CallbackData, prefix="call"):
+    ok: bool
+    token: str
+
+
+class AskPermission(CallbackData, prefix="perm"):
+    token: str
+
+
+@dataclass(frozen=True)
+class PendingPermission:
+    operator_id: int
+    phone: Phone
+    note: str | None
+    masked: bool
+
+
+def build_router() -> Router:
+    router = Router(name="calls")
+    router.message.register(call_command, Command("call"))
+    router.callback_query.register(confirm_call, ConfirmCall.filter())
+    router.callback_query.register(ask_permission, AskPermission.filter())
+    return router
+
+
+def _is_group(message: Message) -> bool:
+    return message.chat.type != "private"
+
+
+async def call_command(
+    message: Message,
+    command: CommandObject,
+    access: AccessPolicy,
+    calls: CallService,
+    settings: Settings,
+    pending_calls: PendingStore[CallRequest],
+    pending_permissions: PendingStore[PendingPermission],
+) -> None:
+    user_id = message.from_user.id if message.from_user else None
+    access.require_caller(user_id, message.chat.id)
+    if not command.args:
+        raise CallbotError("usage")
+    phone, note = split_phone_and_note(command.args, settings.default_region)
+    request = CallRequest(user_id or 0, message.chat.id, phone, note)
+    if _is_group(message):
+        token = pending_calls.put(request)
+        text = confirm_text(phone, note, masked=True, ttl=settings.confirm_ttl_seconds)
+        await message.reply(text, reply_markup=_confirm_keyboard(token))
+        return
+    outcome = await calls.start(request)
+    text, markup = _render(outcome, request, masked=False, pending_permissions=pending_permissions)
+    await message.reply(text, reply_markup=markup)
+
+
+async def confirm_call(
+    query: CallbackQuery,
+    callback_data: ConfirmCall,
+    access: AccessPolicy,
+    calls: CallService,
+    pending_calls: PendingStore[CallRequest],
+    pending_permissions: PendingStore[PendingPermission],
+) -> None:
+    request = await _take(query, pending_calls, callback_data.token)
+    if request is None or not isinstance(query.message, Message):
+        return
+    if not callback_data.ok:
+        await query.answer()
+        await query.message.edit_text(cancelled_text())
+        return
+    await query.answer()
+    access.require_caller(query.from_user.id, request.chat_id)
+    await query.message.edit_text(calling_text(request.phone, masked=True))
+    outcome = await calls.start(request)
+    text, markup = _render(outcome, request, masked=True, pending_permissions=pending_permissions)
+    await query.message.edit_text(text, reply_markup=markup)
+
+
+async def ask_permission(
+    query: CallbackQuery,
+    callback_data: AskPermission,
+    calls: CallService,
+    pending_permissions: PendingStore[PendingPermission],
+) -> None:
+    pending = await _take(query, pending_permissions, callback_data.token)
+    if pending is None or not isinstance(query.message, Message):
+        return
+    await query.answer()
+    await calls.request_permission(pending.phone, pending.note or default_permission_reason())
+    await query.message.edit_text(permission_sent_text(pending.phone, masked=pending.masked))
+
+
+class _Owned(Protocol):
+    @property
+    def operator_id(self) -> int: ...
+
+
+T = TypeVar("T", bound=_Owned)
+
+
+async def _take(query: CallbackQuery, store: PendingStore[T], token: str) -> T | None:
+    """The pending item behind a button, if this user may press it and it is still valid."""
+    item = store.peek(token)
+    if item is not None and item.operator_id != query.from_user.id:
+        await query.answer(error_text(CallbotError("not_your_button")), show_alert=True)
+        return None
+    taken, item = store.take(token)
+    if taken is Taken.OK:
+        return item
+    if taken is Taken.EXPIRED:
+        await query.answer(error_text(CallbotError("confirm_expired")), show_alert=True)
+        if isinstance(query.message, Message):
+            await query.message.edit_text(error_text(CallbotError("confirm_expired")))
+        return None
+    await query.answer(error_text(CallbotError("already_handled")))
+    return None
+
+
+def _render(
+    outcome: CallOutcome,
+    request: CallRequest,
+    *,
+    masked: bool,
+    pending_permissions: PendingStore[PendingPermission],
+) -> tuple[str, InlineKeyboardMarkup | None]:
+    if isinstance(outcome, NeedsPermission):
+        markup = None
+        if outcome.probe.may_ask:
+            pending = PendingPermission(request.operator_id, request.phone, request.note, masked)
+            token = pending_permissions.put(pending)
+            builder = InlineKeyboardBuilder()
+            builder.button(text=button_ask_permission(), callback_data=AskPermission(token=token))
+            markup = builder.as_markup()
+        return needs_permission_text(outcome, request.phone, masked=masked), markup
+    if isinstance(outcome, NeedsMedia):
+        return needs_media_text(outcome, request.phone, masked=masked), None
+    return started_text(outcome, request.phone, request.note, masked=masked), None
+
+
+def _confirm_keyboard(token: str) -> InlineKeyboardMarkup:
+    builder = InlineKeyboardBuilder()
+    builder.button(text=button_confirm(), callback_data=ConfirmCall(ok=True, token=token))
+    builder.button(text=button_cancel(), callback_data=ConfirmCall(ok=False, token=token))
+    return builder.as_markup()
