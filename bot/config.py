@@ -10,8 +10,8 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
-    model_validator,
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
@@ -21,7 +21,9 @@ _TOKEN = re.compile(r"^\d+:[A-Za-z0-9_-]{20,}$")
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", validate_default=True
+    )
 
     bot_token: SecretStr
     telegram_api_url: AnyHttpUrl | None = None
@@ -82,13 +84,21 @@ class Settings(BaseSettings):
             return "pt_BR"
         return value
 
-    @model_validator(mode="after")
-    def _one_key(self) -> Settings:
-        if self.pilot_status_api_key is None and self.pilot_status_api_key_id is None:
+    # Cross-field checks as field validators (validate_default), so they are reported together
+    # with every other bad variable instead of only once all fields are valid.
+    @field_validator("pilot_status_api_key_id", mode="after")
+    @classmethod
+    def _one_key(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        if value is None and info.data.get("pilot_status_api_key") is None:
             raise ValueError("set PILOT_STATUS_API_KEY (or PILOT_STATUS_API_KEY_ID)")
-        if not self.operator_ids and not self.admin_ids:
+        return value
+
+    @field_validator("admin_ids", mode="after")
+    @classmethod
+    def _someone_calls(cls, value: frozenset[int], info: ValidationInfo) -> frozenset[int]:
+        if not value and info.data.get("operator_ids") == frozenset():
             raise ValueError("set OPERATOR_IDS or ADMIN_IDS: nobody could place a call")
-        return self
+        return value
 
     @property
     def caller_ids(self) -> frozenset[int]:

@@ -1,0 +1,71 @@
+"""Settings: a bad environment stops the start with a message naming each bad variable."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bot.config import ConfigError, load_settings
+
+TOKEN = "123456:" + "A" * 35
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)  # no .env from the developer's checkout
+    for name in ("BOT_TOKEN", "PILOT_STATUS_API_KEY", "PILOT_STATUS_API_KEY_ID", "OPERATOR_IDS",
+                 "ADMIN_IDS", "ALLOWED_CHAT_IDS", "DEFAULT_REGION", "DEFAULT_LOCALE",
+                 "PILOT_STATUS_NUMBER_TYPE", "TELEGRAM_API_URL", "PILOT_STATUS_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_ids_are_read_from_comma_or_space_separated_lists(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BOT_TOKEN", TOKEN)
+    monkeypatch.setenv("PILOT_STATUS_API_KEY", "ps_" + "b" * 48)
+    monkeypatch.setenv("OPERATOR_IDS", "11, 22 33")
+    monkeypatch.setenv("ADMIN_IDS", "44")
+    monkeypatch.setenv("ALLOWED_CHAT_IDS", "-100123")
+    monkeypatch.setenv("DEFAULT_LOCALE", "pt-BR")
+    settings = load_settings()
+    assert settings.operator_ids == {11, 22, 33}
+    assert settings.caller_ids == {11, 22, 33, 44}
+    assert settings.allowed_chat_ids == {-100123}
+    assert settings.default_locale == "pt_BR"
+    assert settings.pilot_status_number_type == "auto"
+    assert str(settings.pilot_status_base_url) == "https://pilotstatus.com.br/"
+
+
+def test_every_bad_variable_is_named_and_no_secret_is_echoed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("BOT_TOKEN", "not-a-token-SECRET")
+    monkeypatch.setenv("OPERATOR_IDS", "12,abc")
+    monkeypatch.setenv("PILOT_STATUS_NUMBER_TYPE", "sip")
+    monkeypatch.setenv("DEFAULT_REGION", "ZZ")
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    message = str(caught.value)
+    for name in ("BOT_TOKEN", "OPERATOR_IDS", "PILOT_STATUS_NUMBER_TYPE", "DEFAULT_REGION"):
+        assert name in message
+    assert "SECRET" not in message
+
+
+def test_missing_key_and_operators_are_explained(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BOT_TOKEN", TOKEN)
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert "PILOT_STATUS_API_KEY" in str(caught.value)
+
+
+def test_python_m_bot_exits_with_the_message(tmp_path: Path) -> None:
+    env = {"PATH": "/usr/bin:/bin", "BOT_TOKEN": "nope"}
+    done = subprocess.run(
+        [sys.executable, "-m", "bot"], cwd=tmp_path, env=env | {"PYTHONPATH": str(ROOT)},
+        capture_output=True, text=True, timeout=30,
+    )
+    assert done.returncode == 2
+    assert "BOT_TOKEN" in done.stderr
+    assert "PILOT_STATUS_API_KEY" in done.stderr
+    assert "Traceback" not in done.stderr
