@@ -1,4 +1,4 @@
-"""aiogram's gettext i18n: catalogues in bot/locales (`pybabel compile -d bot/locales -D messages`)."""
+"""aiogram's gettext i18n; catalogues live in bot/locales (compile with pybabel)."""
 
 from __future__ import annotations
 

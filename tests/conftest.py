@@ -83,9 +83,7 @@ async def start_bot(telegram: FakeTelegram, pilot: FakePilotStatus) -> AsyncIter
         dp.workflow_data.update(data or {})
         started = asyncio.Event()
         dp.startup.register(started.set)
-        task = asyncio.create_task(
-            dp.start_polling(bot, handle_signals=False, polling_timeout=1)
-        )
+        task = asyncio.create_task(dp.start_polling(bot, handle_signals=False, polling_timeout=1))
         await asyncio.wait_for(started.wait(), 10)
         harness = RunningBot(settings, bot, dp, client, telegram, pilot)
         running.append((harness, task))

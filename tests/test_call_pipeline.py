@@ -11,7 +11,7 @@ import pytest
 from bot.pending import PendingStore
 from tests.conftest import ADMIN, API_KEY, GROUP, OPERATOR, STRANGER, TOKEN, RunningBot, StartBot
 from tests.fakes.pilot_status import FakePilotStatus
-from tests.fakes.telegram import FakeTelegram, SentMessage
+from tests.fakes.telegram import SentMessage
 
 PHONE = "+5511999999999"
 
@@ -125,8 +125,9 @@ async def test_timeout_says_the_call_may_have_started_and_does_not_retry(
     start_bot: StartBot,
 ) -> None:
     bot = await start_bot(pilot_status_number_type="web", pilot_status_read_timeout=0.3)
-    bot.pilot.script("start_call", status=201, body={"id": "call_late", "status": "INITIATED"},
-                     delay=1.0)
+    bot.pilot.script(
+        "start_call", status=201, body={"id": "call_late", "status": "INITIATED"}, delay=1.0
+    )
     reply = await command(bot, f"/call {PHONE}")
     assert "did not answer in time" in reply.plain
     assert "may still have started" in reply.plain
@@ -144,7 +145,9 @@ async def test_dropped_connection_is_not_retried(start_bot: StartBot) -> None:
 async def test_refused_connection_says_nothing_was_sent(
     start_bot: StartBot, pilot: FakePilotStatus
 ) -> None:
-    bot = await start_bot(pilot_status_number_type="web", pilot_status_base_url="http://127.0.0.1:9")
+    bot = await start_bot(
+        pilot_status_number_type="web", pilot_status_base_url="http://127.0.0.1:9"
+    )
     reply = await command(bot, f"/call {PHONE}")
     assert "Cannot reach Pilot Status" in reply.plain and "nothing was sent" in reply.plain
 
@@ -171,8 +174,13 @@ async def test_duplicate_update_starts_one_call(start_bot: StartBot) -> None:
 
 async def test_second_call_to_a_number_being_dialled_is_refused(start_bot: StartBot) -> None:
     bot = await start_bot(pilot_status_number_type="web")
-    bot.pilot.script("start_call", status=201, body={"id": "call_slow", "status": "INITIATED"},
-                     delay=0.5, times=1)
+    bot.pilot.script(
+        "start_call",
+        status=201,
+        body={"id": "call_slow", "status": "INITIATED"},
+        delay=0.5,
+        times=1,
+    )
     mark = bot.telegram.mark()
     bot.telegram.send_command(f"/call {PHONE}", user_id=OPERATOR)
     await asyncio.sleep(0.2)
@@ -196,7 +204,10 @@ async def group_prompt(bot: RunningBot, text: str = f"/call {PHONE} db down") ->
 async def press(bot: RunningBot, prompt: SentMessage, label: str, user_id: int = OPERATOR) -> dict:
     data = next(d for text, d in prompt.buttons() if label in text)
     _, query_id = bot.telegram.press_button(
-        user_id=user_id, chat_id=GROUP, message_id=prompt.message_id, data=data,
+        user_id=user_id,
+        chat_id=GROUP,
+        message_id=prompt.message_id,
+        data=data,
         chat_type="supergroup",
     )
     return await bot.telegram.wait_for_callback_answer(query_id)
@@ -208,9 +219,7 @@ async def test_group_call_waits_for_confirmation_and_masks_the_number(start_bot:
     assert "+55 11 9****-9999" in prompt.plain and "99999-9999" not in prompt.plain
     assert bot.pilot.calls_started() == []
     await press(bot, prompt, "Confirm")
-    final = await bot.telegram.wait_for_message(
-        lambda m: "Call started" in m.plain, chat_id=GROUP
-    )
+    final = await bot.telegram.wait_for_message(lambda m: "Call started" in m.plain, chat_id=GROUP)
     assert final.message_id == prompt.message_id
     assert "+55 11 9****-9999" in final.plain and "99999-9999" not in final.plain
     assert final.buttons() == []
@@ -234,8 +243,13 @@ async def test_double_confirm_starts_one_call(start_bot: StartBot) -> None:
     prompt = await group_prompt(bot)
     data = next(d for text, d in prompt.buttons() if "Confirm" in text)
     ids = [
-        bot.telegram.press_button(user_id=OPERATOR, chat_id=GROUP, message_id=prompt.message_id,
-                                  data=data, chat_type="supergroup")[1]
+        bot.telegram.press_button(
+            user_id=OPERATOR,
+            chat_id=GROUP,
+            message_id=prompt.message_id,
+            data=data,
+            chat_type="supergroup",
+        )[1]
         for _ in range(2)
     ]
     answers = [await bot.telegram.wait_for_callback_answer(i) for i in ids]
@@ -289,11 +303,13 @@ async def test_meta_without_permission_offers_the_request_button(start_bot: Star
     assert bot.pilot.calls_started() == []
     [(label, data)] = reply.buttons()
     assert "Ask for permission" in label
-    _, query_id = bot.telegram.press_button(user_id=OPERATOR, chat_id=OPERATOR,
-                                            message_id=reply.message_id, data=data)
+    _, query_id = bot.telegram.press_button(
+        user_id=OPERATOR, chat_id=OPERATOR, message_id=reply.message_id, data=data
+    )
     await bot.telegram.wait_for_callback_answer(query_id)
-    done = await bot.telegram.wait_for_message(lambda m: "Permission request sent" in m.plain,
-                                               chat_id=OPERATOR)
+    done = await bot.telegram.wait_for_message(
+        lambda m: "Permission request sent" in m.plain, chat_id=OPERATOR
+    )
     assert done.message_id == reply.message_id
     [request] = api_calls(bot.pilot, "request_permission")
     assert request.json == {"to": PHONE, "text": "about your order"}
@@ -304,10 +320,16 @@ async def test_permission_request_uses_a_localized_default_reason(start_bot: Sta
     bot.pilot.number_type = "meta"
     reply = await command(bot, f"/call {PHONE}", language_code="pt-br")
     [(_, data)] = reply.buttons()
-    bot.telegram.press_button(user_id=OPERATOR, chat_id=OPERATOR, message_id=reply.message_id,
-                              data=data, language_code="pt-br")
-    await bot.telegram.wait_for_message(lambda m: "Pedido de permissão enviado" in m.plain,
-                                        chat_id=OPERATOR)
+    bot.telegram.press_button(
+        user_id=OPERATOR,
+        chat_id=OPERATOR,
+        message_id=reply.message_id,
+        data=data,
+        language_code="pt-br",
+    )
+    await bot.telegram.wait_for_message(
+        lambda m: "Pedido de permissão enviado" in m.plain, chat_id=OPERATOR
+    )
     [request] = api_calls(bot.pilot, "request_permission")
     assert request.json["text"] == "Podemos te ligar pelo WhatsApp?"
 
@@ -327,8 +349,9 @@ async def test_permission_request_refusals_are_explained(
     bot.pilot.error("request_permission", code, status=400)
     reply = await command(bot, f"/call {PHONE}")
     [(_, data)] = reply.buttons()
-    bot.telegram.press_button(user_id=OPERATOR, chat_id=OPERATOR, message_id=reply.message_id,
-                              data=data)
+    bot.telegram.press_button(
+        user_id=OPERATOR, chat_id=OPERATOR, message_id=reply.message_id, data=data
+    )
     edited = await bot.telegram.wait_for_message(lambda m: expected in m.plain, chat_id=OPERATOR)
     assert edited.message_id == reply.message_id
 

@@ -15,9 +15,19 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.chdir(tmp_path)  # no .env from the developer's checkout
-    for name in ("BOT_TOKEN", "PILOT_STATUS_API_KEY", "PILOT_STATUS_API_KEY_ID", "OPERATOR_IDS",
-                 "ADMIN_IDS", "ALLOWED_CHAT_IDS", "DEFAULT_REGION", "DEFAULT_LOCALE",
-                 "PILOT_STATUS_NUMBER_TYPE", "TELEGRAM_API_URL", "PILOT_STATUS_BASE_URL"):
+    for name in (
+        "BOT_TOKEN",
+        "PILOT_STATUS_API_KEY",
+        "PILOT_STATUS_API_KEY_ID",
+        "OPERATOR_IDS",
+        "ADMIN_IDS",
+        "ALLOWED_CHAT_IDS",
+        "DEFAULT_REGION",
+        "DEFAULT_LOCALE",
+        "PILOT_STATUS_NUMBER_TYPE",
+        "TELEGRAM_API_URL",
+        "PILOT_STATUS_BASE_URL",
+    ):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -62,8 +72,12 @@ def test_missing_key_and_operators_are_explained(monkeypatch: pytest.MonkeyPatch
 def test_python_m_bot_exits_with_the_message(tmp_path: Path) -> None:
     env = {"PATH": "/usr/bin:/bin", "BOT_TOKEN": "nope"}
     done = subprocess.run(
-        [sys.executable, "-m", "bot"], cwd=tmp_path, env=env | {"PYTHONPATH": str(ROOT)},
-        capture_output=True, text=True, timeout=30,
+        [sys.executable, "-m", "bot"],
+        cwd=tmp_path,
+        env=env | {"PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert done.returncode == 2
     assert "BOT_TOKEN" in done.stderr

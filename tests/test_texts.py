@@ -47,12 +47,16 @@ def test_compiled_catalogue_matches_the_po_file() -> None:
 def all_codes() -> set[str]:
     codes = set(errors._BY_PILOT_CODE.values()) | set(errors._BY_META_CODE.values())
     codes |= set(errors._BY_STATUS.values()) | {p.value for p in PhoneProblem}
-    return codes | {"api_server_error", "api_bad_response", "api_timeout_maybe_sent"} | {
-        "api_dropped",
-        "api_unreachable",
-        "api_unknown_code",
-        "internal",
-    }
+    return (
+        codes
+        | {"api_server_error", "api_bad_response", "api_timeout_maybe_sent"}
+        | {
+            "api_dropped",
+            "api_unreachable",
+            "api_unknown_code",
+            "internal",
+        }
+    )
 
 
 @pytest.fixture(scope="module")
