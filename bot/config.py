@@ -22,7 +22,11 @@ _TOKEN = re.compile(r"^\d+:[A-Za-z0-9_-]{20,}$")
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_file=".env", env_file_encoding="utf-8", extra="ignore", validate_default=True
+        env_file=".env",
+        env_file_encoding="utf-8",
+        env_ignore_empty=True,  # `NAME=` in .env means "not set"
+        extra="ignore",
+        validate_default=True,
     )
 
     bot_token: SecretStr
@@ -122,5 +126,7 @@ def describe_errors(err: ValidationError) -> str:
     for item in err.errors(include_input=False, include_url=False):
         where = "_".join(str(p) for p in item["loc"]).upper()
         message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "missing":
+            message = "missing: set it in .env (see .env.example)"
         lines.append(f"  - {where}: {message}" if where else f"  - {message}")
     return "\n".join(lines)

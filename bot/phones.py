@@ -47,8 +47,10 @@ def parse_phone(text: str, region: str = "BR") -> Phone:
     raw = text.strip()
     if not raw:
         raise PhoneError(PhoneProblem.EMPTY, text, region)
-    if not _ALLOWED.match(raw) or sum(c.isdigit() for c in raw) < 8:
+    if not _ALLOWED.match(raw) or not any(c.isdigit() for c in raw):
         raise PhoneError(PhoneProblem.NOT_A_NUMBER, text, region)
+    if sum(c.isdigit() for c in raw) < 8:
+        raise PhoneError(PhoneProblem.INVALID, text, region)
     try:
         number = phonenumbers.parse(raw, region)
     except NumberParseException:

@@ -45,10 +45,10 @@ async def test_operator_starts_a_call_on_a_web_number(start_bot: StartBot) -> No
 
 async def test_note_with_html_is_escaped_and_never_sent_to_the_api(start_bot: StartBot) -> None:
     bot = await start_bot()
-    reply = await command(bot, "/call 11 99999-9999 <b>db</b> & cache")
-    assert "Note: <b>db</b> & cache" in reply.plain
+    reply = await command(bot, "/call 11 99999-9999 <b>disk</b> & cache")
+    assert "Note: <b>disk</b> & cache" in reply.plain
     [post] = bot.pilot.calls_started()
-    assert "db" not in str(post.json)
+    assert "disk" not in str(post.json) and "cache" not in str(post.json)
 
 
 async def test_bad_number_is_refused_with_a_reason_and_nothing_is_sent(start_bot: StartBot) -> None:

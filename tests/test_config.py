@@ -83,3 +83,25 @@ def test_python_m_bot_exits_with_the_message(tmp_path: Path) -> None:
     assert "BOT_TOKEN" in done.stderr
     assert "PILOT_STATUS_API_KEY" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_env_example_documents_every_setting() -> None:
+    from bot.config import Settings
+
+    example = (ROOT / ".env.example").read_text()
+    names = {
+        line.split("=", 1)[0] for line in example.splitlines() if "=" in line and line[0] != "#"
+    }
+    assert names == {name.upper() for name in Settings.model_fields}
+    readme = (ROOT / "README.md").read_text()
+    assert all(f"`{name}`" in readme for name in names)
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    command = (
+        "python3 -m venv .venv && .venv/bin/pip install -q -e '.[test]'"
+        " && .venv/bin/python -m pytest"
+    )
+    assert command in readme and command in ci

@@ -39,7 +39,8 @@ def test_default_region_applies_to_numbers_without_plus() -> None:
     [
         ("", PhoneProblem.EMPTY),
         ("bob", PhoneProblem.NOT_A_NUMBER),
-        ("1234", PhoneProblem.NOT_A_NUMBER),
+        ("1234", PhoneProblem.INVALID),
+        ("+-()", PhoneProblem.NOT_A_NUMBER),
         ("+55 11 3333-4444", PhoneProblem.NOT_MOBILE),
         ("+55 11 99999-99999", PhoneProblem.INVALID),
         ("+999 1234 5678", PhoneProblem.NOT_A_NUMBER),
