@@ -7,7 +7,7 @@ import contextlib
 import logging
 import sys
 
-from bot.app import run
+from bot.app import StartupError, run
 from bot.config import ConfigError, load_settings
 
 
@@ -22,8 +22,12 @@ def main() -> int:
     )
     # httpx logs full URLs at INFO, and permission probes carry the phone in the query.
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run(settings))
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(run(settings))
+    except StartupError as err:
+        logging.getLogger("callbot").error("%s", err)
+        return 1
     return 0
 
 

@@ -10,6 +10,7 @@ from aiogram.client.default import DefaultBotProperties
 from aiogram.client.session.aiohttp import AiohttpSession
 from aiogram.client.telegram import TelegramAPIServer
 from aiogram.enums import ParseMode
+from aiogram.exceptions import TelegramNetworkError, TelegramUnauthorizedError
 from aiogram.types import BotCommand
 
 from bot.access import AccessPolicy
@@ -18,7 +19,7 @@ from bot.config import Settings
 from bot.errors import describe
 from bot.i18n import LOCALES, LocaleMiddleware, build_i18n
 from bot.media import MediaEndpoint
-from bot.middlewares import DedupUpdatesMiddleware
+from bot.middlewares import DedupUpdatesMiddleware, RetryAfterMiddleware
 from bot.numbers import NumberTypes
 from bot.pending import PendingStore, SeenUpdates
 from bot.pilot_status import PilotStatusClient, RetryPolicy, build_http_client
@@ -51,6 +52,7 @@ def build_bot(settings: Settings) -> Bot:
     if settings.telegram_api_url is not None:
         base = str(settings.telegram_api_url).rstrip("/")
         session = AiohttpSession(api=TelegramAPIServer.from_base(base))
+    session.middleware(RetryAfterMiddleware())
     return Bot(
         settings.bot_token.get_secret_value(),
         session=session,
@@ -103,12 +105,24 @@ async def on_startup(bot: Bot, dispatcher: Dispatcher, number_types: NumberTypes
     log.info("callbot started as @%s; business number type: %s", me.username, kind)
 
 
+class StartupError(Exception):
+    """The bot cannot start; the message says what to fix."""
+
+
 async def run(settings: Settings) -> None:
     pilot = build_pilot_client(settings)
     bot = build_bot(settings)
     dp = build_dispatcher(settings, pilot)
     try:
-        await bot.delete_webhook(drop_pending_updates=False)
+        try:
+            await bot.delete_webhook(drop_pending_updates=False)
+        except TelegramUnauthorizedError:
+            raise StartupError("Telegram rejected BOT_TOKEN: check it with @BotFather") from None
+        except TelegramNetworkError as err:
+            raise StartupError(
+                f"cannot reach the Telegram Bot API ({err.message}); "
+                "check the network or TELEGRAM_API_URL"
+            ) from None
         await dp.start_polling(bot, allowed_updates=dp.resolve_used_update_types())
     finally:
         await pilot.aclose()

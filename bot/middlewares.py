@@ -1,12 +1,20 @@
-"""Outer middlewares: drop updates Telegram delivers twice."""
+"""Middlewares: drop updates Telegram delivers twice; wait out Telegram's flood control."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aiogram import BaseMiddleware
+from aiogram import BaseMiddleware, Bot
+from aiogram.client.session.middlewares.base import (
+    BaseRequestMiddleware,
+    NextRequestMiddlewareType,
+)
+from aiogram.exceptions import TelegramRetryAfter
+from aiogram.methods import Response, TelegramMethod
+from aiogram.methods.base import TelegramType
 from aiogram.types import TelegramObject, Update
 
 from bot.pending import SeenUpdates
@@ -28,3 +36,32 @@ class DedupUpdatesMiddleware(BaseMiddleware):
             log.info("update %s delivered again; ignored", event.update_id)
             return None
         return await handler(event, data)
+
+
+class RetryAfterMiddleware(BaseRequestMiddleware):
+    """Honour Telegram's flood control: wait `retry_after` and send again, a bounded number of
+    times, so a reply announcing a started call is not lost to a 429."""
+
+    def __init__(self, *, attempts: int = 3, max_wait: float = 60.0) -> None:
+        self._attempts = attempts
+        self._max_wait = max_wait
+
+    async def __call__(
+        self,
+        make_request: NextRequestMiddlewareType[TelegramType],
+        bot: Bot,
+        method: TelegramMethod[TelegramType],
+    ) -> Response[TelegramType]:
+        for attempt in range(self._attempts):
+            try:
+                return await make_request(bot, method)
+            except TelegramRetryAfter as err:
+                if attempt + 1 == self._attempts or err.retry_after > self._max_wait:
+                    raise
+                log.warning(
+                    "telegram flood control on %s: waiting %s s",
+                    type(method).__name__,
+                    err.retry_after,
+                )
+                await asyncio.sleep(err.retry_after)
+        raise AssertionError("unreachable")

@@ -417,3 +417,15 @@ async def test_help_shows_the_number_type_to_admins_only(start_bot: StartBot) ->
     assert "tipo do número" not in operator.plain and "/call" in operator.plain
     stranger = await command(bot, "/help", user_id=STRANGER)
     assert "not an operator yet" in stranger.plain
+
+
+async def test_reply_waits_out_telegram_flood_control(start_bot: StartBot) -> None:
+    bot = await start_bot(pilot_status_number_type="web")
+    bot.telegram.fail_next(
+        "sendMessage", error_code=429, description="Too Many Requests: retry after 1", retry_after=1
+    )
+    reply = await command(bot, f"/call {PHONE}")
+    assert "Call started" in reply.plain
+    assert len(bot.pilot.calls_started()) == 1
+    attempts = [p for m, p in bot.telegram.requests if m == "sendMessage"]
+    assert len(attempts) == 2

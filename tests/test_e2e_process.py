@@ -142,3 +142,18 @@ async def test_the_bot_process_asks_permission_on_a_meta_number(
     assert [r.json for r in requests] == [{"to": PHONE, "text": "can we talk?"}]
     assert pilot.calls_started() == []
     assert "business number type: meta (detected)" in process.log
+
+
+async def test_a_token_telegram_rejects_stops_the_start_with_a_clear_line(
+    tmp_path: Path, pilot: FakePilotStatus
+) -> None:
+    other = FakeTelegram("999:" + "B" * 35)  # knows another token: ours gets 401
+    await other.start()
+    try:
+        process = await launch(tmp_path, other, pilot)
+        _, stderr = await asyncio.wait_for(process.process.communicate(), 30)
+    finally:
+        await other.close()
+    assert process.process.returncode == 1
+    assert "Telegram rejected BOT_TOKEN" in stderr.decode()
+    assert "Traceback" not in stderr.decode() and TOKEN not in stderr.decode()
