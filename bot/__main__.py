@@ -1,4 +1,7 @@
-"""`python -m bot`: validate the configuration, then run the bot (long polling)."""
+"""`python -m bot`: validate the configuration, then run the bot (long polling).
+
+`python -m bot migrate` only brings the database schema up to date.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ import contextlib
 import logging
 import sys
 
-from bot.app import StartupError, run
+from bot.app import StartupError, migrate_only, run
 from bot.config import ConfigError, load_settings
 
 
@@ -22,6 +25,10 @@ def main() -> int:
     )
     # httpx logs full URLs at INFO, and permission probes carry the phone in the query.
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    if sys.argv[1:] == ["migrate"]:
+        asyncio.run(migrate_only(settings))
+        logging.getLogger("callbot").info("database schema is up to date")
+        return 0
     try:
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(run(settings))

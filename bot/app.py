@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from contextlib import suppress
+from typing import Any
 
 from aiogram import Bot, Dispatcher
 from aiogram.client.default import DefaultBotProperties
@@ -12,19 +14,25 @@ from aiogram.client.telegram import TelegramAPIServer
 from aiogram.enums import ParseMode
 from aiogram.exceptions import TelegramNetworkError, TelegramUnauthorizedError
 from aiogram.types import BotCommand
+from aiohttp import web
 
 from bot.access import AccessPolicy
-from bot.calls import CallService
+from bot.calls import CallRequest, CallService
 from bot.config import Settings
 from bot.errors import describe
 from bot.i18n import LOCALES, LocaleMiddleware, build_i18n
+from bot.lifecycle import CallTracker, PollPolicy
+from bot.live import LiveMessages
 from bot.media import MediaEndpoint
 from bot.middlewares import DedupUpdatesMiddleware, RetryAfterMiddleware
 from bot.numbers import NumberTypes
 from bot.pending import PendingStore, SeenUpdates
 from bot.pilot_status import PilotStatusClient, RetryPolicy, build_http_client
 from bot.pilot_status.errors import PilotStatusError
+from bot.storage.db import create_engine, database_url, migrate, sessionmaker
+from bot.storage.store import Store
 from bot.texts import COMMANDS
+from bot.web import build_web_app
 from handlers import build_router
 
 log = logging.getLogger("callbot")
@@ -60,30 +68,119 @@ def build_bot(settings: Settings) -> Bot:
     )
 
 
-def build_dispatcher(
-    settings: Settings, pilot: PilotStatusClient, *, media: MediaEndpoint | None = None
-) -> Dispatcher:
-    number_types = NumberTypes(pilot, settings.pilot_status_number_type)
-    access = AccessPolicy(
-        operator_ids=settings.caller_ids,
-        admin_ids=settings.admin_ids,
-        allowed_chat_ids=settings.allowed_chat_ids,
-    )
-    dp = Dispatcher(
-        settings=settings,
-        access=access,
-        number_types=number_types,
-        calls=CallService(pilot, number_types, media),
-        pending_calls=PendingStore(settings.confirm_ttl_seconds),
-        pending_permissions=PendingStore(24 * 3600),
-    )
-    dp.update.outer_middleware(DedupUpdatesMiddleware(SeenUpdates()))
-    i18n = build_i18n(settings.default_locale)
-    dp["i18n"] = i18n
-    LocaleMiddleware(i18n).setup(dp)
-    dp.include_router(build_router())
-    dp.startup.register(on_startup)
-    return dp
+class CallbotApp:
+    """Everything one process runs: the bot, its services, storage and web app, on one loop."""
+
+    def __init__(self, settings: Settings, *, media: MediaEndpoint | None = None) -> None:
+        self.settings = settings
+        self.pilot = build_pilot_client(settings)
+        self.bot = build_bot(settings)
+        url = database_url(
+            settings.database_url.get_secret_value() if settings.database_url else None,
+            settings.data_dir,
+        )
+        self.engine = create_engine(url)
+        self.store = Store(sessionmaker(self.engine))
+        self.i18n = build_i18n(settings.default_locale)
+        self.call_again: PendingStore[CallRequest] = PendingStore(24 * 3600)
+        self.live = LiveMessages(
+            self.bot, self.i18n, self.call_again, min_interval=settings.telegram_edit_interval
+        )
+        webhooks = settings.pilot_status_webhook_token is not None
+        poll = (
+            None
+            if webhooks
+            else PollPolicy(
+                first_interval=settings.call_poll_interval, give_up_after=settings.call_poll_timeout
+            )
+        )
+        self.tracker = CallTracker(self.store, self.pilot, self.live, poll=poll)
+        self.number_types = NumberTypes(self.pilot, settings.pilot_status_number_type)
+        self.calls = CallService(self.pilot, self.number_types, self.store, self.tracker, media)
+        self.dp = self._dispatcher()
+        self.web: web.AppRunner | None = None
+        self.web_port: int | None = None
+        self._background: set[asyncio.Task[None]] = set()
+
+    def _dispatcher(self) -> Dispatcher:
+        settings = self.settings
+        access = AccessPolicy(
+            operator_ids=settings.caller_ids,
+            admin_ids=settings.admin_ids,
+            allowed_chat_ids=settings.allowed_chat_ids,
+        )
+        dp = Dispatcher(
+            settings=settings,
+            access=access,
+            number_types=self.number_types,
+            calls=self.calls,
+            pending_calls=PendingStore(settings.confirm_ttl_seconds),
+            pending_permissions=PendingStore(24 * 3600),
+            call_again=self.call_again,
+            store=self.store,
+            i18n=self.i18n,
+        )
+        dp.update.outer_middleware(DedupUpdatesMiddleware(SeenUpdates()))
+        LocaleMiddleware(self.i18n).setup(dp)
+        dp.include_router(build_router())
+        dp.startup.register(on_startup)
+        dp.startup.register(self._recover_in_background)
+        return dp
+
+    async def start(self) -> None:
+        """Schema up to date, web app listening; then polling may begin."""
+        await migrate(self.engine)
+        token = self.settings.pilot_status_webhook_token
+        if token is not None:
+            secret = self.settings.pilot_status_webhook_secret
+            app = build_web_app(
+                tracker=self.tracker,
+                store=self.store,
+                path_token=token.get_secret_value(),
+                secret=secret.get_secret_value() if secret else None,
+                max_body=self.settings.webhook_max_body,
+            )
+            self.web = web.AppRunner(app, access_log=None)
+            await self.web.setup()
+            site = web.TCPSite(self.web, self.settings.web_host, self.settings.web_port)
+            await site.start()
+            self.web_port = self.web.addresses[0][1]
+            log.info("webhook receiver listening on port %s", self.web_port)
+        else:
+            log.info("no PILOT_STATUS_WEBHOOK_TOKEN: calls are followed by polling")
+
+    async def _recover_in_background(self) -> None:
+        task = asyncio.create_task(self.tracker.recover(), name="recover")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def run_polling(self, **kwargs: Any) -> None:
+        try:
+            await self.bot.delete_webhook(drop_pending_updates=False)
+        except TelegramUnauthorizedError:
+            raise StartupError("Telegram rejected BOT_TOKEN: check it with @BotFather") from None
+        except TelegramNetworkError as err:
+            raise StartupError(
+                f"cannot reach the Telegram Bot API ({err.message}); "
+                "check the network or TELEGRAM_API_URL"
+            ) from None
+        await self.dp.start_polling(
+            self.bot, allowed_updates=self.dp.resolve_used_update_types(), **kwargs
+        )
+
+    async def close(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        await self.tracker.stop()
+        with suppress(TimeoutError):
+            await asyncio.wait_for(self.live.wait_idle(), 5)
+        await self.live.stop()
+        if self.web is not None:
+            await self.web.cleanup()
+        await self.pilot.aclose()
+        await self.engine.dispose()
+        await self.bot.session.close()
 
 
 async def on_startup(bot: Bot, dispatcher: Dispatcher, number_types: NumberTypes) -> None:
@@ -110,20 +207,22 @@ class StartupError(Exception):
 
 
 async def run(settings: Settings) -> None:
-    pilot = build_pilot_client(settings)
-    bot = build_bot(settings)
-    dp = build_dispatcher(settings, pilot)
+    app = CallbotApp(settings)
     try:
-        try:
-            await bot.delete_webhook(drop_pending_updates=False)
-        except TelegramUnauthorizedError:
-            raise StartupError("Telegram rejected BOT_TOKEN: check it with @BotFather") from None
-        except TelegramNetworkError as err:
-            raise StartupError(
-                f"cannot reach the Telegram Bot API ({err.message}); "
-                "check the network or TELEGRAM_API_URL"
-            ) from None
-        await dp.start_polling(bot, allowed_updates=dp.resolve_used_update_types())
+        await app.start()
+        await app.run_polling()
     finally:
-        await pilot.aclose()
-        await bot.session.close()
+        await app.close()
+
+
+async def migrate_only(settings: Settings) -> None:
+    engine = create_engine(
+        database_url(
+            settings.database_url.get_secret_value() if settings.database_url else None,
+            settings.data_dir,
+        )
+    )
+    try:
+        await migrate(engine)
+    finally:
+        await engine.dispose()

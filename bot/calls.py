@@ -6,11 +6,14 @@ import logging
 import secrets
 from dataclasses import dataclass
 
-from bot.errors import CallbotError
+from bot import states
+from bot.errors import CallbotError, describe
+from bot.lifecycle import CallTracker
 from bot.media import MediaEndpoint, MediaSession
 from bot.numbers import NumberTypes
 from bot.phones import Phone
 from bot.pilot_status.client import PilotStatusClient
+from bot.pilot_status.errors import APIConnectionError, PilotStatusError
 from bot.pilot_status.models import (
     CallStarted,
     Limit,
@@ -19,6 +22,7 @@ from bot.pilot_status.models import (
     PermissionRequested,
     StartCall,
 )
+from bot.storage.store import CallRecord, NewCall, Store, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -29,15 +33,23 @@ class CallRequest:
     chat_id: int
     phone: Phone
     note: str | None = None
+    operator_name: str | None = None
+    locale: str = "en"
+    masked: bool = False  # show the number masked (group chats)
+    message_id: int | None = None  # the message that will follow the call, when known already
 
 
 @dataclass(frozen=True)
 class Started:
     call: CallStarted
     number_type: NumberType
-    correlation_id: str
+    record: CallRecord
     limits: tuple[Limit, ...] = ()
     media: MediaSession | None = None
+
+    @property
+    def correlation_id(self) -> str:
+        return self.record.id
 
 
 @dataclass(frozen=True)
@@ -76,10 +88,14 @@ class CallService:
         self,
         client: PilotStatusClient,
         number_types: NumberTypes,
+        store: Store,
+        tracker: CallTracker,
         media: MediaEndpoint | None = None,
     ) -> None:
         self._client = client
         self._types = number_types
+        self._store = store
+        self._tracker = tracker
         self._media = media
         self._in_flight: set[str] = set()
 
@@ -107,6 +123,7 @@ class CallService:
                 return NeedsMedia(probe)
             limits = start_limits(probe)
             session = await self._media.open_session(correlation_id)
+        record = await self._write_ahead(request, correlation_id, number_type)
         body = StartCall(
             to=request.phone.e164,
             sdp=session.offer_sdp if session else None,
@@ -115,10 +132,29 @@ class CallService:
         )
         try:
             call = await self._client.start_call(body)
-        except BaseException:
+        except PilotStatusError as err:
+            await self._failed(record, err)
             if session is not None:
                 await session.close()
             raise
+        except BaseException:
+            # Cancelled mid-request: the attempt stays PENDING and the next start settles it.
+            if session is not None:
+                await session.close()
+            raise
+        record = await self._store.call_started(
+            record.id,
+            pilot_call_id=call.id,
+            external_call_id=call.external_call_id,
+            status=call.status.value,
+        )
+        await self._store.audit(
+            "call.started",
+            actor_id=request.operator_id,
+            chat_id=request.chat_id,
+            subject=record.id,
+            detail={"call": call.id},
+        )
         log.info(
             "call started: call_id=%s correlation=%s to=%s type=%s operator=%s chat=%s",
             call.id,
@@ -128,7 +164,61 @@ class CallService:
             request.operator_id,
             request.chat_id,
         )
-        return Started(call, number_type, correlation_id, limits, session)
+        await self._tracker.started(record)
+        return Started(call, number_type, record, limits, session)
+
+    async def _write_ahead(
+        self, request: CallRequest, correlation_id: str, number_type: NumberType
+    ) -> CallRecord:
+        record = await self._store.create_call(
+            NewCall(
+                id=correlation_id,
+                operator_id=request.operator_id,
+                operator_name=request.operator_name,
+                chat_id=request.chat_id,
+                number_type=number_type.value,
+                phone=request.phone.e164,
+                phone_display=request.phone.display,
+                masked=request.masked,
+                locale=request.locale,
+                note=request.note,
+                message_id=request.message_id,
+            )
+        )
+        await self._store.audit(
+            "call.requested",
+            actor_id=request.operator_id,
+            chat_id=request.chat_id,
+            subject=record.id,
+            detail={"to": request.phone.masked, "type": number_type.value},
+        )
+        return record
+
+    async def _failed(self, record: CallRecord, error: PilotStatusError) -> None:
+        maybe_sent = isinstance(error, APIConnectionError) and error.maybe_sent
+        code = describe(error).code
+        await self._store.call_failed(
+            record.id,
+            error_code=code,
+            status=states.UNKNOWN_OUTCOME if maybe_sent else states.NOT_STARTED,
+        )
+        await self._store.audit(
+            "call.failed",
+            actor_id=record.operator_id,
+            chat_id=record.chat_id,
+            subject=record.id,
+            detail={"error": code},
+        )
+
+    async def attach(self, started: Started, message_id: int) -> None:
+        """The message that announced the call; it is edited from now on."""
+        await self._store.set_message(started.record.id, message_id)
+        current = await self._store.get_call(started.record.id)
+        if current is not None and (
+            current.status != started.record.status
+            or current.duration_seconds != started.record.duration_seconds
+        ):
+            await self._tracker.show(current)
 
     async def check_permission(self, phone: Phone) -> PermissionProbe | None:
         """The Meta permission probe; None on web numbers, which need no permission."""
@@ -136,9 +226,76 @@ class CallService:
             return None
         return await self._client.get_permission(phone.e164)
 
-    async def request_permission(self, phone: Phone, text: str) -> PermissionRequested:
+    async def request_permission(
+        self,
+        phone: Phone,
+        text: str,
+        *,
+        operator_id: int,
+        chat_id: int,
+        locale: str,
+        masked: bool,
+    ) -> PermissionRequested:
         if await self._types.get() is not NumberType.META:
             raise CallbotError("permission_not_needed")
         sent = await self._client.request_permission(phone.e164, text[:500])
+        await self._store.add_permission_request(
+            phone=phone.e164,
+            phone_display=phone.display,
+            masked=masked,
+            operator_id=operator_id,
+            chat_id=chat_id,
+            locale=locale,
+            message_id=sent.message_id,
+        )
+        await self._store.audit(
+            "permission.requested",
+            actor_id=operator_id,
+            chat_id=chat_id,
+            subject=phone.masked,
+            detail={"message": sent.message_id},
+        )
         log.info("permission requested: to=%s message=%s", phone.masked, sent.message_id)
         return sent
+
+    # following and ending calls
+
+    async def find(self, ref: str) -> CallRecord:
+        record = await self._store.get_call(ref.strip())
+        if record is None:
+            raise CallbotError("call_unknown", {"ref": ref[:64]})
+        return record
+
+    async def refresh(self, ref: str) -> CallRecord:
+        """The call's state fresh from the API (stored and shown on its message too)."""
+        record = await self.find(ref)
+        if record.pilot_call_id is None:
+            return record
+        return await self._tracker.refresh(record.pilot_call_id) or record
+
+    async def hang_up(self, ref: str, *, actor_id: int, is_admin: bool) -> CallRecord:
+        record = await self.find(ref)
+        if actor_id != record.operator_id and not is_admin:
+            raise CallbotError("not_your_call")
+        if record.terminal or record.pilot_call_id is None:
+            raise CallbotError("call_already_ended")
+        result = await self._client.terminate(record.pilot_call_id)
+        await self._store.audit(
+            "call.hangup",
+            actor_id=actor_id,
+            chat_id=record.chat_id,
+            subject=record.id,
+        )
+        status = result.status.value if result.status else "COMPLETED"
+        updated, changed = await self._store.apply_status(
+            record.pilot_call_id, status, at=utcnow(), source="bot"
+        )
+        if updated is not None and changed:
+            await self._tracker.show(updated)
+        return updated or record
+
+    async def recent(
+        self, chat_id: int, *, limit: int, offset: int
+    ) -> tuple[list[CallRecord], int]:
+        calls = await self._store.recent_calls(chat_id, limit=limit, offset=offset)
+        return calls, await self._store.count_calls(chat_id)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import (
@@ -48,6 +49,22 @@ class Settings(BaseSettings):
     admin_ids: IdList = frozenset()
     allowed_chat_ids: IdList = frozenset()
 
+    # storage: a SQLite file under DATA_DIR unless DATABASE_URL names PostgreSQL
+    database_url: SecretStr | None = None
+    data_dir: Path = Path("data")
+
+    # the web app (same process): Pilot Status webhooks, health. Off unless a token is set.
+    pilot_status_webhook_token: SecretStr | None = None
+    pilot_status_webhook_secret: SecretStr | None = None
+    web_host: str = "0.0.0.0"
+    web_port: int = Field(default=8080, ge=0, le=65535)
+    webhook_max_body: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
+    # without webhooks, each call is polled until it ends
+    call_poll_interval: float = Field(default=2.0, gt=0, le=60)
+    call_poll_timeout: float = Field(default=900.0, gt=0, le=86400)
+    # at most one edit of a call's message per this many seconds (Telegram's limits)
+    telegram_edit_interval: float = Field(default=1.0, ge=0, le=60)
+
     default_region: str = "BR"
     default_locale: Literal["en", "pt_BR"] = "en"
     confirm_ttl_seconds: int = Field(default=60, ge=5, le=3600)
@@ -62,6 +79,15 @@ class Settings(BaseSettings):
             if bad:
                 raise ValueError(f"not Telegram ids: {', '.join(bad)}")
             return frozenset(int(p) for p in parts)
+        return value
+
+    @field_validator("pilot_status_webhook_token")
+    @classmethod
+    def _unguessable(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9_-]{24,}", value.get_secret_value()):
+            raise ValueError(
+                "use 24 or more letters, digits, - or _ (it is the webhook's secret path)"
+            )
         return value
 
     @field_validator("bot_token")

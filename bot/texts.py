@@ -13,10 +13,12 @@ from aiogram.utils.i18n import gettext as _
 from aiogram.utils.i18n import lazy_gettext as __
 from babel.support import LazyProxy
 
-from bot.calls import NeedsMedia, NeedsPermission, Started
+from bot import states
+from bot.calls import NeedsMedia, NeedsPermission
 from bot.errors import CallbotError
-from bot.phones import Phone
+from bot.phones import Phone, mask
 from bot.pilot_status.models import CallStatus, Limit, NumberType, PermissionProbe
+from bot.storage.store import CallRecord, PermissionRequestRecord
 
 ERRORS: dict[str, LazyProxy] = {
     # the operator's input
@@ -136,6 +138,24 @@ ERRORS: dict[str, LazyProxy] = {
         "Cannot reach Pilot Status right now; nothing was sent. Try again in a minute."
     ),
     "api_unknown_code": __("Pilot Status refused (HTTP {status}, {code}): {message}"),
+    # following calls
+    "call_unknown": __(
+        "I know no call <code>{ref}</code>. Use the call id from the call's message, or /calls."
+    ),
+    "not_your_call": __("Only the operator who started this call, or an admin, can hang it up."),
+    "call_already_ended": __("This call has already ended."),
+    "status_usage": __(
+        "Usage: <code>/status &lt;call id&gt;</code>, or reply /status to a call's message."
+    ),
+    "hangup_usage": __(
+        "Usage: <code>/hangup &lt;call id&gt;</code>, or press Hang up on the call's message."
+    ),
+    "permission_usage": __("Usage: <code>/permission &lt;phone&gt;</code>."),
+    "admins_only": __("Only admins can do that."),
+    "interrupted": __(
+        "The bot restarted before Pilot Status confirmed this call, and Pilot Status has no record "
+        "of it: no call was placed. Send /call again."
+    ),
 }
 
 STATUS: dict[CallStatus, LazyProxy] = {
@@ -148,6 +168,29 @@ STATUS: dict[CallStatus, LazyProxy] = {
     CallStatus.MISSED: __("missed"),
     CallStatus.UNKNOWN: __("unknown"),
 }
+LIFECYCLE: dict[str, LazyProxy] = {
+    states.PENDING: __("being placed"),
+    states.NOT_STARTED: __("not placed"),
+    states.UNKNOWN_OUTCOME: __("outcome unknown"),
+}
+ICONS = {
+    "INITIATED": "📞",
+    "RINGING": "🔔",
+    "ACCEPTED": "🟢",
+    "COMPLETED": "✅",
+    "REJECTED": "⛔",
+    "FAILED": "❌",
+    "MISSED": "📵",
+    states.PENDING: "⏳",
+    states.NOT_STARTED: "❌",
+    states.UNKNOWN_OUTCOME: "❔",
+}
+
+
+def status_label(status: str) -> str:
+    if status in LIFECYCLE:
+        return str(LIFECYCLE[status])
+    return str(STATUS[CallStatus.parse(status)])
 
 
 def error_text(error: CallbotError) -> str:
@@ -200,16 +243,128 @@ def _expiry(probe: PermissionProbe) -> str:
     return "\n" + _("Permission valid until {moment}").format(moment=moment)
 
 
-def started_text(started: Started, phone: Phone, note: str | None, *, masked: bool) -> str:
-    call = started.call
+def call_number(record: CallRecord) -> str:
+    return escape(mask(record.phone_display) if record.masked else record.phone_display)
+
+
+def _duration(seconds: int) -> str:
+    minutes, secs = divmod(seconds, 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02}:{secs:02}" if hours else f"{minutes}:{secs:02}"
+
+
+def _clock(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%H:%M UTC")
+
+
+def call_text(record: CallRecord, limits: tuple[Limit, ...] = ()) -> str:
+    """The message that follows a call from start to end."""
+    icon = ICONS.get(record.status, "📞")
     lines = [
-        _("📞 <b>Call started</b> to {number}").format(number=number_label(phone, masked=masked)),
-        _("Call id: <code>{id}</code>").format(id=escape(call.id)),
+        _("{icon} <b>Call to {number}</b>: {status}").format(
+            icon=icon, number=call_number(record), status=status_label(record.status)
+        ),
+        _("Started by {who} at {time}").format(
+            who=escape(record.operator_name or str(record.operator_id)),
+            time=_clock(record.created_at),
+        ),
     ]
-    if call.external_call_id:
-        lines.append(_("External id: <code>{id}</code>").format(id=escape(call.external_call_id)))
-    lines.append(_("Status: {status}").format(status=STATUS[call.status]))
-    return "\n".join(lines) + limits_lines(started.limits) + _note_line(note)
+    if record.connected_at and not record.terminal:
+        lines.append(_("Answered at {time}").format(time=_clock(record.connected_at)))
+    if record.duration_seconds is not None:
+        lines.append(_("Duration: {duration}").format(duration=_duration(record.duration_seconds)))
+    elif record.terminal and record.ended_at and record.status != states.NOT_STARTED:
+        lines.append(_("Ended at {time}").format(time=_clock(record.ended_at)))
+    if record.pilot_call_id:
+        lines.append(_("Call id: <code>{id}</code>").format(id=escape(record.pilot_call_id)))
+    if record.external_call_id:
+        lines.append(_("External id: <code>{id}</code>").format(id=escape(record.external_call_id)))
+    if record.error_code and record.status in (states.NOT_STARTED, states.UNKNOWN_OUTCOME):
+        lines.append(error_text(CallbotError(record.error_code)))
+    return "\n".join(lines) + limits_lines(limits) + _note_line(record.note)
+
+
+def calls_page_text(records: list[CallRecord], *, offset: int, total: int) -> str:
+    if not records:
+        return _("No calls from this chat yet.")
+    header = _("Calls {first}-{last} of {total}, newest first:").format(
+        first=offset + 1, last=offset + len(records), total=total
+    )
+    lines = [header]
+    for record in records:
+        line = "{icon} {time} {number} — {status}".format(
+            icon=ICONS.get(record.status, "📞"),
+            time=record.created_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M"),
+            number=call_number(record),
+            status=status_label(record.status),
+        )
+        if record.duration_seconds is not None:
+            line += f" ({_duration(record.duration_seconds)})"
+        if record.pilot_call_id:
+            line += f" <code>{escape(record.pilot_call_id)}</code>"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def permission_text(phone: Phone, probe: PermissionProbe | None, *, masked: bool) -> str:
+    number = number_label(phone, masked=masked)
+    if probe is None:
+        return _(
+            "{number}: this business number is a web number, so no permission is needed."
+        ).format(number=number)
+    state = {
+        "no_permission": _("no permission"),
+        "temporary": _("temporary permission"),
+        "permanent": _("permanent permission"),
+    }[probe.permission.status.value]
+    text = _("{number}: {state}.").format(number=number, state=state)
+    text += _expiry(probe)
+    for action in probe.actions:
+        label = {
+            "start_call": _("Calls"),
+            "send_call_permission_request": _("Permission requests"),
+        }.get(action.action_name, escape(action.action_name))
+        allowed = _("allowed now") if action.can_perform_action else _("not allowed now")
+        text += "\n" + f"{label}: {allowed}"
+        for limit in action.limits:
+            if limit.max_allowed is not None:
+                text += "\n  " + _("{used} of {allowed} used per {period}").format(
+                    used=limit.current_usage or 0,
+                    allowed=limit.max_allowed,
+                    period=_period(limit.time_period),
+                )
+    return text
+
+
+def permission_answered_text(request: PermissionRequestRecord) -> str:
+    number = escape(mask(request.phone_display) if request.masked else request.phone_display)
+    if request.status == "granted":
+        return _("✅ {number} now allows WhatsApp calls from this business.").format(number=number)
+    return _("🚫 {number} declined WhatsApp calls from this business.").format(number=number)
+
+
+def hung_up_text() -> str:
+    return _("Hanging up.")
+
+
+def export_caption(days: int, rows: int) -> str:
+    return _("Audit of the last {days} days: {rows} entries.").format(days=days, rows=rows)
+
+
+def button_hang_up() -> str:
+    return _("📴 Hang up")
+
+
+def button_call_now() -> str:
+    return _("📞 Call now")
+
+
+def button_newer() -> str:
+    return _("◀️ Newer")
+
+
+def button_older() -> str:
+    return _("Older ▶️")
 
 
 def needs_permission_text(outcome: NeedsPermission, phone: Phone, *, masked: bool) -> str:
@@ -282,6 +437,10 @@ def help_text(*, is_caller: bool, is_admin: bool, number_type: NumberType | None
             "<code>/call &lt;phone&gt; [note]</code> — call a WhatsApp number; in groups I ask you "
             "to confirm first."
         ),
+        _("/calls [n] — this chat's recent calls."),
+        _("/status &lt;call id&gt; — fresh state of a call (or reply /status to its message)."),
+        _("/hangup &lt;call id&gt; — end a call (or press Hang up on its message)."),
+        _("/permission &lt;phone&gt; — whether a number allows calls from us (Meta numbers)."),
         _("/whoami — your Telegram id and this chat's id, for the admins' configuration."),
         _("/help — this message."),
     ]
@@ -293,12 +452,20 @@ def help_text(*, is_caller: bool, is_admin: bool, number_type: NumberType | None
             NumberType.WEB: _("web (no permission step)"),
             None: _("not detected yet (Pilot Status unreachable); I will retry on the next /call"),
         }[number_type]
-        lines += ["", _("Admin: business number type: {kind}").format(kind=kind)]
+        lines += [
+            "",
+            _("Admin: business number type: {kind}").format(kind=kind),
+            _("/export [days] — the audit trail as a CSV file."),
+        ]
     return "\n".join(lines)
 
 
 COMMANDS: tuple[tuple[str, LazyProxy], ...] = (
     ("call", __("Start a WhatsApp call: /call <phone> [note]")),
+    ("calls", __("Recent calls of this chat")),
+    ("status", __("Fresh state of a call: /status <call id>")),
+    ("hangup", __("End a call: /hangup <call id>")),
+    ("permission", __("WhatsApp call permission of a number")),
     ("whoami", __("Show your Telegram id and this chat's id")),
     ("help", __("How to use the bot")),
 )

@@ -2,11 +2,16 @@
 
 from aiogram import Router
 
-from handlers import calls, common, errors
+from handlers import calls, common, errors, lifecycle
 
 
 def build_router() -> Router:
     """Fresh routers each time: a Router can have only one parent."""
     root = Router(name="callbot")
-    root.include_routers(common.build_router(), calls.build_router(), errors.build_router())
+    root.include_routers(
+        common.build_router(),
+        calls.build_router(),
+        lifecycle.build_router(),
+        errors.build_router(),
+    )
     return root

@@ -2,25 +2,28 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol, TypeVar
 
 from aiogram import Router
 from aiogram.filters import Command, CommandObject
 from aiogram.filters.callback_data import CallbackData
-from aiogram.types import CallbackQuery, InlineKeyboardMarkup, Message
+from aiogram.types import CallbackQuery, InlineKeyboardMarkup, Message, User
+from aiogram.utils.i18n import I18n
 from aiogram.utils.keyboard import InlineKeyboardBuilder
 
 from bot.access import AccessPolicy
-from bot.calls import CallOutcome, CallRequest, CallService, NeedsMedia, NeedsPermission
+from bot.calls import CallOutcome, CallRequest, CallService, NeedsMedia, NeedsPermission, Started
 from bot.config import Settings
 from bot.errors import CallbotError
+from bot.live import CallNow, call_markup
 from bot.pending import PendingStore, Taken
 from bot.phones import Phone, split_phone_and_note
 from bot.texts import (
     button_ask_permission,
     button_cancel,
     button_confirm,
+    call_text,
     calling_text,
     cancelled_text,
     confirm_text,
@@ -29,7 +32,6 @@ from bot.texts import (
     needs_media_text,
     needs_permission_text,
     permission_sent_text,
-    started_text,
 )
 
 
@@ -48,6 +50,7 @@ class PendingPermission:
     phone: Phone
     note: str | None
     masked: bool
+    locale: str
 
 
 def build_router() -> Router:
@@ -55,7 +58,14 @@ def build_router() -> Router:
     router.message.register(call_command, Command("call"))
     router.callback_query.register(confirm_call, ConfirmCall.filter())
     router.callback_query.register(ask_permission, AskPermission.filter())
+    router.callback_query.register(call_now, CallNow.filter())
     return router
+
+
+def operator_name(user: User | None) -> str | None:
+    if user is None:
+        return None
+    return f"@{user.username}" if user.username else user.full_name
 
 
 def _is_group(message: Message) -> bool:
@@ -70,21 +80,32 @@ async def call_command(
     settings: Settings,
     pending_calls: PendingStore[CallRequest],
     pending_permissions: PendingStore[PendingPermission],
+    i18n: I18n,
 ) -> None:
     user_id = message.from_user.id if message.from_user else None
     access.require_caller(user_id, message.chat.id)
     if not command.args:
         raise CallbotError("usage")
     phone, note = split_phone_and_note(command.args, settings.default_region)
-    request = CallRequest(user_id or 0, message.chat.id, phone, note)
-    if _is_group(message):
+    request = CallRequest(
+        operator_id=user_id or 0,
+        chat_id=message.chat.id,
+        phone=phone,
+        note=note,
+        operator_name=operator_name(message.from_user),
+        locale=i18n.current_locale,
+        masked=_is_group(message),
+    )
+    if request.masked:
         token = pending_calls.put(request)
         text = confirm_text(phone, note, masked=True, ttl=settings.confirm_ttl_seconds)
         await message.reply(text, reply_markup=_confirm_keyboard(token))
         return
     outcome = await calls.start(request)
-    text, markup = _render(outcome, request, masked=False, pending_permissions=pending_permissions)
-    await message.reply(text, reply_markup=markup)
+    text, markup = _render(outcome, request, pending_permissions=pending_permissions)
+    sent = await message.reply(text, reply_markup=markup)
+    if isinstance(outcome, Started):
+        await calls.attach(outcome, sent.message_id)
 
 
 async def confirm_call(
@@ -103,11 +124,40 @@ async def confirm_call(
         await query.message.edit_text(cancelled_text())
         return
     await query.answer()
-    access.require_caller(query.from_user.id, request.chat_id)
-    await query.message.edit_text(calling_text(request.phone, masked=True))
+    await _dial_from(query.message, request, access, calls, pending_permissions)
+
+
+async def call_now(
+    query: CallbackQuery,
+    callback_data: CallNow,
+    access: AccessPolicy,
+    calls: CallService,
+    call_again: PendingStore[CallRequest],
+    pending_permissions: PendingStore[PendingPermission],
+) -> None:
+    """The button under "now allows calls": pressing it is the confirmation."""
+    request = await _take(query, call_again, callback_data.token)
+    if request is None or not isinstance(query.message, Message):
+        return
+    await query.answer()
+    request = replace(request, operator_name=operator_name(query.from_user))
+    await _dial_from(query.message, request, access, calls, pending_permissions)
+
+
+async def _dial_from(
+    message: Message,
+    request: CallRequest,
+    access: AccessPolicy,
+    calls: CallService,
+    pending_permissions: PendingStore[PendingPermission],
+) -> None:
+    """Start the call and let the pressed message follow it."""
+    access.require_caller(request.operator_id, request.chat_id)
+    request = replace(request, message_id=message.message_id)
+    await message.edit_text(calling_text(request.phone, masked=request.masked))
     outcome = await calls.start(request)
-    text, markup = _render(outcome, request, masked=True, pending_permissions=pending_permissions)
-    await query.message.edit_text(text, reply_markup=markup)
+    text, markup = _render(outcome, request, pending_permissions=pending_permissions)
+    await message.edit_text(text, reply_markup=markup)
 
 
 async def ask_permission(
@@ -120,7 +170,14 @@ async def ask_permission(
     if pending is None or not isinstance(query.message, Message):
         return
     await query.answer()
-    await calls.request_permission(pending.phone, pending.note or default_permission_reason())
+    await calls.request_permission(
+        pending.phone,
+        pending.note or default_permission_reason(),
+        operator_id=pending.operator_id,
+        chat_id=query.message.chat.id,
+        locale=pending.locale,
+        masked=pending.masked,
+    )
     await query.message.edit_text(permission_sent_text(pending.phone, masked=pending.masked))
 
 
@@ -154,13 +211,15 @@ def _render(
     outcome: CallOutcome,
     request: CallRequest,
     *,
-    masked: bool,
     pending_permissions: PendingStore[PendingPermission],
 ) -> tuple[str, InlineKeyboardMarkup | None]:
+    masked = request.masked
     if isinstance(outcome, NeedsPermission):
         markup = None
         if outcome.probe.may_ask:
-            pending = PendingPermission(request.operator_id, request.phone, request.note, masked)
+            pending = PendingPermission(
+                request.operator_id, request.phone, request.note, masked, request.locale
+            )
             token = pending_permissions.put(pending)
             builder = InlineKeyboardBuilder()
             builder.button(text=button_ask_permission(), callback_data=AskPermission(token=token))
@@ -168,7 +227,7 @@ def _render(
         return needs_permission_text(outcome, request.phone, masked=masked), markup
     if isinstance(outcome, NeedsMedia):
         return needs_media_text(outcome, request.phone, masked=masked), None
-    return started_text(outcome, request.phone, request.note, masked=masked), None
+    return call_text(outcome.record, outcome.limits), call_markup(outcome.record)
 
 
 def _confirm_keyboard(token: str) -> InlineKeyboardMarkup:

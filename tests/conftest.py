@@ -5,16 +5,18 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
-from aiogram import Bot, Dispatcher
+from aiogram import Dispatcher
 
-from bot.app import build_bot, build_dispatcher, build_pilot_client
+from bot.app import CallbotApp
 from bot.config import Settings, load_settings
-from bot.pilot_status import PilotStatusClient
 from tests.fakes.pilot_status import FakePilotStatus
 from tests.fakes.telegram import FakeTelegram
+
+pytest_plugins = ["tests.db_fixtures"]
 
 TOKEN = "123456:" + "A" * 35
 API_KEY = "ps_" + "a" * 48
@@ -58,40 +60,48 @@ def settings_for(telegram: FakeTelegram, pilot: FakePilotStatus, **overrides: An
 
 @dataclass
 class RunningBot:
-    settings: Settings
-    bot: Bot
-    dp: Dispatcher
-    pilot_client: PilotStatusClient
+    app: CallbotApp
     telegram: FakeTelegram
     pilot: FakePilotStatus
+
+    @property
+    def settings(self) -> Settings:
+        return self.app.settings
+
+    @property
+    def dp(self) -> Dispatcher:
+        return self.app.dp
 
 
 StartBot = Callable[..., Awaitable[RunningBot]]
 
 
 @pytest.fixture
-async def start_bot(telegram: FakeTelegram, pilot: FakePilotStatus) -> AsyncIterator[StartBot]:
+async def start_bot(
+    telegram: FakeTelegram, pilot: FakePilotStatus, tmp_path: Path
+) -> AsyncIterator[StartBot]:
     """Build the bot the way `python -m bot` does and run it against the fakes (long polling)."""
     running: list[tuple[RunningBot, asyncio.Task[None]]] = []
 
     async def start(data: dict[str, Any] | None = None, **overrides: Any) -> RunningBot:
         """`overrides` are settings; `data` replaces dispatcher dependencies before polling."""
+        overrides.setdefault("data_dir", str(tmp_path / f"data{len(running)}"))
+        overrides.setdefault("telegram_edit_interval", 0.05)
+        overrides.setdefault("call_poll_interval", 0.05)
         settings = settings_for(telegram, pilot, **overrides)
-        client = build_pilot_client(settings)
-        bot = build_bot(settings)
-        dp = build_dispatcher(settings, client)
-        dp.workflow_data.update(data or {})
+        app = CallbotApp(settings)
+        app.dp.workflow_data.update(data or {})
         started = asyncio.Event()
-        dp.startup.register(started.set)
-        task = asyncio.create_task(dp.start_polling(bot, handle_signals=False, polling_timeout=1))
+        app.dp.startup.register(started.set)
+        await app.start()
+        task = asyncio.create_task(app.run_polling(handle_signals=False, polling_timeout=1))
         await asyncio.wait_for(started.wait(), 10)
-        harness = RunningBot(settings, bot, dp, client, telegram, pilot)
+        harness = RunningBot(app, telegram, pilot)
         running.append((harness, task))
         return harness
 
     yield start
     for harness, task in running:
-        await harness.dp.stop_polling()
+        await harness.app.dp.stop_polling()
         await asyncio.wait_for(task, 10)
-        await harness.pilot_client.aclose()
-        await harness.bot.session.close()
+        await harness.app.close()

@@ -38,8 +38,8 @@ async def test_operator_starts_a_call_on_a_web_number(start_bot: StartBot) -> No
     assert "sdp" not in post.json and "sdpType" not in post.json
     assert re.fullmatch(r"cb_[0-9a-f]{16}", post.json["bizOpaqueCallbackData"])
     assert post.headers["x-api-key"] == API_KEY
-    assert "Call started" in reply.plain and "+55 11 99999-9999" in reply.plain
-    assert call_id in reply.plain and "Status: started" in reply.plain
+    assert "Call to" in reply.plain and "+55 11 99999-9999" in reply.plain
+    assert call_id in reply.plain and ": started" in reply.plain
     assert "Note: server down" in reply.plain
 
 
@@ -169,7 +169,7 @@ async def test_duplicate_update_starts_one_call(start_bot: StartBot) -> None:
     bot.telegram.push_raw_duplicate(update_id)
     await command(bot, "/whoami")  # a later update is handled, so the duplicate was seen
     assert len(bot.pilot.calls_started()) == 1
-    assert len([m for m in bot.telegram.bot_messages(OPERATOR) if "Call started" in m.plain]) == 1
+    assert len([m for m in bot.telegram.bot_messages(OPERATOR) if "Call to" in m.plain]) == 1
 
 
 async def test_second_call_to_a_number_being_dialled_is_refused(start_bot: StartBot) -> None:
@@ -219,10 +219,10 @@ async def test_group_call_waits_for_confirmation_and_masks_the_number(start_bot:
     assert "+55 11 9****-9999" in prompt.plain and "99999-9999" not in prompt.plain
     assert bot.pilot.calls_started() == []
     await press(bot, prompt, "Confirm")
-    final = await bot.telegram.wait_for_message(lambda m: "Call started" in m.plain, chat_id=GROUP)
+    final = await bot.telegram.wait_for_message(lambda m: "Call to" in m.plain, chat_id=GROUP)
     assert final.message_id == prompt.message_id
     assert "+55 11 9****-9999" in final.plain and "99999-9999" not in final.plain
-    assert final.buttons() == []
+    assert [label for label, _ in final.buttons()] == ["📴 Hang up"]
     assert len(bot.pilot.calls_started()) == 1
 
 
@@ -253,7 +253,7 @@ async def test_double_confirm_starts_one_call(start_bot: StartBot) -> None:
         for _ in range(2)
     ]
     answers = [await bot.telegram.wait_for_callback_answer(i) for i in ids]
-    await bot.telegram.wait_for_message(lambda m: "Call started" in m.plain, chat_id=GROUP)
+    await bot.telegram.wait_for_message(lambda m: "Call to" in m.plain, chat_id=GROUP)
     assert len(bot.pilot.calls_started()) == 1
     assert any("already handled" in (a.get("text") or "") for a in answers)
 
@@ -397,7 +397,7 @@ async def test_unreachable_api_at_start_is_probed_again_on_first_call(
         assert "business number type: unknown" in caplog.text
         bot.pilot = pilot
         reply = await command(bot, f"/call {PHONE}")
-        assert "Call started" in reply.plain
+        assert "Call to" in reply.plain
         assert len(pilot.calls_started()) == 1
     finally:
         await pilot.close()
@@ -425,7 +425,7 @@ async def test_reply_waits_out_telegram_flood_control(start_bot: StartBot) -> No
         "sendMessage", error_code=429, description="Too Many Requests: retry after 1", retry_after=1
     )
     reply = await command(bot, f"/call {PHONE}")
-    assert "Call started" in reply.plain
+    assert "Call to" in reply.plain
     assert len(bot.pilot.calls_started()) == 1
     attempts = [p for m, p in bot.telegram.requests if m == "sendMessage"]
     assert len(attempts) == 2

@@ -76,7 +76,7 @@ async def test_the_bot_process_places_calls_and_explains_refusals(
     web_bot: BotProcess, telegram: FakeTelegram, pilot: FakePilotStatus
 ) -> None:
     reply = await ask(telegram, f"/call {PHONE} disk full")
-    assert "Call started" in reply and next(iter(pilot.calls)) in reply
+    assert "Call to" in reply and next(iter(pilot.calls)) in reply
 
     assert "is not a valid phone number" in await ask(telegram, "/call +55 11 123")
     requests_before = len(pilot.requests)
@@ -103,7 +103,7 @@ async def test_the_bot_process_places_calls_and_explains_refusals(
             data=confirm,
             chat_type="group",
         )
-    await telegram.wait_for_message(lambda m: "Call started" in m.plain, chat_id=GROUP, timeout=15)
+    await telegram.wait_for_message(lambda m: "Call to" in m.plain, chat_id=GROUP, timeout=15)
 
     # Telegram delivers the same /call twice: one call
     mark = telegram.mark()

@@ -17,6 +17,7 @@ from pydantic import BaseModel, SecretStr, ValidationError
 from bot.pilot_status.errors import (
     APIConnectionError,
     APIResponseError,
+    APIStatusError,
     APITimeoutError,
     PilotStatusError,
     RateLimitError,
@@ -198,7 +199,14 @@ class PilotStatusClient:
                 error = status_error(response.status_code, body)
                 cause = error
             if attempt >= self._retry.max_retries or not _retryable(error, idempotent=idempotent):
-                log.warning("pilot %s %s failed: %s", method, path, error)
+                refused = isinstance(error, APIStatusError) and error.status < 500
+                log.log(
+                    logging.INFO if refused else logging.WARNING,
+                    "pilot %s %s failed: %s",
+                    method,
+                    path,
+                    error,
+                )
                 if cause is error:
                     raise error
                 raise error from cause

@@ -1,0 +1,250 @@
+"""Following calls to their end: webhook events, polling, recovery after a restart.
+
+Every change is stored first, then shown through a `CallView` (the Telegram side), which
+coalesces edits. Nothing here knows aiogram.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from functools import partial
+from typing import Protocol
+
+from bot import states
+from bot.errors import describe
+from bot.pilot_status.client import PilotStatusClient
+from bot.pilot_status.errors import PilotStatusError
+from bot.pilot_status.models import Call
+from bot.pilot_status.webhooks import CallEvent
+from bot.storage.store import CallRecord, PermissionRequestRecord, Store, utcnow
+
+log = logging.getLogger(__name__)
+
+
+class CallView(Protocol):
+    """Where call changes become visible (implemented with aiogram in bot/live.py)."""
+
+    async def show_call(self, record: CallRecord) -> None: ...
+
+    async def permission_answered(self, request: PermissionRequestRecord) -> None: ...
+
+
+@dataclass(frozen=True)
+class PollPolicy:
+    first_interval: float = 2.0
+    max_interval: float = 15.0
+    factor: float = 1.5
+    give_up_after: float = 900.0
+
+
+class CallTracker:
+    def __init__(
+        self,
+        store: Store,
+        client: PilotStatusClient,
+        view: CallView,
+        *,
+        poll: PollPolicy | None = None,
+        orphan_ttl: float = 120.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._store = store
+        self._client = client
+        self._view = view
+        self._poll = poll  # None: webhooks deliver the changes
+        self._orphan_ttl = orphan_ttl
+        self._clock = clock
+        self._orphans: dict[str, tuple[float, list[CallEvent]]] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+
+    # events
+
+    async def on_event(self, event: CallEvent) -> CallRecord | None:
+        """Store what a webhook says, then show it. Unknown calls are kept briefly: a webhook can
+        outrun the answer to our own POST."""
+        if event.is_permission:
+            await self.on_permission(event)
+            return None
+        ref, status = event.ref, event.call_status
+        if ref is None or status is None:
+            return None
+        record, changed = await self._store.apply_status(
+            ref, status, at=event.at, source="webhook", duration_seconds=event.duration
+        )
+        if record is None and event.external_call_id and event.call_id:
+            record, changed = await self._store.apply_status(
+                event.external_call_id,
+                status,
+                at=event.at,
+                source="webhook",
+                duration_seconds=event.duration,
+            )
+        if record is None:
+            self._keep_orphan(ref, event)
+            return None
+        if changed:
+            await self._view.show_call(record)
+            if record.terminal:
+                self._stop_polling(record.id)
+        return record
+
+    async def on_permission(self, event: CallEvent) -> None:
+        if not event.to:
+            return
+        phone = "+" + event.to.lstrip("+")
+        answer = {"TEMPORARY": "granted", "PERMANENT": "granted"}.get(event.status or "", "denied")
+        for request in await self._store.answer_permission_requests(phone, answer, at=event.at):
+            await self._store.audit(
+                "permission.answered",
+                chat_id=request.chat_id,
+                subject=event.status,
+                detail={"request": request.id},
+            )
+            await self._view.permission_answered(request)
+
+    def _keep_orphan(self, ref: str, event: CallEvent) -> None:
+        now = self._clock()
+        for key, (since, _) in list(self._orphans.items()):
+            if now - since > self._orphan_ttl:
+                del self._orphans[key]
+        if len(self._orphans) < 10_000:
+            self._orphans.setdefault(ref, (now, []))[1].append(event)
+
+    async def show(self, record: CallRecord) -> None:
+        await self._view.show_call(record)
+
+    # our own calls
+
+    async def started(self, record: CallRecord) -> None:
+        """A call the API accepted: replay early events, show it, and poll if no webhooks."""
+        for ref in filter(None, (record.pilot_call_id, record.external_call_id)):
+            _, early = self._orphans.pop(ref, (0.0, []))
+            for event in early:
+                await self.on_event(event)
+        self.follow(record)
+
+    def follow(self, record: CallRecord) -> None:
+        if self._poll is None or record.terminal or record.pilot_call_id is None:
+            return
+        if record.id not in self._tasks:
+            task = asyncio.create_task(self._follow(record), name=f"poll {record.id}")
+            self._tasks[record.id] = task
+            task.add_done_callback(partial(self._forget, record.id))
+
+    def _forget(self, call_id: str, _task: asyncio.Task[None]) -> None:
+        self._tasks.pop(call_id, None)
+
+    async def _follow(self, record: CallRecord) -> None:
+        assert self._poll is not None and record.pilot_call_id is not None
+        interval, deadline = self._poll.first_interval, self._clock() + self._poll.give_up_after
+        while self._clock() < deadline:
+            await asyncio.sleep(interval)
+            interval = min(self._poll.max_interval, interval * self._poll.factor)
+            try:
+                current = await self.refresh(record.pilot_call_id, source="poll")
+            except PilotStatusError as err:
+                log.info("poll %s: %s", record.id, describe(err).code)
+                continue
+            if current is None or current.terminal:
+                return
+        log.warning("stopped following call %s after %.0f s", record.id, self._poll.give_up_after)
+
+    def _stop_polling(self, call_id: str) -> None:
+        task = self._tasks.get(call_id)
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+
+    async def refresh(self, pilot_call_id: str, *, source: str = "api") -> CallRecord | None:
+        """Fresh state from the API, stored and shown."""
+        call = await self._client.get_call(pilot_call_id)
+        return await self.apply_call(call, source=source)
+
+    async def apply_call(self, call: Call, *, source: str) -> CallRecord | None:
+        at = call.ended_at or call.connected_at or call.updated_at or utcnow()
+        record, changed = await self._store.apply_status(
+            call.id,
+            call.status.value,
+            at=at,
+            source=source,
+            duration_seconds=call.duration_seconds,
+            error_code=call.error_code,
+        )
+        if record is not None and changed:
+            await self._view.show_call(record)
+        return record
+
+    # after a restart
+
+    async def recover(self) -> None:
+        """Settle attempts a crash left half-done, and pick up calls still in progress."""
+        open_attempts = await self._store.calls_in(states.PENDING, states.UNKNOWN_OUTCOME)
+        if open_attempts:
+            await self._reconcile(open_attempts)
+        for record in await self._store.live_calls():
+            try:
+                current = await self.refresh(record.pilot_call_id or record.id, source="recovery")
+            except PilotStatusError as err:
+                log.info("recovery refresh %s: %s", record.id, describe(err).code)
+                current = record
+            if current is not None:
+                self.follow(current)
+
+    async def _reconcile(self, attempts: list[CallRecord]) -> None:
+        oldest = min(a.created_at for a in attempts) - timedelta(minutes=5)
+        try:
+            by_tag = await self._recent_calls_by_tag(oldest)
+        except PilotStatusError as err:
+            log.warning("cannot reconcile %d attempts now: %s", len(attempts), describe(err).code)
+            return
+        for attempt in attempts:
+            call = by_tag.get(attempt.id)
+            if call is None:
+                record = await self._store.call_failed(attempt.id, error_code="interrupted")
+                await self._store.audit(
+                    "call.not_started",
+                    chat_id=record.chat_id,
+                    subject=record.id,
+                    detail={"reason": "interrupted"},
+                )
+            else:
+                record = await self._store.call_started(
+                    attempt.id,
+                    pilot_call_id=call.id,
+                    external_call_id=call.external_call_id,
+                    status=call.status.value,
+                    source="recovery",
+                )
+                record = await self.apply_call(call, source="recovery") or record
+                await self._store.audit(
+                    "call.recovered",
+                    chat_id=record.chat_id,
+                    subject=record.id,
+                    detail={"call": call.id},
+                )
+            log.info("recovered attempt %s: %s", attempt.id, record.status)
+            await self._view.show_call(record)
+
+    async def _recent_calls_by_tag(self, oldest: datetime) -> dict[str, Call]:
+        found: dict[str, Call] = {}
+        before: str | None = None
+        for _page in range(20):
+            calls = await self._client.list_calls(limit=100, before=before)
+            for call in calls:
+                if call.biz_opaque_callback_data:
+                    found.setdefault(call.biz_opaque_callback_data, call)
+            last = calls[-1].created_at if calls else None
+            if len(calls) < 100 or last is None or last < oldest:
+                break
+            before = last.isoformat().replace("+00:00", "Z")
+        return found
+
+    async def stop(self) -> None:
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,127 @@
+"""The Telegram side of following calls: each call's message is edited as its state changes.
+
+Bursts are coalesced per message (only the newest state is sent, at most one edit per
+`min_interval`), Telegram's retry_after is honoured by the session middleware, and "message is
+not modified" is ignored. The newest state is always the last one sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import suppress
+
+from aiogram import Bot
+from aiogram.exceptions import TelegramBadRequest, TelegramForbiddenError
+from aiogram.filters.callback_data import CallbackData
+from aiogram.types import InlineKeyboardMarkup
+from aiogram.utils.i18n import I18n
+from aiogram.utils.keyboard import InlineKeyboardBuilder
+
+from bot.calls import CallRequest
+from bot.pending import PendingStore
+from bot.phones import Phone
+from bot.storage.store import CallRecord, PermissionRequestRecord
+from bot.texts import button_call_now, button_hang_up, call_text, permission_answered_text
+
+log = logging.getLogger(__name__)
+LIVE = frozenset({"INITIATED", "RINGING", "ACCEPTED"})
+
+
+class HangUp(CallbackData, prefix="hang"):
+    call: str
+
+
+class CallNow(CallbackData, prefix="again"):
+    token: str
+
+
+def call_markup(record: CallRecord) -> InlineKeyboardMarkup | None:
+    if record.status not in LIVE or record.pilot_call_id is None:
+        return None
+    builder = InlineKeyboardBuilder()
+    builder.button(text=button_hang_up(), callback_data=HangUp(call=record.id))
+    return builder.as_markup()
+
+
+class LiveMessages:
+    def __init__(
+        self,
+        bot: Bot,
+        i18n: I18n,
+        call_again: PendingStore[CallRequest],
+        *,
+        min_interval: float = 1.0,
+    ) -> None:
+        self._bot = bot
+        self._i18n = i18n
+        self._call_again = call_again
+        self._min_interval = min_interval
+        self._latest: dict[tuple[int, int], CallRecord] = {}
+        self._workers: dict[tuple[int, int], asyncio.Task[None]] = {}
+
+    async def show_call(self, record: CallRecord) -> None:
+        if record.message_id is None:
+            return  # not announced yet: attach() shows the state then
+        key = (record.chat_id, record.message_id)
+        self._latest[key] = record
+        if key not in self._workers:
+            task = asyncio.create_task(self._drain(key), name=f"edit {key}")
+            self._workers[key] = task
+
+    async def _drain(self, key: tuple[int, int]) -> None:
+        try:
+            while (record := self._latest.pop(key, None)) is not None:
+                await self._edit(record)
+                await asyncio.sleep(self._min_interval)
+        finally:
+            self._workers.pop(key, None)
+
+    async def _edit(self, record: CallRecord) -> None:
+        assert record.message_id is not None
+        with self._i18n.context(), self._i18n.use_locale(record.locale):
+            text, markup = call_text(record), call_markup(record)
+        try:
+            await self._bot.edit_message_text(
+                text=text,
+                chat_id=record.chat_id,
+                message_id=record.message_id,
+                reply_markup=markup,
+            )
+        except TelegramBadRequest as err:
+            if "message is not modified" not in err.message:
+                log.warning("cannot edit call %s message: %s", record.id, err.message)
+        except TelegramForbiddenError as err:
+            log.warning("cannot edit call %s message: %s", record.id, err.message)
+
+    async def permission_answered(self, request: PermissionRequestRecord) -> None:
+        with self._i18n.context(), self._i18n.use_locale(request.locale):
+            text = permission_answered_text(request)
+            markup = None
+            if request.status == "granted":
+                again = CallRequest(
+                    operator_id=request.operator_id,
+                    chat_id=request.chat_id,
+                    phone=Phone(request.phone, request.phone_display),
+                    locale=request.locale,
+                    masked=request.masked,
+                )
+                builder = InlineKeyboardBuilder()
+                token = self._call_again.put(again)
+                builder.button(text=button_call_now(), callback_data=CallNow(token=token))
+                markup = builder.as_markup()
+        try:
+            await self._bot.send_message(request.chat_id, text, reply_markup=markup)
+        except (TelegramBadRequest, TelegramForbiddenError) as err:
+            log.warning("cannot tell chat %s about permission: %s", request.chat_id, err.message)
+
+    async def wait_idle(self) -> None:
+        """Let queued edits finish (shutdown, tests)."""
+        while self._workers:
+            await asyncio.gather(*list(self._workers.values()), return_exceptions=True)
+
+    async def stop(self) -> None:
+        for task in list(self._workers.values()):
+            task.cancel()
+        with suppress(Exception):
+            await asyncio.gather(*list(self._workers.values()), return_exceptions=True)

@@ -1,0 +1,398 @@
+"""The one place that reads and writes the database (services get plain records back)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import func, or_, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from bot import states
+from bot.storage.tables import AuditRow, CallRow, DeliveryRow, PermissionRequestRow, StatusRow
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class StatusChange:
+    status: str
+    at: datetime
+    source: str
+
+
+@dataclass(frozen=True)
+class NewCall:
+    id: str
+    operator_id: int
+    operator_name: str | None
+    chat_id: int
+    number_type: str
+    phone: str
+    phone_display: str
+    masked: bool
+    locale: str
+    note: str | None = None
+    message_id: int | None = None
+
+
+@dataclass(frozen=True)
+class CallRecord:
+    id: str
+    pilot_call_id: str | None
+    external_call_id: str | None
+    operator_id: int
+    operator_name: str | None
+    chat_id: int
+    message_id: int | None
+    number_type: str
+    phone: str
+    phone_display: str
+    masked: bool
+    locale: str
+    note: str | None
+    status: str
+    error_code: str | None
+    duration_seconds: int | None
+    created_at: datetime
+    updated_at: datetime
+    connected_at: datetime | None
+    ended_at: datetime | None
+    history: tuple[StatusChange, ...] = ()
+
+    @property
+    def terminal(self) -> bool:
+        return states.is_terminal(self.status)
+
+
+@dataclass(frozen=True)
+class PermissionRequestRecord:
+    id: int
+    phone: str
+    phone_display: str
+    masked: bool
+    operator_id: int
+    chat_id: int
+    locale: str
+    status: str
+    requested_at: datetime
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    at: datetime
+    actor_id: int | None
+    chat_id: int | None
+    action: str
+    subject: str | None
+    detail: dict[str, object] | None
+
+
+def _record(row: CallRow) -> CallRecord:
+    return CallRecord(
+        id=row.id,
+        pilot_call_id=row.pilot_call_id,
+        external_call_id=row.external_call_id,
+        operator_id=row.operator_id,
+        operator_name=row.operator_name,
+        chat_id=row.chat_id,
+        message_id=row.message_id,
+        number_type=row.number_type,
+        phone=row.phone,
+        phone_display=row.phone_display,
+        masked=row.masked,
+        locale=row.locale,
+        note=row.note,
+        status=row.status,
+        error_code=row.error_code,
+        duration_seconds=row.duration_seconds,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        connected_at=row.connected_at,
+        ended_at=row.ended_at,
+        history=tuple(StatusChange(h.status, h.at, h.source) for h in row.history),
+    )
+
+
+class Store:
+    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+        self._sessions = sessions
+
+    # calls
+
+    async def create_call(self, new: NewCall, *, at: datetime | None = None) -> CallRecord:
+        """Write ahead: the attempt exists before the API is asked."""
+        now = at or utcnow()
+        async with self._sessions.begin() as session:
+            row = CallRow(
+                id=new.id,
+                operator_id=new.operator_id,
+                operator_name=new.operator_name,
+                chat_id=new.chat_id,
+                message_id=new.message_id,
+                number_type=new.number_type,
+                phone=new.phone,
+                phone_display=new.phone_display,
+                masked=new.masked,
+                locale=new.locale,
+                note=new.note,
+                status=states.PENDING,
+                created_at=now,
+                updated_at=now,
+                history=[StatusRow(status=states.PENDING, at=now, source="bot")],
+            )
+            session.add(row)
+            await session.flush()
+            return _record(row)
+
+    async def call_started(
+        self,
+        call_id: str,
+        *,
+        pilot_call_id: str,
+        external_call_id: str | None,
+        status: str,
+        source: str = "api",
+        at: datetime | None = None,
+    ) -> CallRecord:
+        now = at or utcnow()
+        async with self._sessions.begin() as session:
+            row = await self._lock(session, CallRow.id == call_id)
+            if row is None:
+                raise KeyError(call_id)
+            row.pilot_call_id = pilot_call_id
+            row.external_call_id = external_call_id
+            self._advance(row, status, now, source)
+            if row.status in (states.PENDING, states.UNKNOWN_OUTCOME):
+                self._advance(row, "INITIATED", now, source)
+            return _record(row)
+
+    async def call_failed(
+        self,
+        call_id: str,
+        *,
+        error_code: str,
+        status: str = states.NOT_STARTED,
+        at: datetime | None = None,
+    ) -> CallRecord:
+        now = at or utcnow()
+        async with self._sessions.begin() as session:
+            row = await self._lock(session, CallRow.id == call_id)
+            if row is None:
+                raise KeyError(call_id)
+            row.error_code = error_code
+            self._advance(row, status, now, "api")
+            row.updated_at = now
+            return _record(row)
+
+    async def set_message(self, call_id: str, message_id: int) -> None:
+        async with self._sessions.begin() as session:
+            row = await session.get(CallRow, call_id)
+            if row is not None:
+                row.message_id = message_id
+
+    async def apply_status(
+        self,
+        pilot_ref: str,
+        status: str,
+        *,
+        at: datetime,
+        source: str,
+        duration_seconds: int | None = None,
+        error_code: str | None = None,
+    ) -> tuple[CallRecord | None, bool]:
+        """Apply an event for a Pilot call id (or external id). Returns (record, changed).
+
+        Out-of-order events are harmless: a status never moves backwards, and a terminal status
+        is final, though a late duration still fills in.
+        """
+        async with self._sessions.begin() as session:
+            row = await self._lock(
+                session,
+                or_(CallRow.pilot_call_id == pilot_ref, CallRow.external_call_id == pilot_ref),
+            )
+            if row is None:
+                return None, False
+            changed = self._advance(row, status, at, source)
+            if duration_seconds is not None and row.duration_seconds != duration_seconds:
+                row.duration_seconds = duration_seconds
+                changed = True
+            if error_code and changed and row.error_code is None:
+                row.error_code = error_code
+            if changed:
+                row.updated_at = max(row.updated_at, at)
+            return _record(row), changed
+
+    @staticmethod
+    def _advance(row: CallRow, status: str, at: datetime, source: str) -> bool:
+        if not states.advances(row.status, status):
+            return False
+        row.status = status
+        row.updated_at = at
+        if status == "ACCEPTED" and row.connected_at is None:
+            row.connected_at = at
+        if states.is_terminal(status):
+            row.ended_at = at
+        row.history.append(StatusRow(status=status, at=at, source=source))
+        return True
+
+    async def _lock(self, session: AsyncSession, where: object) -> CallRow | None:
+        # FOR UPDATE on PostgreSQL serializes concurrent events for one call; SQLite ignores it
+        # (it serializes writers anyway).
+        query = select(CallRow).where(where).with_for_update()  # type: ignore[arg-type]
+        return (await session.execute(query)).scalars().first()
+
+    async def get_call(self, ref: str) -> CallRecord | None:
+        """By our id, Pilot's id or the external (wacid) id."""
+        async with self._sessions() as session:
+            query = select(CallRow).where(
+                or_(
+                    CallRow.id == ref, CallRow.pilot_call_id == ref, CallRow.external_call_id == ref
+                )
+            )
+            row = (await session.execute(query)).scalars().first()
+            return _record(row) if row else None
+
+    async def call_by_message(self, chat_id: int, message_id: int) -> CallRecord | None:
+        async with self._sessions() as session:
+            query = select(CallRow).where(
+                CallRow.chat_id == chat_id, CallRow.message_id == message_id
+            )
+            row = (await session.execute(query)).scalars().first()
+            return _record(row) if row else None
+
+    async def recent_calls(self, chat_id: int, *, limit: int, offset: int = 0) -> list[CallRecord]:
+        async with self._sessions() as session:
+            query = (
+                select(CallRow)
+                .where(CallRow.chat_id == chat_id)
+                .order_by(CallRow.created_at.desc(), CallRow.id.desc())
+                .limit(limit)
+                .offset(offset)
+            )
+            return [_record(r) for r in (await session.execute(query)).scalars()]
+
+    async def count_calls(self, chat_id: int) -> int:
+        async with self._sessions() as session:
+            query = select(func.count()).select_from(CallRow).where(CallRow.chat_id == chat_id)
+            return int((await session.execute(query)).scalar_one())
+
+    async def calls_in(self, *statuses: str) -> list[CallRecord]:
+        async with self._sessions() as session:
+            query = select(CallRow).where(CallRow.status.in_(statuses)).order_by(CallRow.created_at)
+            return [_record(r) for r in (await session.execute(query)).scalars()]
+
+    async def live_calls(self) -> list[CallRecord]:
+        """Started, not ended: to be followed again after a restart."""
+        live = ("INITIATED", "RINGING", "ACCEPTED")
+        return await self.calls_in(*live)
+
+    # webhook deliveries
+
+    async def delivery_seen(self, key: str) -> bool:
+        async with self._sessions() as session:
+            return await session.get(DeliveryRow, key) is not None
+
+    async def first_delivery(self, key: str, *, at: datetime | None = None) -> bool:
+        """Record a delivery key; False when it was recorded before (a replay)."""
+        try:
+            async with self._sessions.begin() as session:
+                session.add(DeliveryRow(key=key, received_at=at or utcnow()))
+        except IntegrityError:
+            return False
+        return True
+
+    # permission requests
+
+    async def add_permission_request(
+        self,
+        *,
+        phone: str,
+        phone_display: str,
+        masked: bool,
+        operator_id: int,
+        chat_id: int,
+        locale: str,
+        message_id: str | None,
+        at: datetime | None = None,
+    ) -> None:
+        async with self._sessions.begin() as session:
+            session.add(
+                PermissionRequestRow(
+                    phone=phone,
+                    phone_display=phone_display,
+                    masked=masked,
+                    operator_id=operator_id,
+                    chat_id=chat_id,
+                    locale=locale,
+                    message_id=message_id,
+                    status="requested",
+                    requested_at=at or utcnow(),
+                )
+            )
+
+    async def answer_permission_requests(
+        self, phone: str, status: str, *, at: datetime | None = None
+    ) -> list[PermissionRequestRecord]:
+        """Close the open requests for a number; returns them so each chat can be told."""
+        async with self._sessions.begin() as session:
+            query = (
+                select(PermissionRequestRow)
+                .where(
+                    PermissionRequestRow.phone == phone, PermissionRequestRow.status == "requested"
+                )
+                .with_for_update()
+            )
+            rows = list((await session.execute(query)).scalars())
+            for row in rows:
+                row.status = status
+                row.answered_at = at or utcnow()
+            return [
+                PermissionRequestRecord(
+                    id=r.id,
+                    phone=r.phone,
+                    phone_display=r.phone_display,
+                    masked=r.masked,
+                    operator_id=r.operator_id,
+                    chat_id=r.chat_id,
+                    locale=r.locale,
+                    status=r.status,
+                    requested_at=r.requested_at,
+                )
+                for r in rows
+            ]
+
+    # audit
+
+    async def audit(
+        self,
+        action: str,
+        *,
+        actor_id: int | None = None,
+        chat_id: int | None = None,
+        subject: str | None = None,
+        detail: dict[str, object] | None = None,
+        at: datetime | None = None,
+    ) -> None:
+        async with self._sessions.begin() as session:
+            session.add(
+                AuditRow(
+                    at=at or utcnow(),
+                    actor_id=actor_id,
+                    chat_id=chat_id,
+                    action=action,
+                    subject=subject,
+                    detail=detail,
+                )
+            )
+
+    async def audit_since(self, since: datetime) -> list[AuditRecord]:
+        async with self._sessions() as session:
+            query = select(AuditRow).where(AuditRow.at >= since).order_by(AuditRow.id)
+            return [
+                AuditRecord(r.at, r.actor_id, r.chat_id, r.action, r.subject, r.detail)
+                for r in (await session.execute(query)).scalars()
+            ]
