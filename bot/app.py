@@ -150,9 +150,15 @@ class CallbotApp:
             log.info("no PILOT_STATUS_WEBHOOK_TOKEN: calls are followed by polling")
 
     async def _recover_in_background(self) -> None:
-        task = asyncio.create_task(self.tracker.recover(), name="recover")
+        task = asyncio.create_task(self._recover(), name="recover")
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    async def _recover(self) -> None:
+        try:
+            await self.tracker.recover()
+        except Exception:
+            log.exception("recovery after restart failed; it runs again at the next start")
 
     async def run_polling(self, **kwargs: Any) -> None:
         try:

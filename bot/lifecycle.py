@@ -31,6 +31,10 @@ class CallView(Protocol):
 
     async def show_call(self, record: CallRecord) -> None: ...
 
+    async def announce(self, record: CallRecord) -> int | None:
+        """Post a new message for a call that has none yet; its id, or None."""
+        ...
+
     async def permission_answered(self, request: PermissionRequestRecord) -> None: ...
 
 
@@ -227,7 +231,14 @@ class CallTracker:
                     detail={"call": call.id},
                 )
             log.info("recovered attempt %s: %s", attempt.id, record.status)
-            await self._view.show_call(record)
+            if record.message_id is None:
+                # The crash came before the reply: tell the chat in a new message.
+                message_id = await self._view.announce(record)
+                if message_id is not None:
+                    await self._store.set_message(record.id, message_id)
+            else:
+                await self._view.show_call(record)
+            self.follow(record)
 
     async def _recent_calls_by_tag(self, oldest: datetime) -> dict[str, Call]:
         found: dict[str, Call] = {}

@@ -94,6 +94,18 @@ class LiveMessages:
         except TelegramForbiddenError as err:
             log.warning("cannot edit call %s message: %s", record.id, err.message)
 
+    async def announce(self, record: CallRecord) -> int | None:
+        with self._i18n.context(), self._i18n.use_locale(record.locale):
+            text, markup = call_text(record), call_markup(record)
+        try:
+            sent = await self._bot.send_message(record.chat_id, text, reply_markup=markup)
+        except (TelegramBadRequest, TelegramForbiddenError) as err:
+            log.warning(
+                "cannot tell chat %s about call %s: %s", record.chat_id, record.id, err.message
+            )
+            return None
+        return sent.message_id
+
     async def permission_answered(self, request: PermissionRequestRecord) -> None:
         with self._i18n.context(), self._i18n.use_locale(request.locale):
             text = permission_answered_text(request)

@@ -72,6 +72,25 @@ class RunningBot:
     def dp(self) -> Dispatcher:
         return self.app.dp
 
+    task: asyncio.Task[None] | None = None
+
+    async def stop(self) -> None:
+        """Stop polling and close everything, once."""
+        if self.task is None:
+            return
+        task, self.task = self.task, None
+        await self.app.dp.stop_polling()
+        await asyncio.wait_for(task, 10)
+        await self.app.close()
+
+    async def crash(self) -> None:
+        """Die like a killed process: in-flight updates are cancelled, not finished."""
+        for task in asyncio.all_tasks():
+            if "_process_update" in task.get_coro().__qualname__:  # type: ignore[union-attr]
+                task.cancel()
+        await asyncio.sleep(0)
+        await self.stop()
+
 
 StartBot = Callable[..., Awaitable[RunningBot]]
 
@@ -81,7 +100,7 @@ async def start_bot(
     telegram: FakeTelegram, pilot: FakePilotStatus, tmp_path: Path
 ) -> AsyncIterator[StartBot]:
     """Build the bot the way `python -m bot` does and run it against the fakes (long polling)."""
-    running: list[tuple[RunningBot, asyncio.Task[None]]] = []
+    running: list[RunningBot] = []
 
     async def start(data: dict[str, Any] | None = None, **overrides: Any) -> RunningBot:
         """`overrides` are settings; `data` replaces dispatcher dependencies before polling."""
@@ -96,12 +115,10 @@ async def start_bot(
         await app.start()
         task = asyncio.create_task(app.run_polling(handle_signals=False, polling_timeout=1))
         await asyncio.wait_for(started.wait(), 10)
-        harness = RunningBot(app, telegram, pilot)
-        running.append((harness, task))
+        harness = RunningBot(app, telegram, pilot, task)
+        running.append(harness)
         return harness
 
     yield start
-    for harness, task in running:
-        await harness.app.dp.stop_polling()
-        await asyncio.wait_for(task, 10)
-        await harness.app.close()
+    for harness in running:
+        await harness.stop()

@@ -183,9 +183,8 @@ class Store:
             row = await self._lock(session, CallRow.id == call_id)
             if row is None:
                 raise KeyError(call_id)
-            row.error_code = error_code
-            self._advance(row, status, now, "api")
-            row.updated_at = now
+            if self._advance(row, status, now, "api"):
+                row.error_code = error_code
             return _record(row)
 
     async def set_message(self, call_id: str, message_id: int) -> None:
@@ -231,7 +230,7 @@ class Store:
         if not states.advances(row.status, status):
             return False
         row.status = status
-        row.updated_at = at
+        row.updated_at = max(row.updated_at, at)
         if status == "ACCEPTED" and row.connected_at is None:
             row.connected_at = at
         if states.is_terminal(status):
