@@ -135,7 +135,6 @@ class CallbotApp:
             secret = self.settings.pilot_status_webhook_secret
             app = build_web_app(
                 tracker=self.tracker,
-                store=self.store,
                 path_token=token.get_secret_value(),
                 secret=secret.get_secret_value() if secret else None,
                 max_body=self.settings.webhook_max_body,

@@ -21,7 +21,13 @@ from bot.pilot_status.client import PilotStatusClient
 from bot.pilot_status.errors import PilotStatusError
 from bot.pilot_status.models import Call
 from bot.pilot_status.webhooks import CallEvent
-from bot.storage.store import CallRecord, PermissionRequestRecord, Store, utcnow
+from bot.storage.store import (
+    CallRecord,
+    PermissionRequestRecord,
+    StatusUpdate,
+    Store,
+    utcnow,
+)
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +73,31 @@ class CallTracker:
         self._tasks: dict[str, asyncio.Task[None]] = {}
 
     # events
+
+    async def on_delivery(self, key: str, events: list[CallEvent]) -> bool:
+        """One webhook delivery, applied once and in one transaction. False for a replay."""
+        calls = [e for e in events if not e.is_permission and e.ref and e.call_status]
+        updates = [
+            StatusUpdate(e.ref, e.call_status, e.at, "webhook", e.duration)  # type: ignore[arg-type]
+            for e in calls
+        ]
+        results = await self._store.apply_delivery(key, updates)
+        if results is None:
+            return False
+        for event, (record, changed) in zip(calls, results, strict=True):
+            if record is None:
+                if event.external_call_id and event.call_id:
+                    await self.on_event(event)  # try the other id
+                else:
+                    self._keep_orphan(event.ref or "", event)
+            elif changed:
+                await self._view.show_call(record)
+                if record.terminal:
+                    self._stop_polling(record.id)
+        for event in events:
+            if event.is_permission:
+                await self.on_permission(event)
+        return True
 
     async def on_event(self, event: CallEvent) -> CallRecord | None:
         """Store what a webhook says, then show it. Unknown calls are kept briefly: a webhook can

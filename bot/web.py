@@ -16,24 +16,20 @@ from aiohttp import web
 
 from bot.lifecycle import CallTracker
 from bot.pilot_status.webhooks import WebhookError, parse_delivery
-from bot.storage.store import Store
 
 log = logging.getLogger(__name__)
 TRACKER = web.AppKey("tracker", CallTracker)
-STORE = web.AppKey("store", Store)
 
 
 def build_web_app(
     *,
     tracker: CallTracker,
-    store: Store,
     path_token: str,
     secret: str | None,
     max_body: int = 64 * 1024,
 ) -> web.Application:
     app = web.Application(client_max_size=max_body)
     app[TRACKER] = tracker
-    app[STORE] = store
     app.router.add_post(f"/pilot-status/{path_token}", _receiver(secret))
     app.router.add_get("/healthz", _health)
     return app
@@ -55,13 +51,8 @@ def _receiver(secret: str | None):  # type: ignore[no-untyped-def]
         except (ValueError, WebhookError) as err:
             return web.json_response({"error": str(err)[:200] or "bad body"}, status=400)
         delivery = request.headers.get("Idempotency-Key") or hashlib.sha256(raw).hexdigest()
-        store = request.app[STORE]
-        if await store.delivery_seen(delivery):
+        if not await request.app[TRACKER].on_delivery(delivery[:256], events):
             return web.json_response({"ok": True, "duplicate": True})
-        tracker = request.app[TRACKER]
-        for event in events:
-            await tracker.on_event(event)
-        await store.first_delivery(delivery)
         return web.json_response({"ok": True, "events": len(events)})
 
     return receive

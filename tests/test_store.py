@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bot import states
 from bot.storage.db import alembic_config, create_engine, database_url, migrate, sessionmaker
-from bot.storage.store import CallRecord, NewCall, Store
+from bot.storage.store import CallRecord, NewCall, StatusUpdate, Store
 from bot.storage.tables import Base
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -334,19 +334,27 @@ async def test_concurrent_events_for_one_call_never_move_it_backwards(store: Sto
 # webhook deliveries
 
 
-async def test_a_delivery_key_is_new_once(store: Store) -> None:
-    assert await store.first_delivery("key-1", at=at(0)) is True
-    assert await store.first_delivery("key-1", at=at(1)) is False
-    assert await store.first_delivery("key-2") is True
-    assert await store.first_delivery("key-2") is False
-    assert await store.first_delivery("key-1") is False
+async def test_a_delivery_key_is_applied_once(store: Store) -> None:
+    await started_call(store, "c1", "p1")
+    ringing = [StatusUpdate("p1", "RINGING", at(5), "webhook")]
+    [(record, changed)] = await store.apply_delivery("key-1", ringing, at=at(5)) or []
+    assert changed and record is not None and record.status == "RINGING"
+    assert await store.apply_delivery("key-1", ringing, at=at(6)) is None
+    assert await store.apply_delivery("key-2", []) == []
+    assert await store.apply_delivery("key-2", []) is None
+    call = await store.get_call("p1")
+    assert call is not None and [h.status for h in call.history].count("RINGING") == 1
 
 
 async def test_concurrent_replays_of_one_delivery_let_exactly_one_through(store: Store) -> None:
-    results = await asyncio.gather(*(store.first_delivery("dup") for _ in range(10)))
-    assert sorted(results) == [False] * 9 + [True]
-    assert await store.first_delivery("dup") is False
-    assert await store.first_delivery("other") is True
+    await started_call(store, "c1", "p1")
+    ended = [StatusUpdate("p1", "COMPLETED", at(9), "webhook", duration_seconds=3)]
+    results = await asyncio.gather(*(store.apply_delivery("dup", ended) for _ in range(10)))
+    assert sum(r is not None for r in results) == 1
+    assert await store.apply_delivery("dup", ended) is None
+    assert await store.apply_delivery("other", []) == []
+    call = await store.get_call("p1")
+    assert call is not None and call.status == "COMPLETED" and call.duration_seconds == 3
 
 
 # listing calls

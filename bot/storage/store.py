@@ -25,6 +25,16 @@ class StatusChange:
 
 
 @dataclass(frozen=True)
+class StatusUpdate:
+    pilot_ref: str  # Pilot's call id or the external (wacid) id
+    status: str
+    at: datetime
+    source: str
+    duration_seconds: int | None = None
+    error_code: str | None = None
+
+
+@dataclass(frozen=True)
 class NewCall:
     id: str
     operator_id: int
@@ -193,6 +203,23 @@ class Store:
             if row is not None:
                 row.message_id = message_id
 
+    async def apply_delivery(
+        self, key: str, updates: list[StatusUpdate], *, at: datetime | None = None
+    ) -> list[tuple[CallRecord | None, bool]] | None:
+        """A webhook delivery in one transaction: None when its key was applied before;
+        otherwise (record, changed) per update, as apply_status gives."""
+        try:
+            async with self._sessions.begin() as session:
+                if await session.get(DeliveryRow, key) is not None:
+                    return None
+                results = []
+                for update in updates:
+                    results.append(await self._apply(session, update))
+                session.add(DeliveryRow(key=key, received_at=at or utcnow()))
+        except IntegrityError:
+            return None  # the same delivery, applied concurrently by another request
+        return results
+
     async def apply_status(
         self,
         pilot_ref: str,
@@ -208,22 +235,29 @@ class Store:
         Out-of-order events are harmless: a status never moves backwards, and a terminal status
         is final, though a late duration still fills in.
         """
+        update = StatusUpdate(pilot_ref, status, at, source, duration_seconds, error_code)
         async with self._sessions.begin() as session:
-            row = await self._lock(
-                session,
-                or_(CallRow.pilot_call_id == pilot_ref, CallRow.external_call_id == pilot_ref),
-            )
-            if row is None:
-                return None, False
-            changed = self._advance(row, status, at, source)
-            if duration_seconds is not None and row.duration_seconds != duration_seconds:
-                row.duration_seconds = duration_seconds
-                changed = True
-            if error_code and changed and row.error_code is None:
-                row.error_code = error_code
-            if changed:
-                row.updated_at = max(row.updated_at, at)
-            return _record(row), changed
+            return await self._apply(session, update)
+
+    async def _apply(
+        self, session: AsyncSession, update: StatusUpdate
+    ) -> tuple[CallRecord | None, bool]:
+        ref = update.pilot_ref
+        row = await self._lock(
+            session, or_(CallRow.pilot_call_id == ref, CallRow.external_call_id == ref)
+        )
+        if row is None:
+            return None, False
+        changed = self._advance(row, update.status, update.at, update.source)
+        duration = update.duration_seconds
+        if duration is not None and row.duration_seconds != duration:
+            row.duration_seconds = duration
+            changed = True
+        if update.error_code and changed and row.error_code is None:
+            row.error_code = update.error_code
+        if changed:
+            row.updated_at = max(row.updated_at, update.at)
+        return _record(row), changed
 
     @staticmethod
     def _advance(row: CallRow, status: str, at: datetime, source: str) -> bool:
@@ -288,21 +322,6 @@ class Store:
         """Started, not ended: to be followed again after a restart."""
         live = ("INITIATED", "RINGING", "ACCEPTED")
         return await self.calls_in(*live)
-
-    # webhook deliveries
-
-    async def delivery_seen(self, key: str) -> bool:
-        async with self._sessions() as session:
-            return await session.get(DeliveryRow, key) is not None
-
-    async def first_delivery(self, key: str, *, at: datetime | None = None) -> bool:
-        """Record a delivery key; False when it was recorded before (a replay)."""
-        try:
-            async with self._sessions.begin() as session:
-                session.add(DeliveryRow(key=key, received_at=at or utcnow()))
-        except IntegrityError:
-            return False
-        return True
 
     # permission requests
 
