@@ -22,7 +22,7 @@ from bot.pilot_status.models import (
     PermissionRequested,
     StartCall,
 )
-from bot.storage.store import CallRecord, NewCall, Store, utcnow
+from bot.storage.store import Audit, CallRecord, NewCall, Store, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -147,13 +147,7 @@ class CallService:
             pilot_call_id=call.id,
             external_call_id=call.external_call_id,
             status=call.status.value,
-        )
-        await self._store.audit(
-            "call.started",
-            actor_id=request.operator_id,
-            chat_id=request.chat_id,
-            subject=record.id,
-            detail={"call": call.id},
+            audit=Audit("call.started", request.operator_id, {"call": call.id}),
         )
         log.info(
             "call started: call_id=%s correlation=%s to=%s type=%s operator=%s chat=%s",
@@ -183,14 +177,12 @@ class CallService:
                 locale=request.locale,
                 note=request.note,
                 message_id=request.message_id,
-            )
-        )
-        await self._store.audit(
-            "call.requested",
-            actor_id=request.operator_id,
-            chat_id=request.chat_id,
-            subject=record.id,
-            detail={"to": request.phone.masked, "type": number_type.value},
+            ),
+            audit=Audit(
+                "call.requested",
+                request.operator_id,
+                {"to": request.phone.masked, "type": number_type.value},
+            ),
         )
         return record
 
@@ -201,19 +193,12 @@ class CallService:
             record.id,
             error_code=code,
             status=states.UNKNOWN_OUTCOME if maybe_sent else states.NOT_STARTED,
-        )
-        await self._store.audit(
-            "call.failed",
-            actor_id=record.operator_id,
-            chat_id=record.chat_id,
-            subject=record.id,
-            detail={"error": code},
+            audit=Audit("call.failed", record.operator_id, {"error": code}),
         )
 
     async def attach(self, started: Started, message_id: int) -> None:
         """The message that announced the call; it is edited from now on."""
-        await self._store.set_message(started.record.id, message_id)
-        current = await self._store.get_call(started.record.id)
+        current = await self._store.set_message(started.record.id, message_id)
         if current is not None and (
             current.status != started.record.status
             or current.duration_seconds != started.record.duration_seconds

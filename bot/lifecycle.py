@@ -22,6 +22,7 @@ from bot.pilot_status.errors import PilotStatusError
 from bot.pilot_status.models import Call
 from bot.pilot_status.webhooks import CallEvent
 from bot.storage.store import (
+    Audit,
     CallRecord,
     PermissionRequestRecord,
     StatusUpdate,
@@ -52,6 +53,41 @@ class PollPolicy:
     give_up_after: float = 900.0
 
 
+Applied = list[tuple[CallRecord | None, bool]] | None
+
+
+class GroupCommit:
+    """Deliveries arriving together are stored in one transaction: each request still gets its
+    2xx only after its own change is committed, but the commit's cost is shared."""
+
+    def __init__(self, store: Store, max_batch: int = 200) -> None:
+        self._store = store
+        self._max = max_batch
+        self._queue: list[tuple[str, list[StatusUpdate], asyncio.Future[Applied]]] = []
+        self._worker: asyncio.Task[None] | None = None
+
+    async def submit(self, key: str, updates: list[StatusUpdate]) -> Applied:
+        future: asyncio.Future[Applied] = asyncio.get_running_loop().create_future()
+        self._queue.append((key, updates, future))
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.create_task(self._drain(), name="group commit")
+        return await future
+
+    async def _drain(self) -> None:
+        while self._queue:
+            batch, self._queue = self._queue[: self._max], self._queue[self._max :]
+            try:
+                results = await self._store.apply_deliveries([(k, u) for k, u, _ in batch])
+            except Exception as err:
+                for _, _, future in batch:
+                    if not future.done():
+                        future.set_exception(err)
+                continue
+            for (_, _, future), result in zip(batch, results, strict=True):
+                if not future.done():
+                    future.set_result(result)
+
+
 class CallTracker:
     def __init__(
         self,
@@ -70,6 +106,7 @@ class CallTracker:
         self._orphan_ttl = orphan_ttl
         self._clock = clock
         self._orphans: dict[str, tuple[float, list[CallEvent]]] = {}
+        self._commits = GroupCommit(store)
         self._tasks: dict[str, asyncio.Task[None]] = {}
 
     # events
@@ -81,7 +118,7 @@ class CallTracker:
             StatusUpdate(e.ref, e.call_status, e.at, "webhook", e.duration)  # type: ignore[arg-type]
             for e in calls
         ]
-        results = await self._store.apply_delivery(key, updates)
+        results = await self._commits.submit(key, updates)
         if results is None:
             return False
         for event, (record, changed) in zip(calls, results, strict=True):
@@ -239,12 +276,10 @@ class CallTracker:
         for attempt in attempts:
             call = by_tag.get(attempt.id)
             if call is None:
-                record = await self._store.call_failed(attempt.id, error_code="interrupted")
-                await self._store.audit(
-                    "call.not_started",
-                    chat_id=record.chat_id,
-                    subject=record.id,
-                    detail={"reason": "interrupted"},
+                record = await self._store.call_failed(
+                    attempt.id,
+                    error_code="interrupted",
+                    audit=Audit("call.not_started", None, {"reason": "interrupted"}),
                 )
             else:
                 record = await self._store.call_started(

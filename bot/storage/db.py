@@ -38,31 +38,23 @@ def create_engine(url: str) -> AsyncEngine:
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        # One connection: SQLite has one writer anyway, and waiting for the pooled connection
-        # is an asyncio wait, where a second connection would sleep in SQLite's busy handler.
+        # One connection: SQLite has one writer anyway. Transactions queue for it in asyncio,
+        # so a read-then-write (SELECT ... FOR UPDATE, which SQLite ignores) never acts on a
+        # row another transaction is changing, and nobody sleeps in SQLite's busy handler.
         engine = create_async_engine(
             url, connect_args={"timeout": 30}, pool_size=1, max_overflow=0, pool_timeout=60
         )
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
-        event.listen(engine.sync_engine, "begin", _sqlite_begin)
         return engine
     return create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
 
 
 def _sqlite_pragmas(dbapi_connection: object, _record: object) -> None:
-    # The driver would open transactions lazily, at the first write, so a read-then-write
-    # (SELECT ... FOR UPDATE, which SQLite ignores) could act on a stale row. Let SQLAlchemy
-    # begin every transaction itself, taking the write lock up front (see _sqlite_begin).
-    dbapi_connection.isolation_level = None  # type: ignore[attr-defined]
     cursor = dbapi_connection.cursor()  # type: ignore[attr-defined]
     cursor.execute("PRAGMA journal_mode=WAL")  # readers do not block the writer
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
-
-
-def _sqlite_begin(connection: Connection) -> None:
-    connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from sqlalchemy import func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.orm import selectinload
 
 from bot import states
 from bot.storage.tables import AuditRow, CallRow, DeliveryRow, PermissionRequestRow, StatusRow
@@ -22,6 +23,15 @@ class StatusChange:
     status: str
     at: datetime
     source: str
+
+
+@dataclass(frozen=True)
+class Audit:
+    """An audit entry written in the same transaction as the change it records."""
+
+    action: str
+    actor_id: int | None = None
+    detail: dict[str, object] | None = None
 
 
 @dataclass(frozen=True)
@@ -101,7 +111,7 @@ class AuditRecord:
     detail: dict[str, object] | None
 
 
-def _record(row: CallRow) -> CallRecord:
+def _record(row: CallRow, history: bool = False) -> CallRecord:
     return CallRecord(
         id=row.id,
         pilot_call_id=row.pilot_call_id,
@@ -123,7 +133,9 @@ def _record(row: CallRow) -> CallRecord:
         updated_at=row.updated_at,
         connected_at=row.connected_at,
         ended_at=row.ended_at,
-        history=tuple(StatusChange(h.status, h.at, h.source) for h in row.history),
+        history=tuple(StatusChange(h.status, h.at, h.source) for h in row.history)
+        if history
+        else (),
     )
 
 
@@ -133,7 +145,9 @@ class Store:
 
     # calls
 
-    async def create_call(self, new: NewCall, *, at: datetime | None = None) -> CallRecord:
+    async def create_call(
+        self, new: NewCall, *, at: datetime | None = None, audit: Audit | None = None
+    ) -> CallRecord:
         """Write ahead: the attempt exists before the API is asked."""
         now = at or utcnow()
         async with self._sessions.begin() as session:
@@ -155,8 +169,9 @@ class Store:
                 history=[StatusRow(status=states.PENDING, at=now, source="bot")],
             )
             session.add(row)
+            self._audit_row(session, audit, row, now)
             await session.flush()
-            return _record(row)
+            return _record(row, history=True)
 
     async def call_started(
         self,
@@ -167,6 +182,7 @@ class Store:
         status: str,
         source: str = "api",
         at: datetime | None = None,
+        audit: Audit | None = None,
     ) -> CallRecord:
         now = at or utcnow()
         async with self._sessions.begin() as session:
@@ -175,9 +191,10 @@ class Store:
                 raise KeyError(call_id)
             row.pilot_call_id = pilot_call_id
             row.external_call_id = external_call_id
-            self._advance(row, status, now, source)
+            self._advance(session, row, status, now, source)
             if row.status in (states.PENDING, states.UNKNOWN_OUTCOME):
-                self._advance(row, "INITIATED", now, source)
+                self._advance(session, row, "INITIATED", now, source)
+            self._audit_row(session, audit, row, now)
             return _record(row)
 
     async def call_failed(
@@ -187,38 +204,93 @@ class Store:
         error_code: str,
         status: str = states.NOT_STARTED,
         at: datetime | None = None,
+        audit: Audit | None = None,
     ) -> CallRecord:
         now = at or utcnow()
         async with self._sessions.begin() as session:
             row = await self._lock(session, CallRow.id == call_id)
             if row is None:
                 raise KeyError(call_id)
-            if self._advance(row, status, now, "api"):
+            if self._advance(session, row, status, now, "api"):
                 row.error_code = error_code
+            self._audit_row(session, audit, row, now)
             return _record(row)
 
-    async def set_message(self, call_id: str, message_id: int) -> None:
+    @staticmethod
+    def _audit_row(session: AsyncSession, audit: Audit | None, row: CallRow, at: datetime) -> None:
+        if audit is not None:
+            session.add(
+                AuditRow(
+                    at=at,
+                    actor_id=audit.actor_id,
+                    chat_id=row.chat_id,
+                    action=audit.action,
+                    subject=row.id,
+                    detail=audit.detail,
+                )
+            )
+
+    async def set_message(self, call_id: str, message_id: int) -> CallRecord | None:
+        """The message that follows the call; returns the call as it is now."""
         async with self._sessions.begin() as session:
             row = await session.get(CallRow, call_id)
-            if row is not None:
-                row.message_id = message_id
+            if row is None:
+                return None
+            row.message_id = message_id
+            return _record(row)
 
     async def apply_delivery(
         self, key: str, updates: list[StatusUpdate], *, at: datetime | None = None
     ) -> list[tuple[CallRecord | None, bool]] | None:
         """A webhook delivery in one transaction: None when its key was applied before;
         otherwise (record, changed) per update, as apply_status gives."""
+        [result] = await self.apply_deliveries([(key, updates)], at=at)
+        return result
+
+    async def apply_deliveries(
+        self, batch: list[tuple[str, list[StatusUpdate]]], *, at: datetime | None = None
+    ) -> list[list[tuple[CallRecord | None, bool]] | None]:
+        """Several deliveries in one transaction (group commit), each applied at most once."""
         try:
-            async with self._sessions.begin() as session:
-                if await session.get(DeliveryRow, key) is not None:
-                    return None
-                results = []
-                for update in updates:
-                    results.append(await self._apply(session, update))
-                session.add(DeliveryRow(key=key, received_at=at or utcnow()))
+            return await self._apply_deliveries(batch, at or utcnow())
         except IntegrityError:
-            return None  # the same delivery, applied concurrently by another request
+            if len(batch) == 1:
+                return [None]  # the same delivery, applied concurrently elsewhere
+            # Another process applied one of these meanwhile: settle them one by one.
+            return [(await self._apply_deliveries([item], at or utcnow()))[0] for item in batch]
+
+    async def _apply_deliveries(
+        self, batch: list[tuple[str, list[StatusUpdate]]], at: datetime
+    ) -> list[list[tuple[CallRecord | None, bool]] | None]:
+        async with self._sessions.begin() as session:
+            keys = {key for key, _ in batch}
+            query = select(DeliveryRow.key).where(DeliveryRow.key.in_(keys))
+            seen = set((await session.execute(query)).scalars())
+            refs = {update.pilot_ref for _, updates in batch for update in updates}
+            rows = await self._lock_all(session, refs) if refs else {}
+            results: list[list[tuple[CallRecord | None, bool]] | None] = []
+            for key, updates in batch:
+                if key in seen:
+                    results.append(None)
+                    continue
+                seen.add(key)
+                results.append([self._change(session, rows.get(u.pilot_ref), u) for u in updates])
+                session.add(DeliveryRow(key=key, received_at=at))
         return results
+
+    async def _lock_all(self, session: AsyncSession, refs: set[str]) -> dict[str, CallRow]:
+        """The calls named by Pilot or external ids, locked, in one query."""
+        query = (
+            select(CallRow)
+            .where(or_(CallRow.pilot_call_id.in_(refs), CallRow.external_call_id.in_(refs)))
+            .with_for_update()
+        )
+        found: dict[str, CallRow] = {}
+        for row in (await session.execute(query)).scalars():
+            for ref in (row.pilot_call_id, row.external_call_id):
+                if ref in refs:
+                    found[ref] = row
+        return found
 
     async def apply_status(
         self,
@@ -246,9 +318,14 @@ class Store:
         row = await self._lock(
             session, or_(CallRow.pilot_call_id == ref, CallRow.external_call_id == ref)
         )
+        return self._change(session, row, update)
+
+    def _change(
+        self, session: AsyncSession, row: CallRow | None, update: StatusUpdate
+    ) -> tuple[CallRecord | None, bool]:
         if row is None:
             return None, False
-        changed = self._advance(row, update.status, update.at, update.source)
+        changed = self._advance(session, row, update.status, update.at, update.source)
         duration = update.duration_seconds
         if duration is not None and row.duration_seconds != duration:
             row.duration_seconds = duration
@@ -260,7 +337,9 @@ class Store:
         return _record(row), changed
 
     @staticmethod
-    def _advance(row: CallRow, status: str, at: datetime, source: str) -> bool:
+    def _advance(
+        session: AsyncSession, row: CallRow, status: str, at: datetime, source: str
+    ) -> bool:
         if not states.advances(row.status, status):
             return False
         row.status = status
@@ -269,7 +348,7 @@ class Store:
             row.connected_at = at
         if states.is_terminal(status):
             row.ended_at = at
-        row.history.append(StatusRow(status=status, at=at, source=source))
+        session.add(StatusRow(call_id=row.id, status=status, at=at, source=source))
         return True
 
     async def _lock(self, session: AsyncSession, where: object) -> CallRow | None:
@@ -281,13 +360,12 @@ class Store:
     async def get_call(self, ref: str) -> CallRecord | None:
         """By our id, Pilot's id or the external (wacid) id."""
         async with self._sessions() as session:
-            query = select(CallRow).where(
-                or_(
-                    CallRow.id == ref, CallRow.pilot_call_id == ref, CallRow.external_call_id == ref
-                )
+            match = or_(
+                CallRow.id == ref, CallRow.pilot_call_id == ref, CallRow.external_call_id == ref
             )
+            query = select(CallRow).where(match).options(selectinload(CallRow.history))
             row = (await session.execute(query)).scalars().first()
-            return _record(row) if row else None
+            return _record(row, history=True) if row else None
 
     async def call_by_message(self, chat_id: int, message_id: int) -> CallRecord | None:
         async with self._sessions() as session:

@@ -59,8 +59,9 @@ class CallRow(Base):
     connected_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
+    # Loaded only where asked for (Store.get_call): the hot path just appends rows.
     history: Mapped[list[StatusRow]] = relationship(
-        back_populates="call", order_by="StatusRow.id", lazy="selectin"
+        back_populates="call", order_by="StatusRow.id", lazy="raise"
     )
 
     __table_args__ = (
