@@ -105,3 +105,29 @@ def test_ci_runs_the_readme_test_command() -> None:
         " && .venv/bin/python -m pytest"
     )
     assert command in readme and command in ci
+
+
+def test_migrate_command_creates_the_schema(tmp_path: Path) -> None:
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "PYTHONPATH": str(ROOT),
+        "BOT_TOKEN": TOKEN,
+        "PILOT_STATUS_API_KEY": "ps_" + "c" * 48,
+        "OPERATOR_IDS": "1",
+        "DATA_DIR": str(tmp_path / "data"),
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "bot", "migrate"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "schema is up to date" in done.stderr
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "data" / "callbot.db") as db:
+        tables = {row[0] for row in db.execute("select name from sqlite_master where type='table'")}
+    assert {"calls", "call_status", "audit", "permission_requests", "webhook_deliveries"} <= tables

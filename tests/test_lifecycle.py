@@ -456,3 +456,17 @@ def _clean_crash_dirs(pilot: FakePilotStatus) -> Any:
 
     yield
     shutil.rmtree(pilot_dir(pilot), ignore_errors=True)
+
+
+async def test_the_lifecycle_works_on_each_storage_backend(
+    start_bot: StartBot, db_url: str
+) -> None:
+    bot = await webhook_bot(start_bot, database_url=db_url)
+    reply, pilot_id = await start_call(bot)
+    await deliver(bot, event("call.connected", pilot_id, status="ACCEPTED"), key="a")
+    await shown(bot, reply, ": answered")
+    await deliver(bot, event("call.ended", pilot_id, status="COMPLETED", duration=3), key="b")
+    await deliver(bot, event("call.ended", pilot_id, status="COMPLETED", duration=3), key="b")
+    final = await shown(bot, reply, ": ended")
+    assert "Duration: 0:03" in final.plain
+    assert await history(bot, pilot_id) == ["PENDING", "INITIATED", "ACCEPTED", "COMPLETED"]
