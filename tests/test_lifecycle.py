@@ -8,13 +8,15 @@ import hashlib
 import hmac
 import io
 import json
+from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
+from bot.storage.db import create_engine, database_url, sessionmaker
+from bot.storage.store import Store
 from tests.conftest import ADMIN, OPERATOR, STRANGER, RunningBot, StartBot
-from tests.fakes.pilot_status import FakePilotStatus
+from tests.fakes.pilot_status import RecordedRequest
 from tests.fakes.telegram import SentMessage
 
 PHONE = "+5511999999999"
@@ -376,86 +378,61 @@ async def test_export_gives_admins_the_audit_as_csv(start_bot: StartBot) -> None
     assert PHONE not in content.decode() and "9****-9999" in content.decode()
 
 
-async def test_a_crash_between_post_and_reply_is_settled_on_the_next_start(
-    start_bot: StartBot, pilot: FakePilotStatus
-) -> None:
-    pilot.script(
-        "start_call",
-        status=201,
-        body={"id": "call_never", "status": "INITIATED"},
-        delay=30,
-        times=1,
-    )
-    first = await start_bot(pilot_status_number_type="web", data_dir=str(pilot_dir(pilot)))
-    first.telegram.send_command(f"/call {PHONE} crash test", user_id=OPERATOR)
+async def die_while_posting(
+    start_bot: StartBot, data_dir: Path, text: str
+) -> tuple[RunningBot, RecordedRequest]:
+    """Start a bot, send /call, and kill it once the API got the POST but before it answers."""
+    slow = {"id": "call_never", "status": "INITIATED"}
+    first = await start_bot(pilot_status_number_type="web", data_dir=str(data_dir))
+    first.pilot.script("start_call", status=201, body=slow, delay=30, times=1)
+    first.telegram.send_command(text, user_id=OPERATOR)
     for _ in range(100):
-        if pilot.calls_started():
+        if first.pilot.calls_started():
             break
         await asyncio.sleep(0.02)
-    [post] = pilot.calls_started()
+    [post] = first.pilot.calls_started()
+    return first, post
+
+
+async def test_a_crash_between_post_and_reply_is_settled_on_the_next_start(
+    start_bot: StartBot, tmp_path: Path
+) -> None:
+    first, post = await die_while_posting(start_bot, tmp_path, f"/call {PHONE} crash test")
     tag = post.json["bizOpaqueCallbackData"]
     # The API did create the call; our process dies before its answer arrives.
-    created = pilot.add_call(
+    created = first.pilot.add_call(
         PHONE, direction="OUTBOUND", status="RINGING", bizOpaqueCallbackData=tag
     )
     await first.crash()
-    record = await _read_back(pilot_dir(pilot), tag)
-    assert record == "PENDING"
+    assert await stored_status(tmp_path, tag) == "PENDING"
 
     mark = first.telegram.mark()
-    await start_bot(pilot_status_number_type="web", data_dir=str(pilot_dir(pilot)))
+    await start_bot(pilot_status_number_type="web", data_dir=str(tmp_path))
     told = await first.telegram.wait_for_message(chat_id=OPERATOR, after=mark)
     assert ": ringing" in told.plain and created["id"] in told.plain
-    assert len(pilot.calls_started()) == 1
+    assert len(first.pilot.calls_started()) == 1
 
 
 async def test_an_attempt_the_api_never_got_says_no_call_was_placed(
-    start_bot: StartBot, pilot: FakePilotStatus
+    start_bot: StartBot, tmp_path: Path
 ) -> None:
-    pilot.script(
-        "start_call",
-        status=201,
-        body={"id": "call_never", "status": "INITIATED"},
-        delay=30,
-        times=1,
-    )
-    first = await start_bot(pilot_status_number_type="web", data_dir=str(pilot_dir(pilot)))
-    first.telegram.send_command(f"/call {PHONE}", user_id=OPERATOR)
-    for _ in range(100):
-        if pilot.calls_started():
-            break
-        await asyncio.sleep(0.02)
-    await first.crash()
+    first, post = await die_while_posting(start_bot, tmp_path, f"/call {PHONE}")
+    await first.crash()  # and the API never created the call
     mark = first.telegram.mark()
-    await start_bot(pilot_status_number_type="web", data_dir=str(pilot_dir(pilot)))
+    await start_bot(pilot_status_number_type="web", data_dir=str(tmp_path))
     told = await first.telegram.wait_for_message(chat_id=OPERATOR, after=mark)
     assert ": not placed" in told.plain and "no call was placed" in told.plain
+    tag = post.json["bizOpaqueCallbackData"]
+    assert await stored_status(tmp_path, tag) == "NOT_STARTED"
 
 
-def pilot_dir(pilot: FakePilotStatus) -> Any:
-    from pathlib import Path
-
-    return Path(f"/tmp/callbot-crash-{id(pilot)}")
-
-
-async def _read_back(data_dir: Any, tag: str) -> str | None:
-    from bot.storage.db import create_engine, database_url, sessionmaker
-    from bot.storage.store import Store
-
+async def stored_status(data_dir: Path, call_id: str) -> str | None:
     engine = create_engine(database_url(None, data_dir))
     try:
-        record = await Store(sessionmaker(engine)).get_call(tag)
+        record = await Store(sessionmaker(engine)).get_call(call_id)
         return record.status if record else None
     finally:
         await engine.dispose()
-
-
-@pytest.fixture(autouse=True)
-def _clean_crash_dirs(pilot: FakePilotStatus) -> Any:
-    import shutil
-
-    yield
-    shutil.rmtree(pilot_dir(pilot), ignore_errors=True)
 
 
 async def test_the_lifecycle_works_on_each_storage_backend(
