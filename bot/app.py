@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import tomllib
+from collections.abc import Coroutine
 from contextlib import suppress
+from pathlib import Path
 from typing import Any
 
 from aiogram import Bot, Dispatcher
@@ -19,17 +22,19 @@ from aiohttp import web
 from bot.access import AccessPolicy
 from bot.calls import CallRequest, CallService
 from bot.config import Settings
-from bot.errors import describe
+from bot.errors import CallbotError, describe
 from bot.i18n import LOCALES, LocaleMiddleware, build_i18n
 from bot.lifecycle import CallTracker, PollPolicy
 from bot.live import LiveMessages
 from bot.media import MediaEndpoint
 from bot.middlewares import DedupUpdatesMiddleware, RetryAfterMiddleware
 from bot.numbers import NumberTypes
+from bot.oncall import OnCall, Throttle
 from bot.pending import PendingStore, SeenUpdates
 from bot.pilot_status import PilotStatusClient, RetryPolicy, build_http_client
 from bot.pilot_status.errors import PilotStatusError
 from bot.storage.db import create_engine, database_url, migrate, sessionmaker
+from bot.storage.oncall import OnCallStore
 from bot.storage.store import Store
 from bot.texts import COMMANDS
 from bot.web import build_web_app
@@ -97,6 +102,15 @@ class CallbotApp:
         self.tracker = CallTracker(self.store, self.pilot, self.live, poll=poll)
         self.number_types = NumberTypes(self.pilot, settings.pilot_status_number_type)
         self.calls = CallService(self.pilot, self.number_types, self.store, self.tracker, media)
+        self.oncall_store = OnCallStore(sessionmaker(self.engine))
+        self.oncall = OnCall(
+            self.oncall_store,
+            self.calls,
+            self.live,
+            throttles=Throttle.parse_many(settings.oncall_throttle),
+            locale=settings.default_locale,
+        )
+        self.tracker.subscribe(self.oncall.call_changed)
         self.dp = self._dispatcher()
         self.web: web.AppRunner | None = None
         self.web_port: int | None = None
@@ -118,6 +132,8 @@ class CallbotApp:
             pending_permissions=PendingStore(24 * 3600),
             call_again=self.call_again,
             store=self.store,
+            oncall=self.oncall,
+            oncall_store=self.oncall_store,
             i18n=self.i18n,
         )
         dp.update.outer_middleware(DedupUpdatesMiddleware(SeenUpdates()))
@@ -128,30 +144,51 @@ class CallbotApp:
         return dp
 
     async def start(self) -> None:
-        """Schema up to date, web app listening; then polling may begin."""
+        """Schema up to date, on-call file loaded, web app listening; then polling may begin."""
+        settings = self.settings
         await migrate(self.engine)
-        token = self.settings.pilot_status_webhook_token
-        if token is not None:
-            secret = self.settings.pilot_status_webhook_secret
-            app = build_web_app(
-                tracker=self.tracker,
-                path_token=token.get_secret_value(),
-                secret=secret.get_secret_value() if secret else None,
-                max_body=self.settings.webhook_max_body,
-            )
-            self.web = web.AppRunner(app, access_log=None)
-            await self.web.setup()
-            site = web.TCPSite(self.web, self.settings.web_host, self.settings.web_port)
-            await site.start()
-            self.web_port = self.web.addresses[0][1]
-            log.info("webhook receiver listening on port %s", self.web_port)
-        else:
+        if settings.oncall_file is not None:
+            await self._load_oncall_file(settings.oncall_file)
+        token = settings.pilot_status_webhook_token
+        secret = settings.pilot_status_webhook_secret
+        app = build_web_app(
+            tracker=self.tracker,
+            oncall=self.oncall,
+            path_token=token.get_secret_value() if token else None,
+            secret=secret.get_secret_value() if secret else None,
+            max_body=settings.webhook_max_body,
+        )
+        self.web = web.AppRunner(app, access_log=None)
+        await self.web.setup()
+        try:
+            await web.TCPSite(self.web, settings.web_host, settings.web_port).start()
+        except OSError as err:
+            raise StartupError(
+                f"cannot listen on {settings.web_host}:{settings.web_port} ({err.strerror}); "
+                "set WEB_PORT"
+            ) from None
+        self.web_port = self.web.addresses[0][1]
+        log.info("web app listening on port %s", self.web_port)
+        if token is None:
             log.info("no PILOT_STATUS_WEBHOOK_TOKEN: calls are followed by polling")
+        if settings.oncall_tick_seconds > 0:
+            self._spawn(self.oncall.run_forever(settings.oncall_tick_seconds), "on-call timer")
 
-    async def _recover_in_background(self) -> None:
-        task = asyncio.create_task(self._recover(), name="recover")
+    async def _load_oncall_file(self, path: Path) -> None:
+        try:
+            config = tomllib.loads(await asyncio.to_thread(path.read_text, encoding="utf-8"))
+            contacts, teams = await self.oncall.load(config, region=self.settings.default_region)
+        except (OSError, ValueError, CallbotError) as err:
+            raise StartupError(f"ONCALL_FILE {path}: {err}") from None
+        log.info("on-call file loaded: %d contacts, %d teams", contacts, teams)
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(coroutine, name=name)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    async def _recover_in_background(self) -> None:
+        self._spawn(self._recover(), "recover")
 
     async def _recover(self) -> None:
         try:

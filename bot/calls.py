@@ -276,7 +276,7 @@ class CallService:
             record.pilot_call_id, status, at=utcnow(), source="bot"
         )
         if updated is not None and changed:
-            await self._tracker.show(updated)
+            await self._tracker.changed(updated)
         return updated or record
 
     async def recent(

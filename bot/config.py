@@ -65,6 +65,13 @@ class Settings(BaseSettings):
     # at most one edit of a call's message per this many seconds (Telegram's limits)
     telegram_edit_interval: float = Field(default=1.0, ge=0, le=60)
 
+    # on-call: contacts and teams may also come from a TOML file, loaded at every start
+    oncall_file: Path | None = None
+    # per-destination throttles of on-call rings: calls/seconds, comma separated
+    oncall_throttle: str = "1/60,3/900"
+    # how often due escalation steps are looked for (0 turns the timer off)
+    oncall_tick_seconds: float = Field(default=1.0, ge=0, le=60)
+
     default_region: str = "BR"
     default_locale: Literal["en", "pt_BR"] = "en"
     confirm_ttl_seconds: int = Field(default=60, ge=5, le=3600)
@@ -88,6 +95,13 @@ class Settings(BaseSettings):
             raise ValueError(
                 "use 24 or more letters, digits, - or _ (it is the webhook's secret path)"
             )
+        return value
+
+    @field_validator("oncall_throttle")
+    @classmethod
+    def _throttle(cls, value: str) -> str:
+        if not re.fullmatch(r"\s*(\d+/\d+\s*(,\s*\d+/\d+\s*)*)?", value):
+            raise ValueError("write limits as calls/seconds, e.g. 1/60,3/900")
         return value
 
     @field_validator("bot_token")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import partial
@@ -107,6 +107,7 @@ class CallTracker:
         self._clock = clock
         self._orphans: dict[str, tuple[float, list[CallEvent]]] = {}
         self._commits = GroupCommit(store)
+        self._observers: list[Callable[[CallRecord], Awaitable[None]]] = []
         self._tasks: dict[str, asyncio.Task[None]] = {}
 
     # events
@@ -128,7 +129,7 @@ class CallTracker:
                 else:
                     self._keep_orphan(event.ref or "", event)
             elif changed:
-                await self._view.show_call(record)
+                await self.changed(record)
                 if record.terminal:
                     self._stop_polling(record.id)
         for event in events:
@@ -160,7 +161,7 @@ class CallTracker:
             self._keep_orphan(ref, event)
             return None
         if changed:
-            await self._view.show_call(record)
+            await self.changed(record)
             if record.terminal:
                 self._stop_polling(record.id)
         return record
@@ -188,7 +189,21 @@ class CallTracker:
             self._orphans.setdefault(ref, (now, []))[1].append(event)
 
     async def show(self, record: CallRecord) -> None:
+        """Display only (e.g. a message that learnt of its call late)."""
         await self._view.show_call(record)
+
+    def subscribe(self, observer: Callable[[CallRecord], Awaitable[None]]) -> None:
+        """Be told of every stored change of a call (the on-call escalation listens)."""
+        self._observers.append(observer)
+
+    async def changed(self, record: CallRecord) -> None:
+        """A stored change: shown, and told to the observers."""
+        await self._view.show_call(record)
+        for observer in self._observers:
+            try:
+                await observer(record)
+            except Exception:
+                log.exception("observer of call %s failed", record.id)
 
     # our own calls
 
@@ -247,7 +262,7 @@ class CallTracker:
             error_code=call.error_code,
         )
         if record is not None and changed:
-            await self._view.show_call(record)
+            await self.changed(record)
         return record
 
     # after a restart
@@ -303,7 +318,7 @@ class CallTracker:
                 if message_id is not None:
                     await self._store.set_message(record.id, message_id)
             else:
-                await self._view.show_call(record)
+                await self.changed(record)
             self.follow(record)
 
     async def _recent_calls_by_tag(self, oldest: datetime) -> dict[str, Call]:

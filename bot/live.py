@@ -1,4 +1,4 @@
-"""The Telegram side of following calls: each call's message is edited as its state changes.
+"""The Telegram side of following calls and incidents: their messages are edited as they change.
 
 Bursts are coalesced per message (only the newest state is sent, at most one edit per
 `min_interval`), Telegram's retry_after is honoured by the session middleware, and "message is
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from contextlib import suppress
 
 from aiogram import Bot
@@ -21,8 +22,16 @@ from aiogram.utils.keyboard import InlineKeyboardBuilder
 from bot.calls import CallRequest
 from bot.pending import PendingStore
 from bot.phones import Phone
+from bot.storage.oncall import Incident, Team
 from bot.storage.store import CallRecord, PermissionRequestRecord
-from bot.texts import button_call_now, button_hang_up, call_text, permission_answered_text
+from bot.texts import (
+    button_acknowledge,
+    button_call_now,
+    button_hang_up,
+    call_text,
+    incident_text,
+    permission_answered_text,
+)
 
 log = logging.getLogger(__name__)
 LIVE = frozenset({"INITIATED", "RINGING", "ACCEPTED"})
@@ -44,7 +53,24 @@ def call_markup(record: CallRecord) -> InlineKeyboardMarkup | None:
     return builder.as_markup()
 
 
+Render = Callable[[], tuple[str, InlineKeyboardMarkup | None]]
+
+
+class Acknowledge(CallbackData, prefix="ack"):
+    incident: int
+
+
+def incident_markup(incident: Incident) -> InlineKeyboardMarkup | None:
+    if incident.status != "firing":
+        return None
+    builder = InlineKeyboardBuilder()
+    builder.button(text=button_acknowledge(), callback_data=Acknowledge(incident=incident.id))
+    return builder.as_markup()
+
+
 class LiveMessages:
+    """Messages that follow something (a call, an incident): the newest state is edited in."""
+
     def __init__(
         self,
         bot: Bot,
@@ -57,42 +83,68 @@ class LiveMessages:
         self._i18n = i18n
         self._call_again = call_again
         self._min_interval = min_interval
-        self._latest: dict[tuple[int, int], CallRecord] = {}
+        self._latest: dict[tuple[int, int], tuple[str, Render]] = {}
         self._workers: dict[tuple[int, int], asyncio.Task[None]] = {}
 
     async def show_call(self, record: CallRecord) -> None:
         if record.message_id is None:
             return  # not announced yet: attach() shows the state then
-        key = (record.chat_id, record.message_id)
-        self._latest[key] = record
+        self._queue(
+            (record.chat_id, record.message_id),
+            record.locale,
+            lambda: (call_text(record), call_markup(record)),
+        )
+
+    async def show_incident(self, incident: Incident, team: Team) -> None:
+        if incident.post_message_id is None:
+            return
+        self._queue(
+            (team.chat_id, incident.post_message_id),
+            self._i18n.default_locale,
+            lambda: (incident_text(incident, team), incident_markup(incident)),
+        )
+
+    async def post_incident(self, incident: Incident, team: Team) -> int | None:
+        with self._i18n.context(), self._i18n.use_locale(self._i18n.default_locale):
+            text, markup = incident_text(incident, team), incident_markup(incident)
+        try:
+            sent = await self._bot.send_message(team.chat_id, text, reply_markup=markup)
+        except (TelegramBadRequest, TelegramForbiddenError) as err:
+            log.warning(
+                "cannot post incident %s to chat %s: %s", incident.id, team.chat_id, err.message
+            )
+            return None
+        return sent.message_id
+
+    def _queue(self, key: tuple[int, int], locale: str, render: Render) -> None:
+        self._latest[key] = (locale, render)
         if key not in self._workers:
             task = asyncio.create_task(self._drain(key), name=f"edit {key}")
             self._workers[key] = task
 
     async def _drain(self, key: tuple[int, int]) -> None:
         try:
-            while (record := self._latest.pop(key, None)) is not None:
-                await self._edit(record)
+            while (latest := self._latest.pop(key, None)) is not None:
+                await self._edit(key, *latest)
                 await asyncio.sleep(self._min_interval)
         finally:
             self._workers.pop(key, None)
 
-    async def _edit(self, record: CallRecord) -> None:
-        assert record.message_id is not None
-        with self._i18n.context(), self._i18n.use_locale(record.locale):
-            text, markup = call_text(record), call_markup(record)
+    async def _edit(self, key: tuple[int, int], locale: str, render: Render) -> None:
+        with self._i18n.context(), self._i18n.use_locale(locale):
+            text, markup = render()
+        chat_id, message_id = key
         try:
             await self._bot.edit_message_text(
-                text=text,
-                chat_id=record.chat_id,
-                message_id=record.message_id,
-                reply_markup=markup,
+                text=text, chat_id=chat_id, message_id=message_id, reply_markup=markup
             )
         except TelegramBadRequest as err:
             if "message is not modified" not in err.message:
-                log.warning("cannot edit call %s message: %s", record.id, err.message)
+                log.warning(
+                    "cannot edit message %s in chat %s: %s", message_id, chat_id, err.message
+                )
         except TelegramForbiddenError as err:
-            log.warning("cannot edit call %s message: %s", record.id, err.message)
+            log.warning("cannot edit message %s in chat %s: %s", message_id, chat_id, err.message)
 
     async def announce(self, record: CallRecord) -> int | None:
         with self._i18n.context(), self._i18n.use_locale(record.locale):

@@ -16,8 +16,10 @@ from babel.support import LazyProxy
 from bot import states
 from bot.calls import NeedsMedia, NeedsPermission
 from bot.errors import CallbotError
+from bot.oncall import on_call_now
 from bot.phones import Phone, mask
 from bot.pilot_status.models import CallStatus, Limit, NumberType, PermissionProbe
+from bot.storage.oncall import Contact, Incident, Team
 from bot.storage.store import CallRecord, PermissionRequestRecord
 
 ERRORS: dict[str, LazyProxy] = {
@@ -152,6 +154,30 @@ ERRORS: dict[str, LazyProxy] = {
     ),
     "permission_usage": __("Usage: <code>/permission &lt;phone&gt;</code>."),
     "admins_only": __("Only admins can do that."),
+    "bad_alias": __(
+        "<b>{alias}</b> cannot be a name: use a letter, then letters, digits, '.', '-' or '_'."
+    ),
+    "unknown_contact": __("I know no contact <b>{alias}</b>. See /contact list."),
+    "unknown_team": __("I know no team <b>{team}</b>. See /team list."),
+    "not_in_team": __(
+        "This is the chat of team <b>{team}</b>: it calls only its members. Use their names "
+        "(/team list)."
+    ),
+    "not_a_member": __("<b>{alias}</b> is not on team <b>{team}</b>'s list."),
+    "contact_usage": __(
+        "Usage: <code>/contact add &lt;name&gt; &lt;phone&gt;</code>, "
+        "<code>/contact remove &lt;name&gt;</code> or <code>/contact list</code>."
+    ),
+    "team_usage": __(
+        "Usage: <code>/team add &lt;name&gt;</code> (in its chat), "
+        "<code>/team members &lt;name&gt; &lt;contact…&gt;</code>, "
+        "<code>/team policy &lt;name&gt; attempts=2 wait=300 rounds=2 ack_on_answer=no</code>, "
+        "<code>/team rotation &lt;name&gt; weekly|none</code>, "
+        "<code>/team token &lt;name&gt;</code> or <code>/team list</code>."
+    ),
+    "oncall_usage": __(
+        "Usage: <code>/oncall [team]</code> or <code>/oncall set &lt;name&gt; [team]</code>."
+    ),
     "interrupted": __(
         "The bot restarted before Pilot Status confirmed this call, and Pilot Status has no record "
         "of it: no call was placed. Send /call again."
@@ -343,6 +369,87 @@ def permission_answered_text(request: PermissionRequestRecord) -> str:
     return _("🚫 {number} declined WhatsApp calls from this business.").format(number=number)
 
 
+def incident_text(incident: Incident, team: Team) -> str:
+    """A team's post of an alert: what fired, and what the escalation did."""
+    severity = f"[{escape(incident.severity.upper())}] " if incident.severity else ""
+    lines = [f"🚨 <b>{severity}{escape(incident.title)}</b>"]
+    if incident.text:
+        lines.append(escape(incident.text[:600]))
+    if incident.labels:
+        shown = list(incident.labels.items())[:6]
+        lines.append(", ".join(f"<code>{escape(k)}={escape(v)}</code>" for k, v in shown))
+    for number, url in enumerate(incident.links[:3], start=1):
+        lines.append(
+            f'<a href="{escape(url, quote=True)}">' + _("link {n}").format(n=number) + "</a>"
+        )
+    state = {
+        "firing": _("🔴 firing, team {team}").format(team=escape(team.name)),
+        "acknowledged": _("✅ acknowledged by {who} at {time}").format(
+            who=escape(incident.acked_by or "?"),
+            time=_clock(incident.acked_at) if incident.acked_at else "?",
+        ),
+        "resolved": _("✔️ resolved"),
+        "exhausted": _("⚠️ nobody acknowledged; escalation ended"),
+    }.get(incident.status, escape(incident.status))
+    if incident.fired > 1:
+        state += " " + _("(fired {n} times)").format(n=incident.fired)
+    lines.append(state)
+    lines.extend("• " + escape(note) for note in incident.notes[-8:])
+    return "\n".join(lines)
+
+
+def contacts_text(contacts: list[Contact]) -> str:
+    if not contacts:
+        return _("No contacts yet. Admins add them with /contact add &lt;alias&gt; &lt;phone&gt;.")
+    return "\n".join(f"<b>{escape(c.alias)}</b> {escape(c.phone_display)}" for c in contacts)
+
+
+def teams_text(teams: list[Team], now: datetime) -> str:
+    if not teams:
+        return _("No teams yet. Admins add one with /team add &lt;name&gt; in its chat.")
+    lines = []
+    for team in teams:
+        lines.append(
+            _(
+                "<b>{name}</b> (chat {chat}): on call {who}; list {members}; {attempts} attempts "
+                "each, {wait} s apart, {rounds} rounds"
+            ).format(
+                name=escape(team.name),
+                chat=team.chat_id,
+                who=escape(on_call_now(team, now) or "-"),
+                members=escape(" → ".join(team.members) or "-"),
+                attempts=team.attempts_per_person,
+                wait=team.wait_seconds,
+                rounds=team.max_rounds,
+            )
+        )
+    return "\n".join(lines)
+
+
+def on_call_text(team: Team, now: datetime) -> str:
+    who = on_call_now(team, now)
+    if who is None:
+        return _("Team {team} has nobody on its list yet.").format(team=escape(team.name))
+    return _("On call for {team}: <b>{who}</b>").format(team=escape(team.name), who=escape(who))
+
+
+def team_created_text(team: Team, token: str) -> str:
+    return _(
+        "Team <b>{name}</b> posts alerts to this chat. Its alert intake token (shown once):\n"
+        "<code>{token}</code>\nSend alerts to /alerts/alertmanager/{name}, "
+        "/alerts/grafana/{name} or /alerts/generic/{name} with the header "
+        "<code>Authorization: Bearer &lt;token&gt;</code>."
+    ).format(name=escape(team.name), token=escape(token))
+
+
+def done_text() -> str:
+    return _("Done.")
+
+
+def button_acknowledge() -> str:
+    return _("✋ Acknowledge")
+
+
 def hung_up_text() -> str:
     return _("Hanging up.")
 
@@ -441,6 +548,7 @@ def help_text(*, is_caller: bool, is_admin: bool, number_type: NumberType | None
         _("/status &lt;call id&gt; — fresh state of a call (or reply /status to its message)."),
         _("/hangup &lt;call id&gt; — end a call (or press Hang up on its message)."),
         _("/permission &lt;phone&gt; — whether a number allows calls from us (Meta numbers)."),
+        _("/oncall [team] — who is on call; /contact list and /team list — contacts and teams."),
         _("/whoami — your Telegram id and this chat's id, for the admins' configuration."),
         _("/help — this message."),
     ]
@@ -456,6 +564,7 @@ def help_text(*, is_caller: bool, is_admin: bool, number_type: NumberType | None
             "",
             _("Admin: business number type: {kind}").format(kind=kind),
             _("/export [days] — the audit trail as a CSV file."),
+            _("/contact add|remove, /team add|members|policy|rotation|token, /oncall set."),
         ]
     return "\n".join(lines)
 
@@ -466,6 +575,9 @@ COMMANDS: tuple[tuple[str, LazyProxy], ...] = (
     ("status", __("Fresh state of a call: /status <call id>")),
     ("hangup", __("End a call: /hangup <call id>")),
     ("permission", __("WhatsApp call permission of a number")),
+    ("oncall", __("Who is on call")),
+    ("contact", __("Contacts: /contact list")),
+    ("team", __("Teams: /team list")),
     ("whoami", __("Show your Telegram id and this chat's id")),
     ("help", __("How to use the bot")),
 )

@@ -2,7 +2,7 @@
 
 from aiogram import Router
 
-from handlers import calls, common, errors, lifecycle
+from handlers import calls, common, errors, lifecycle, oncall
 
 
 def build_router() -> Router:
@@ -12,6 +12,7 @@ def build_router() -> Router:
         common.build_router(),
         calls.build_router(),
         lifecycle.build_router(),
+        oncall.build_router(),
         errors.build_router(),
     )
     return root

@@ -17,8 +17,9 @@ from bot.calls import CallOutcome, CallRequest, CallService, NeedsMedia, NeedsPe
 from bot.config import Settings
 from bot.errors import CallbotError
 from bot.live import CallNow, call_markup
+from bot.oncall import OnCall
 from bot.pending import PendingStore, Taken
-from bot.phones import Phone, split_phone_and_note
+from bot.phones import Phone
 from bot.texts import (
     button_ask_permission,
     button_cancel,
@@ -81,12 +82,13 @@ async def call_command(
     pending_calls: PendingStore[CallRequest],
     pending_permissions: PendingStore[PendingPermission],
     i18n: I18n,
+    oncall: OnCall,
 ) -> None:
     user_id = message.from_user.id if message.from_user else None
     access.require_caller(user_id, message.chat.id)
     if not command.args:
         raise CallbotError("usage")
-    phone, note = split_phone_and_note(command.args, settings.default_region)
+    phone, note = await oncall.callee(message.chat.id, command.args, region=settings.default_region)
     request = CallRequest(
         operator_id=user_id or 0,
         chat_id=message.chat.id,

@@ -56,8 +56,10 @@ async def test_bad_number_is_refused_with_a_reason_and_nothing_is_sent(start_bot
     before = len(bot.pilot.requests)
     reply = await command(bot, "/call 11 3333-4444")
     assert "landline" in reply.plain
-    reply = await command(bot, "/call hello")
+    reply = await command(bot, "/call 12ab")
     assert "is not a phone number" in reply.plain
+    reply = await command(bot, "/call hello")
+    assert "I know no contact" in reply.plain
     reply = await command(bot, "/call")
     assert "Usage" in reply.plain
     assert len(bot.pilot.requests) == before

@@ -40,6 +40,7 @@ async def launch(workdir: Path, telegram: FakeTelegram, pilot: FakePilotStatus) 
         f"OPERATOR_IDS={OPERATOR}\n"
         f"ADMIN_IDS={ADMIN}\n"
         "PILOT_STATUS_RETRY_BACKOFF=0.01\n"
+        "WEB_PORT=0\n"
     )
     process = await asyncio.create_subprocess_exec(
         sys.executable,

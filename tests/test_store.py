@@ -23,7 +23,17 @@ from bot.storage.store import CallRecord, NewCall, StatusUpdate, Store
 from bot.storage.tables import Base
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
-TABLES = {"calls", "call_status", "permission_requests", "audit", "webhook_deliveries"}
+TABLES = {
+    "calls",
+    "call_status",
+    "permission_requests",
+    "audit",
+    "webhook_deliveries",
+    "contacts",
+    "teams",
+    "incidents",
+    "rings",
+}
 
 
 def at(seconds: float) -> datetime:

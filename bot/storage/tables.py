@@ -121,3 +121,79 @@ class DeliveryRow(Base):
 
     key: Mapped[str] = mapped_column(String(256), primary_key=True)
     received_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class ContactRow(Base):
+    """A person the bot may call, by alias (`/call alice`)."""
+
+    __tablename__ = "contacts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    alias: Mapped[str] = mapped_column(String(32), unique=True)
+    phone: Mapped[str] = mapped_column(String(20))
+    phone_display: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class TeamRow(Base):
+    """A team: its Telegram chat, its escalation list, who is on call and its policy."""
+
+    __tablename__ = "teams"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(32), unique=True)
+    chat_id: Mapped[int] = mapped_column(BigInteger, index=True)
+    token_hash: Mapped[str] = mapped_column(String(64))  # sha256 of the alert intake token
+    on_call: Mapped[str | None] = mapped_column(String(32))  # an alias; None: rotation/first
+    rotation: Mapped[str] = mapped_column(String(8), default="none")  # none | weekly
+    rotation_start: Mapped[datetime] = mapped_column(UTCDateTime())
+    attempts_per_person: Mapped[int] = mapped_column(Integer, default=2)
+    wait_seconds: Mapped[int] = mapped_column(Integer, default=300)
+    max_rounds: Mapped[int] = mapped_column(Integer, default=2)
+    answer_is_ack: Mapped[bool] = mapped_column(default=False)
+    members: Mapped[str] = mapped_column(Text, default="")  # aliases in escalation order
+
+
+class IncidentRow(Base):
+    """An alert being escalated. `next_action_at` is its timer: stored, so it survives a
+    restart; None once acknowledged, resolved or exhausted."""
+
+    __tablename__ = "incidents"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    team_id: Mapped[int] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"))
+    dedup_key: Mapped[str] = mapped_column(String(256))
+    source: Mapped[str] = mapped_column(String(16))
+    title: Mapped[str] = mapped_column(String(256))
+    text: Mapped[str] = mapped_column(Text, default="")
+    severity: Mapped[str | None] = mapped_column(String(32))
+    labels: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
+    links: Mapped[list[str]] = mapped_column(JSON, default=list)
+    status: Mapped[str] = mapped_column(String(16))  # firing, acknowledged, resolved, exhausted
+    fired: Mapped[int] = mapped_column(Integer, default=1)
+    step: Mapped[int] = mapped_column(Integer, default=0)  # index into the escalation plan
+    call_id: Mapped[str | None] = mapped_column(String(32))  # our current call attempt
+    next_action_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), index=True)
+    post_message_id: Mapped[int | None] = mapped_column(BigInteger)
+    acked_by: Mapped[str | None] = mapped_column(String(128))
+    acked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    notes: Mapped[list[str]] = mapped_column(JSON, default=list)  # what the post tells
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+    __table_args__ = (
+        Index("ix_incidents_team_key", "team_id", "dedup_key"),
+        Index("ix_incidents_call", "call_id"),
+    )
+
+
+class RingRow(Base):
+    """Each on-call ring of a number, for the per-destination throttles."""
+
+    __tablename__ = "rings"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    phone: Mapped[str] = mapped_column(String(20))
+    at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+    __table_args__ = (Index("ix_rings_phone_at", "phone", "at"),)

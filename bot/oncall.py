@@ -1,0 +1,423 @@
+"""On-call: alerts become incidents that ring people on WhatsApp until someone acknowledges.
+
+The escalation plan of a team: the person on call first, then the rest of its list in order,
+each `attempts_per_person` times, for `max_rounds` rounds. Each step rings one person; the next
+step comes after `wait_seconds`, or at once when the call ends unanswered. Timers are stored
+(`next_action_at`), so they survive a restart; acknowledging or resolving clears them, and a
+step re-checks that under a row lock, so a stopped escalation never rings anyone afterwards.
+Per-destination throttles hold a ring back rather than flood a phone (4 unanswered calls in a
+row revoke a WhatsApp call permission). Nothing here knows aiogram.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Protocol
+
+from bot import states
+from bot.alerts import Alert
+from bot.calls import CallRequest, CallService, NeedsMedia, NeedsPermission, Started
+from bot.errors import CallbotError, describe
+from bot.phones import Phone, parse_phone, split_phone_and_note
+from bot.pilot_status.errors import PilotStatusError
+from bot.storage.oncall import Contact, Incident, NewIncident, OnCallStore, Team
+from bot.storage.store import CallRecord, utcnow
+
+log = logging.getLogger(__name__)
+LEASE = timedelta(seconds=60)
+
+
+@dataclass(frozen=True)
+class Throttle:
+    calls: int
+    seconds: int
+
+    @classmethod
+    def parse_many(cls, text: str) -> tuple[Throttle, ...]:
+        """'1/60,3/900' → at most 1 call a minute and 3 in 15 minutes."""
+        limits = []
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            calls, _, seconds = part.partition("/")
+            limits.append(cls(int(calls), int(seconds)))
+        return tuple(limits)
+
+
+class IncidentView(Protocol):
+    """Where incidents show (the team's chat; implemented with aiogram in bot/live.py)."""
+
+    async def post_incident(self, incident: Incident, team: Team) -> int | None: ...
+
+    async def show_incident(self, incident: Incident, team: Team) -> None: ...
+
+
+TEAM_FIELDS = (
+    "members",
+    "on_call",
+    "rotation",
+    "attempts_per_person",
+    "wait_seconds",
+    "max_rounds",
+    "answer_is_ack",
+)
+_ALIAS = re.compile(r"[a-z][a-z0-9_.-]{0,31}")
+
+
+def valid_alias(alias: object) -> str:
+    text = str(alias).strip().lower()
+    if not _ALIAS.fullmatch(text):
+        raise CallbotError("bad_alias", {"alias": str(alias)[:32]})
+    return text
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def plan(team: Team, now: datetime) -> list[str]:
+    """Who each step rings, in order."""
+    first = on_call_now(team, now)
+    order = [first, *(m for m in team.members if m != first)] if first else list(team.members)
+    steps = [alias for alias in order for _ in range(max(1, team.attempts_per_person))]
+    return steps * max(1, team.max_rounds)
+
+
+def on_call_now(team: Team, now: datetime) -> str | None:
+    if team.on_call:
+        return team.on_call
+    if not team.members:
+        return None
+    if team.rotation == "weekly":
+        weeks = int((now - team.rotation_start).total_seconds() // (7 * 24 * 3600))
+        return team.members[weeks % len(team.members)]
+    return team.members[0]
+
+
+class OnCall:
+    def __init__(
+        self,
+        store: OnCallStore,
+        calls: CallService,
+        view: IncidentView,
+        *,
+        throttles: tuple[Throttle, ...] = (Throttle(1, 60), Throttle(3, 900)),
+        locale: str = "en",
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self._store = store
+        self._calls = calls
+        self._view = view
+        self._throttles = throttles
+        self._locale = locale
+        self.clock = clock
+
+    # configuration
+
+    async def load(self, config: dict[str, object], *, region: str) -> tuple[int, int]:
+        """Contacts and teams from a parsed TOML file (see the README); returns the counts."""
+        now = self.clock()
+        contacts = config.get("contacts", {})
+        teams = config.get("teams", {})
+        if not isinstance(contacts, dict) or not isinstance(teams, dict):
+            raise ValueError("[contacts] and [teams] must be tables")
+        for alias, number in contacts.items():
+            phone = parse_phone(str(number), region)
+            await self._store.save_contact(
+                Contact(valid_alias(alias), phone.e164, phone.display), at=now
+            )
+        for name, team in teams.items():
+            if not isinstance(team, dict) or "chat_id" not in team:
+                raise ValueError(f"team {name}: chat_id is required")
+            token = team.get("token")
+            fields = {k: team[k] for k in TEAM_FIELDS if k in team}
+            if "members" in fields:
+                fields["members"] = [valid_alias(a) for a in fields["members"]]
+            await self._store.save_team(
+                valid_alias(name),
+                chat_id=int(team["chat_id"]),
+                token_hash=token_hash(str(token)) if token else None,
+                at=now,
+                **fields,
+            )
+        return len(contacts), len(teams)
+
+    async def callee(self, chat_id: int, text: str, *, region: str) -> tuple[Phone, str | None]:
+        """What `/call` names: a contact's alias or a number, then the note. In a team's chat,
+        only the team's members may be called."""
+        first, _, rest = text.strip().partition(" ")
+        contact = None
+        if _ALIAS.fullmatch(first.lower()):
+            contact = await self._store.contact(first.lower())
+            if contact is None:
+                raise CallbotError("unknown_contact", {"alias": first[:32]})
+            phone, note = Phone(contact.phone, contact.phone_display), rest.strip() or None
+        else:
+            phone, note = split_phone_and_note(text, region)
+        team = await self._store.team_of_chat(chat_id)
+        if team is not None:
+            members = [await self._store.contact(alias) for alias in team.members]
+            if phone.e164 not in {m.phone for m in members if m is not None}:
+                raise CallbotError("not_in_team", {"team": team.name})
+        return phone, note
+
+    # intake
+
+    async def authorize(self, team_name: str, token: str) -> Team | None:
+        team = await self._store.team(team_name)
+        if team is None or not team.token_hash:
+            return None
+        return team if hmac.compare_digest(team.token_hash, token_hash(token)) else None
+
+    async def intake(self, team: Team, alert: Alert) -> tuple[str, Incident | None]:
+        """Store the alert first, then show it. Returns what happened and the incident."""
+        now = self.clock()
+        open_incident = await self._store.open_incident(team.id, alert.dedup_key)
+        if not alert.firing:
+            if open_incident is None:
+                return "ignored", None
+            incident, _ = await self._store.update_incident(
+                open_incident.id,
+                at=now,
+                status="resolved",
+                next_action_at=None,
+                note=f"{_hm(now)} resolved",
+            )
+            assert incident is not None
+            await self._view.show_incident(incident, team)
+            return "resolved", incident
+        if open_incident is not None:
+            incident, _ = await self._store.update_incident(
+                open_incident.id, at=now, fired=open_incident.fired + 1
+            )
+            assert incident is not None
+            await self._view.show_incident(incident, team)
+            return "updated", incident
+        incident = await self._store.create_incident(
+            NewIncident(
+                team_id=team.id,
+                dedup_key=alert.dedup_key,
+                source=alert.source,
+                title=alert.title,
+                text=alert.text,
+                severity=alert.severity,
+                labels=alert.labels,
+                links=alert.links,
+            ),
+            at=now,
+        )
+        message_id = await self._view.post_incident(incident, team)
+        if message_id is not None:
+            incident, _ = await self._store.update_incident(
+                incident.id, at=now, post_message_id=message_id
+            )
+        assert incident is not None
+        log.info("incident %s for team %s: %s", incident.id, team.name, alert.source)
+        return "created", incident
+
+    async def acknowledge(self, incident_id: int, by: str) -> Incident | None:
+        now = self.clock()
+        incident, changed = await self._store.update_incident(
+            incident_id,
+            at=now,
+            only_if_firing=True,
+            status="acknowledged",
+            next_action_at=None,
+            acked_by=by,
+            acked_at=now,
+        )
+        if incident is not None and changed:
+            await self._show(incident)
+        return incident if changed else None
+
+    # the timer
+
+    async def run_due(self) -> int:
+        """Take every step that is due now; returns how many were taken."""
+        done = 0
+        for incident_id in await self._store.due(self.clock()):
+            if await self._step(incident_id):
+                done += 1
+        return done
+
+    async def run_forever(self, tick: float) -> None:
+        while True:
+            try:
+                await self.run_due()
+            except Exception:
+                log.exception("on-call step failed; retrying")
+            await asyncio.sleep(tick)
+
+    async def _step(self, incident_id: int) -> bool:
+        now = self.clock()
+        incident = await self._store.claim(incident_id, now, LEASE)
+        if incident is None:
+            return False
+        team = await self._store.team_by_id(incident.team_id)
+        assert team is not None
+        steps = plan(team, now)
+        if incident.step >= len(steps):
+            await self._update(
+                incident,
+                team,
+                status="exhausted",
+                next_action_at=None,
+                note=f"{_hm(now)} nobody acknowledged: escalation ended",
+            )
+            return True
+        alias = steps[incident.step]
+        contact = await self._store.contact(alias)
+        if contact is None:
+            await self._update(
+                incident,
+                team,
+                step=incident.step + 1,
+                next_action_at=now,
+                note=f"{_hm(now)} {alias}: no such contact, skipped",
+            )
+            return True
+        held_until = await self._held(contact.phone, now)
+        if held_until is not None:
+            await self._update(
+                incident,
+                team,
+                next_action_at=held_until,
+                note=f"{_hm(now)} throttle held the call to {alias} until {_hm(held_until)}",
+            )
+            return True
+        request = CallRequest(
+            operator_id=0,
+            chat_id=team.chat_id,
+            phone=Phone(contact.phone, contact.phone_display),
+            note=incident.title,
+            operator_name=f"on-call {team.name}",
+            locale=self._locale,
+            masked=True,
+        )
+        try:
+            outcome = await self._calls.start(request)
+        except (CallbotError, PilotStatusError) as err:
+            await self._update(
+                incident,
+                team,
+                step=incident.step + 1,
+                next_action_at=now,
+                note=f"{_hm(now)} call to {alias} failed: {describe(err).code}",
+            )
+            return True
+        next_person = _next_person(steps, incident.step)
+        if isinstance(outcome, NeedsPermission):
+            note = f"{_hm(now)} {alias} has not allowed WhatsApp calls"
+            if outcome.probe.may_ask:
+                try:
+                    await self._calls.request_permission(
+                        request.phone,
+                        incident.title,
+                        operator_id=0,
+                        chat_id=team.chat_id,
+                        locale=self._locale,
+                        masked=True,
+                    )
+                    note += ": permission request sent"
+                except (CallbotError, PilotStatusError) as err:
+                    note += f": permission request failed ({describe(err).code})"
+            await self._update(
+                incident, team, step=next_person, next_action_at=now, note=note + "; next person"
+            )
+            return True
+        if isinstance(outcome, NeedsMedia):
+            await self._update(
+                incident,
+                team,
+                step=next_person,
+                next_action_at=now,
+                note=f"{_hm(now)} {alias}: Meta number needs the media endpoint; next person",
+            )
+            return True
+        await self._store.add_ring(contact.phone, now)
+        note = f"{_hm(now)} calling {alias}"
+        quota = _quota_note(outcome)
+        await self._update(
+            incident,
+            team,
+            step=incident.step + 1,
+            call_id=outcome.record.id,
+            next_action_at=now + timedelta(seconds=team.wait_seconds),
+            note=note + (f" ({quota})" if quota else ""),
+        )
+        return True
+
+    async def _held(self, phone: str, now: datetime) -> datetime | None:
+        """When the throttles allow the next ring of this number (None: now)."""
+        if not self._throttles:
+            return None
+        window = max(t.seconds for t in self._throttles)
+        rings = await self._store.rings_since(phone, now - timedelta(seconds=window))
+        until: datetime | None = None
+        for throttle in self._throttles:
+            recent = [r for r in rings if r > now - timedelta(seconds=throttle.seconds)]
+            if len(recent) >= throttle.calls:
+                free = recent[-throttle.calls] + timedelta(seconds=throttle.seconds)
+                until = max(until, free) if until else free
+        return until
+
+    async def _update(self, incident: Incident, team: Team, **fields: object) -> None:
+        updated, changed = await self._store.update_incident(
+            incident.id,
+            at=self.clock(),
+            only_if_firing=True,
+            **fields,  # type: ignore[arg-type]
+        )
+        if updated is not None and changed:
+            await self._view.show_incident(updated, team)
+
+    async def _show(self, incident: Incident) -> None:
+        team = await self._store.team_by_id(incident.team_id)
+        if team is not None:
+            await self._view.show_incident(incident, team)
+
+    # call outcomes (from the lifecycle)
+
+    async def call_changed(self, record: CallRecord) -> None:
+        incident = await self._store.incident_of_call(record.id)
+        if incident is None or incident.status != "firing":
+            return
+        team = await self._store.team_by_id(incident.team_id)
+        assert team is not None
+        now = self.clock()
+        if record.status == "ACCEPTED" and team.answer_is_ack:
+            await self.acknowledge(incident.id, f"{record.phone_display} (answered)")
+            return
+        if record.status == "ACCEPTED":
+            await self._update(incident, team, note=f"{_hm(now)} answered; waiting for Acknowledge")
+            return
+        if record.terminal and record.connected_at is None:
+            label = record.status.lower() if record.status != states.NOT_STARTED else "not placed"
+            await self._update(
+                incident, team, next_action_at=now, note=f"{_hm(now)} not answered ({label})"
+            )
+
+
+def _next_person(steps: list[str], step: int) -> int:
+    """The first step after `step` that rings somebody else."""
+    current = steps[step]
+    for index in range(step + 1, len(steps)):
+        if steps[index] != current:
+            return index
+    return len(steps)
+
+
+def _quota_note(started: Started) -> str | None:
+    for limit in started.limits:
+        if limit.max_allowed and (limit.current_usage or 0) + 1 >= limit.max_allowed:
+            return f"Meta quota nearly spent: {limit.current_usage} of {limit.max_allowed}"
+    return None
+
+
+def _hm(moment: datetime) -> str:
+    return moment.strftime("%H:%M")

@@ -1,0 +1,326 @@
+"""Storage of contacts, teams, incidents and rings (the on-call side)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from sqlalchemy import delete, select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from bot.storage.tables import ContactRow, IncidentRow, RingRow, TeamRow
+
+OPEN = ("firing", "acknowledged")
+
+
+@dataclass(frozen=True)
+class Contact:
+    alias: str
+    phone: str
+    phone_display: str
+
+
+@dataclass(frozen=True)
+class Team:
+    id: int
+    name: str
+    chat_id: int
+    token_hash: str
+    members: tuple[str, ...]
+    on_call: str | None
+    rotation: str
+    rotation_start: datetime
+    attempts_per_person: int
+    wait_seconds: int
+    max_rounds: int
+    answer_is_ack: bool
+
+
+@dataclass(frozen=True)
+class Incident:
+    id: int
+    team_id: int
+    dedup_key: str
+    source: str
+    title: str
+    text: str
+    severity: str | None
+    labels: dict[str, str]
+    links: tuple[str, ...]
+    status: str
+    fired: int
+    step: int
+    call_id: str | None
+    next_action_at: datetime | None
+    post_message_id: int | None
+    acked_by: str | None
+    acked_at: datetime | None
+    notes: tuple[str, ...]
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class NewIncident:
+    team_id: int
+    dedup_key: str
+    source: str
+    title: str
+    text: str = ""
+    severity: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+    links: tuple[str, ...] = ()
+
+
+def _team(row: TeamRow) -> Team:
+    return Team(
+        id=row.id,
+        name=row.name,
+        chat_id=row.chat_id,
+        token_hash=row.token_hash,
+        members=tuple(a for a in row.members.split() if a),
+        on_call=row.on_call,
+        rotation=row.rotation,
+        rotation_start=row.rotation_start,
+        attempts_per_person=row.attempts_per_person,
+        wait_seconds=row.wait_seconds,
+        max_rounds=row.max_rounds,
+        answer_is_ack=row.answer_is_ack,
+    )
+
+
+def _incident(row: IncidentRow) -> Incident:
+    return Incident(
+        id=row.id,
+        team_id=row.team_id,
+        dedup_key=row.dedup_key,
+        source=row.source,
+        title=row.title,
+        text=row.text,
+        severity=row.severity,
+        labels=dict(row.labels or {}),
+        links=tuple(row.links or ()),
+        status=row.status,
+        fired=row.fired,
+        step=row.step,
+        call_id=row.call_id,
+        next_action_at=row.next_action_at,
+        post_message_id=row.post_message_id,
+        acked_by=row.acked_by,
+        acked_at=row.acked_at,
+        notes=tuple(row.notes or ()),
+        created_at=row.created_at,
+    )
+
+
+class OnCallStore:
+    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+        self._sessions = sessions
+
+    # contacts
+
+    async def save_contact(self, contact: Contact, *, at: datetime) -> None:
+        async with self._sessions.begin() as session:
+            query = select(ContactRow).where(ContactRow.alias == contact.alias)
+            row = (await session.execute(query)).scalars().first()
+            if row is None:
+                row = ContactRow(alias=contact.alias, created_at=at)
+                session.add(row)
+            row.phone, row.phone_display = contact.phone, contact.phone_display
+
+    async def remove_contact(self, alias: str) -> bool:
+        async with self._sessions.begin() as session:
+            result = await session.execute(delete(ContactRow).where(ContactRow.alias == alias))
+            return bool(result.rowcount)  # type: ignore[attr-defined]
+
+    async def contact(self, alias: str) -> Contact | None:
+        async with self._sessions() as session:
+            query = select(ContactRow).where(ContactRow.alias == alias)
+            row = (await session.execute(query)).scalars().first()
+            return Contact(row.alias, row.phone, row.phone_display) if row else None
+
+    async def contacts(self) -> list[Contact]:
+        async with self._sessions() as session:
+            rows = (await session.execute(select(ContactRow).order_by(ContactRow.alias))).scalars()
+            return [Contact(r.alias, r.phone, r.phone_display) for r in rows]
+
+    # teams
+
+    async def save_team(
+        self, name: str, *, chat_id: int, token_hash: str | None, at: datetime, **fields: object
+    ) -> Team:
+        """Create or change a team; `fields` are TeamRow columns (members as a list)."""
+        async with self._sessions.begin() as session:
+            row = (
+                (await session.execute(select(TeamRow).where(TeamRow.name == name)))
+                .scalars()
+                .first()
+            )
+            if row is None:
+                row = TeamRow(
+                    name=name,
+                    chat_id=chat_id,
+                    token_hash=token_hash or "",
+                    rotation="none",
+                    rotation_start=at,
+                    attempts_per_person=2,
+                    wait_seconds=300,
+                    max_rounds=2,
+                    answer_is_ack=False,
+                    members="",
+                )
+                session.add(row)
+            row.chat_id = chat_id
+            if token_hash is not None:
+                row.token_hash = token_hash
+            for key, value in fields.items():
+                if key == "members":
+                    value = " ".join(value)  # type: ignore[arg-type]
+                setattr(row, key, value)
+            await session.flush()
+            return _team(row)
+
+    async def team(self, name: str) -> Team | None:
+        async with self._sessions() as session:
+            row = (
+                (await session.execute(select(TeamRow).where(TeamRow.name == name)))
+                .scalars()
+                .first()
+            )
+            return _team(row) if row else None
+
+    async def team_by_id(self, team_id: int) -> Team | None:
+        async with self._sessions() as session:
+            row = await session.get(TeamRow, team_id)
+            return _team(row) if row else None
+
+    async def team_of_chat(self, chat_id: int) -> Team | None:
+        async with self._sessions() as session:
+            query = select(TeamRow).where(TeamRow.chat_id == chat_id).order_by(TeamRow.id)
+            row = (await session.execute(query)).scalars().first()
+            return _team(row) if row else None
+
+    async def teams(self) -> list[Team]:
+        async with self._sessions() as session:
+            return [
+                _team(r)
+                for r in (await session.execute(select(TeamRow).order_by(TeamRow.name))).scalars()
+            ]
+
+    # incidents
+
+    async def open_incident(self, team_id: int, dedup_key: str) -> Incident | None:
+        async with self._sessions() as session:
+            query = select(IncidentRow).where(
+                IncidentRow.team_id == team_id,
+                IncidentRow.dedup_key == dedup_key,
+                IncidentRow.status.in_(OPEN),
+            )
+            row = (await session.execute(query)).scalars().first()
+            return _incident(row) if row else None
+
+    async def create_incident(self, new: NewIncident, *, at: datetime) -> Incident:
+        async with self._sessions.begin() as session:
+            row = IncidentRow(
+                team_id=new.team_id,
+                dedup_key=new.dedup_key,
+                source=new.source,
+                title=new.title,
+                text=new.text,
+                severity=new.severity,
+                labels=new.labels,
+                links=list(new.links),
+                status="firing",
+                fired=1,
+                step=0,
+                next_action_at=at,
+                notes=[],
+                created_at=at,
+                updated_at=at,
+            )
+            session.add(row)
+            await session.flush()
+            return _incident(row)
+
+    async def incident(self, incident_id: int) -> Incident | None:
+        async with self._sessions() as session:
+            row = await session.get(IncidentRow, incident_id)
+            return _incident(row) if row else None
+
+    async def incident_of_call(self, call_id: str) -> Incident | None:
+        async with self._sessions() as session:
+            query = select(IncidentRow).where(IncidentRow.call_id == call_id)
+            row = (await session.execute(query)).scalars().first()
+            return _incident(row) if row else None
+
+    async def due(self, now: datetime, limit: int = 100) -> list[int]:
+        async with self._sessions() as session:
+            query = (
+                select(IncidentRow.id)
+                .where(IncidentRow.status == "firing", IncidentRow.next_action_at <= now)
+                .order_by(IncidentRow.next_action_at)
+                .limit(limit)
+            )
+            return list((await session.execute(query)).scalars())
+
+    async def next_due_at(self) -> datetime | None:
+        async with self._sessions() as session:
+            query = (
+                select(IncidentRow.next_action_at)
+                .where(IncidentRow.status == "firing", IncidentRow.next_action_at.is_not(None))
+                .order_by(IncidentRow.next_action_at)
+                .limit(1)
+            )
+            return (await session.execute(query)).scalars().first()
+
+    async def claim(self, incident_id: int, now: datetime, lease: timedelta) -> Incident | None:
+        """Take a due step: locked, still firing and due. Its timer moves to now + lease, so
+        nobody else takes it meanwhile (and a crash mid-step retries it after the lease)."""
+        async with self._sessions.begin() as session:
+            query = select(IncidentRow).where(IncidentRow.id == incident_id).with_for_update()
+            row = (await session.execute(query)).scalars().first()
+            if row is None or row.status != "firing" or row.next_action_at is None:
+                return None
+            if row.next_action_at > now:
+                return None
+            row.next_action_at = now + lease
+            return _incident(row)
+
+    async def update_incident(
+        self,
+        incident_id: int,
+        *,
+        at: datetime,
+        note: str | None = None,
+        only_if_firing: bool = False,
+        **fields: object,
+    ) -> tuple[Incident | None, bool]:
+        """Change an incident (and add a note). With only_if_firing, an incident that was
+        acknowledged or resolved meanwhile is left alone: a stopped escalation stays stopped."""
+        async with self._sessions.begin() as session:
+            query = select(IncidentRow).where(IncidentRow.id == incident_id).with_for_update()
+            row = (await session.execute(query)).scalars().first()
+            if row is None:
+                return None, False
+            if only_if_firing and row.status != "firing":
+                return _incident(row), False
+            for key, value in fields.items():
+                setattr(row, key, value)
+            if note:
+                row.notes = [*(row.notes or []), note][-12:]
+            row.updated_at = at
+            return _incident(row), True
+
+    # rings (throttles)
+
+    async def add_ring(self, phone: str, at: datetime) -> None:
+        async with self._sessions.begin() as session:
+            session.add(RingRow(phone=phone, at=at))
+
+    async def rings_since(self, phone: str, since: datetime) -> list[datetime]:
+        async with self._sessions() as session:
+            query = (
+                select(RingRow.at)
+                .where(RingRow.phone == phone, RingRow.at > since)
+                .order_by(RingRow.at)
+            )
+            return list((await session.execute(query)).scalars())

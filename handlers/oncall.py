@@ -1,0 +1,185 @@
+"""On-call from chat: /contact, /team, /oncall, and the Acknowledge button of alert posts."""
+
+from __future__ import annotations
+
+import secrets
+
+from aiogram import Router
+from aiogram.filters import Command, CommandObject
+from aiogram.types import CallbackQuery, Message
+
+from bot.access import AccessPolicy, Role
+from bot.config import Settings
+from bot.errors import CallbotError
+from bot.live import Acknowledge
+from bot.oncall import OnCall, token_hash, valid_alias
+from bot.phones import parse_phone
+from bot.storage.oncall import Contact, OnCallStore, Team
+from bot.storage.store import utcnow
+from bot.texts import (
+    contacts_text,
+    done_text,
+    error_text,
+    on_call_text,
+    team_created_text,
+    teams_text,
+)
+from handlers.calls import operator_name
+
+POLICY_KEYS = {
+    "attempts": ("attempts_per_person", 1, 10),
+    "wait": ("wait_seconds", 30, 3600),
+    "rounds": ("max_rounds", 1, 10),
+}
+
+
+def build_router() -> Router:
+    router = Router(name="oncall")
+    router.message.register(contact_command, Command("contact"))
+    router.message.register(team_command, Command("team"))
+    router.message.register(oncall_command, Command("oncall"))
+    router.callback_query.register(acknowledge_button, Acknowledge.filter())
+    return router
+
+
+def _require_admin(access: AccessPolicy, message: Message) -> None:
+    if access.role(message.from_user.id if message.from_user else None) is not Role.ADMIN:
+        raise CallbotError("admins_only")
+
+
+async def contact_command(
+    message: Message,
+    command: CommandObject,
+    access: AccessPolicy,
+    oncall_store: OnCallStore,
+    settings: Settings,
+) -> None:
+    """/contact add <alias> <phone> | remove <alias> | list"""
+    words = (command.args or "list").split()
+    action = words[0].lower()
+    if action == "list":
+        access.require_caller(message.from_user.id if message.from_user else None, message.chat.id)
+        await message.reply(contacts_text(await oncall_store.contacts()))
+        return
+    _require_admin(access, message)
+    if action == "add" and len(words) >= 3:
+        phone = parse_phone(" ".join(words[2:]), settings.default_region)
+        contact = Contact(valid_alias(words[1]), phone.e164, phone.display)
+        await oncall_store.save_contact(contact, at=utcnow())
+    elif action == "remove" and len(words) == 2:
+        if not await oncall_store.remove_contact(valid_alias(words[1])):
+            raise CallbotError("unknown_contact", {"alias": words[1][:32]})
+    else:
+        raise CallbotError("contact_usage")
+    await message.reply(done_text())
+
+
+async def team_command(
+    message: Message,
+    command: CommandObject,
+    access: AccessPolicy,
+    oncall_store: OnCallStore,
+) -> None:
+    """/team list | add <name> | members <name> <alias…> | policy <name> k=v… |
+    rotation <name> weekly|none | token <name>"""
+    words = (command.args or "list").split()
+    action = words[0].lower()
+    if action == "list":
+        access.require_caller(message.from_user.id if message.from_user else None, message.chat.id)
+        await message.reply(teams_text(await oncall_store.teams(), utcnow()))
+        return
+    _require_admin(access, message)
+    if len(words) < 2:
+        raise CallbotError("team_usage")
+    name = valid_alias(words[1])
+    if action in ("add", "token"):
+        existing = await oncall_store.team(name)
+        if action == "token" and existing is None:
+            raise CallbotError("unknown_team", {"team": name})
+        token = secrets.token_urlsafe(24)
+        chat_id = existing.chat_id if existing and action == "token" else message.chat.id
+        saved = await oncall_store.save_team(
+            name, chat_id=chat_id, token_hash=token_hash(token), at=utcnow()
+        )
+        await message.reply(team_created_text(saved, token))
+        return
+    team = await oncall_store.team(name)
+    if team is None:
+        raise CallbotError("unknown_team", {"team": name})
+    fields = _team_fields(action, words[2:])
+    if "members" in fields:
+        for alias in fields["members"]:  # type: ignore[attr-defined]
+            if await oncall_store.contact(alias) is None:
+                raise CallbotError("unknown_contact", {"alias": alias})
+    await oncall_store.save_team(name, chat_id=team.chat_id, token_hash=None, at=utcnow(), **fields)
+    await message.reply(done_text())
+
+
+def _team_fields(action: str, args: list[str]) -> dict[str, object]:
+    if action == "members" and args:
+        return {"members": [valid_alias(a) for a in args]}
+    if action == "rotation" and args and args[0] in ("weekly", "none"):
+        return {"rotation": args[0], "rotation_start": utcnow()}
+    if action == "policy" and args:
+        fields: dict[str, object] = {}
+        for pair in args:
+            key, _, value = pair.partition("=")
+            if key == "ack_on_answer" and value in ("yes", "no"):
+                fields["answer_is_ack"] = value == "yes"
+                continue
+            if key not in POLICY_KEYS or not value.isdigit():
+                raise CallbotError("team_usage")
+            column, low, high = POLICY_KEYS[key]
+            fields[column] = max(low, min(high, int(value)))
+        return fields
+    raise CallbotError("team_usage")
+
+
+async def _team_here(oncall_store: OnCallStore, chat_id: int, name: str | None) -> Team:
+    team = await (
+        oncall_store.team(valid_alias(name)) if name else oncall_store.team_of_chat(chat_id)
+    )
+    if team is None:
+        raise CallbotError("unknown_team", {"team": name or "-"})
+    return team
+
+
+async def oncall_command(
+    message: Message,
+    command: CommandObject,
+    access: AccessPolicy,
+    oncall_store: OnCallStore,
+) -> None:
+    """/oncall [team] | /oncall set <alias> [team]"""
+    access.require_caller(message.from_user.id if message.from_user else None, message.chat.id)
+    words = (command.args or "").split()
+    if words and words[0].lower() == "set":
+        _require_admin(access, message)
+        if len(words) < 2:
+            raise CallbotError("oncall_usage")
+        alias = valid_alias(words[1])
+        team = await _team_here(oncall_store, message.chat.id, words[2] if len(words) > 2 else None)
+        if alias not in team.members:
+            raise CallbotError("not_a_member", {"alias": alias, "team": team.name})
+        team = await oncall_store.save_team(
+            team.name, chat_id=team.chat_id, token_hash=None, at=utcnow(), on_call=alias
+        )
+        await message.reply(on_call_text(team, utcnow()))
+        return
+    team = await _team_here(oncall_store, message.chat.id, words[0] if words else None)
+    await message.reply(on_call_text(team, utcnow()))
+
+
+async def acknowledge_button(
+    query: CallbackQuery,
+    callback_data: Acknowledge,
+    access: AccessPolicy,
+    oncall: OnCall,
+) -> None:
+    if access.role(query.from_user.id) is None:
+        await query.answer(error_text(CallbotError("not_operator")), show_alert=True)
+        return
+    incident = await oncall.acknowledge(
+        callback_data.incident, operator_name(query.from_user) or "?"
+    )
+    await query.answer(done_text() if incident else error_text(CallbotError("already_handled")))
