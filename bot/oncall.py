@@ -17,6 +17,7 @@ import hmac
 import logging
 import re
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol
@@ -116,6 +117,7 @@ class OnCall:
         self._throttles = throttles
         self._locale = locale
         self.clock = clock
+        self._wake = asyncio.Event()
 
     # configuration
 
@@ -217,6 +219,7 @@ class OnCall:
                 incident.id, at=now, post_message_id=message_id
             )
         assert incident is not None
+        self._wake.set()  # its first step is due now (after the post, so the post shows it)
         log.info("incident %s for team %s: %s", incident.id, team.name, alert.source)
         return "created", incident
 
@@ -237,21 +240,32 @@ class OnCall:
 
     # the timer
 
-    async def run_due(self) -> int:
-        """Take every step that is due now; returns how many were taken."""
-        done = 0
-        for incident_id in await self._store.due(self.clock()):
-            if await self._step(incident_id):
-                done += 1
-        return done
+    async def run_due(self, parallel: int = 16) -> int:
+        """Take every step that is due now, several at once; returns how many were taken."""
+        gate = asyncio.Semaphore(parallel)
+
+        async def step(incident_id: int) -> bool:
+            async with gate:
+                return await self._step(incident_id)
+
+        due = await self._store.due(self.clock())
+        return sum(await asyncio.gather(*(step(i) for i in due)))
 
     async def run_forever(self, tick: float) -> None:
+        """Take due steps, then sleep until the next timer (at most `tick`), or until a new
+        incident wakes it."""
         while True:
+            delay = tick
+            self._wake.clear()  # before looking: an incident arriving meanwhile wakes the wait
             try:
                 await self.run_due()
+                next_at = await self._store.next_due_at()
+                if next_at is not None:
+                    delay = min(tick, max(0.0, (next_at - self.clock()).total_seconds()))
             except Exception:
                 log.exception("on-call step failed; retrying")
-            await asyncio.sleep(tick)
+            with suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), delay)
 
     async def _step(self, incident_id: int) -> bool:
         now = self.clock()

@@ -282,8 +282,9 @@ class OnCallStore:
                 return None
             if row.next_action_at > now:
                 return None
+            claimed = _incident(row)  # carries the time the step was due
             row.next_action_at = now + lease
-            return _incident(row)
+            return claimed
 
     async def update_incident(
         self,

@@ -1,0 +1,219 @@
+"""On-call: alert received → `POST /v1/calls` sent, and escalation timers firing on time.
+
+Run from the repo root:  .venv/bin/python -m bench.bench_oncall [--alerts 200] [--incidents 100]
+
+The real CallbotApp runs in this process with its on-call timer on (ONCALL_TICK_SECONDS=1, woken
+by each new incident); the fake Telegram runs in a second process (bench.bench_webhooks.Peer);
+the fake Pilot Status runs in this process and stamps each request on arrival. Throttles are off
+(a throttle wait is excluded by the target), and every alert goes to its own team, so nobody is
+rung twice.
+1. Alerts: N generic alerts are posted, B at a time (default 1: each waits for the previous
+   alert's call); per alert, from just before it is sent to
+   the fake Pilot Status receiving the POST that rings the team's person on call. Targets:
+   p99 <= 20 ms.
+2. Timers: M incidents ring their first person at once; every team waits `wait_seconds` (2 s)
+   for an acknowledgement, so M second steps fall due together; lateness = when the step was
+   taken (claimed under its row lock) minus when it was due (its stored next_action_at). The
+   worst lateness is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any
+
+import aiohttp
+
+from bench.bench_webhooks import TOKEN, Peer, rss_kib
+from bot.app import CallbotApp
+from bot.config import load_settings
+from bot.oncall import token_hash
+from bot.storage.oncall import Contact
+from bot.storage.store import utcnow
+from tests.fakes.pilot_status import FakePilotStatus
+
+WAIT = 2
+
+
+def phone(i: int) -> str:
+    return f"+55119{i:08d}"
+
+
+async def build(peer: Peer, pilot: FakePilotStatus, teams: int, members: int) -> CallbotApp:
+    settings = load_settings(
+        _env_file=None,
+        bot_token=TOKEN,
+        telegram_api_url=await peer.ask("url"),
+        pilot_status_api_key="ps_" + "a" * 48,
+        pilot_status_base_url=pilot.url,
+        pilot_status_number_type="web",
+        operator_ids="1",
+        data_dir=tempfile.mkdtemp(),
+        pilot_status_webhook_token="h" * 32,
+        web_host="127.0.0.1",
+        web_port=0,
+        oncall_throttle="",
+        oncall_tick_seconds=1,
+        telegram_edit_interval=0,
+    )
+    app = CallbotApp(settings)
+    await app.start()
+    now = utcnow()
+    for t in range(teams):
+        aliases = []
+        for m in range(members):
+            alias = f"p{t}x{m}"
+            number = phone(t * members + m)
+            display = f"+55 11 9{number[6:10]}-{number[10:]}"
+            await app.oncall_store.save_contact(Contact(alias, number, display), at=now)
+            aliases.append(alias)
+        await app.oncall_store.save_team(
+            f"t{t}",
+            chat_id=-100000 - t,
+            token_hash=token_hash(f"token-{t}"),
+            at=now,
+            members=aliases,
+            attempts_per_person=1,
+            wait_seconds=WAIT,
+            max_rounds=1,
+        )
+    return app
+
+
+async def send_alerts(app: CallbotApp, teams: range) -> dict[int, float]:
+    """Post one alert per team, all at once; when each was sent."""
+    sent: dict[int, float] = {}
+    queue = list(teams)
+
+    async with aiohttp.ClientSession() as session:
+
+        async def worker() -> None:
+            while queue:
+                t = queue.pop(0)
+                url = f"http://127.0.0.1:{app.web_port}/alerts/generic/t{t}"
+                body = json.dumps({"title": f"alert {t}", "dedupKey": f"k{t}"})
+                headers = {"Authorization": f"Bearer token-{t}"}
+                sent[t] = time.perf_counter()
+                async with session.post(url, data=body, headers=headers) as response:
+                    assert response.status == 200, await response.text()
+
+        await asyncio.gather(*(worker() for _ in teams))
+    return sent
+
+
+async def wait_for_posts(pilot: FakePilotStatus, count: int, seconds: float) -> None:
+    deadline = time.perf_counter() + seconds
+    while len(pilot.calls_started()) < count:
+        if time.perf_counter() > deadline:
+            raise SystemExit(f"only {len(pilot.calls_started())} of {count} calls placed")
+        await asyncio.sleep(0.01)
+
+
+def arrivals(pilot: FakePilotStatus) -> dict[str, list[float]]:
+    by_phone: dict[str, list[float]] = {}
+    for request in pilot.calls_started():
+        by_phone.setdefault(request.json["to"], []).append(request.received_at)
+    return by_phone
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[max(0, int(len(ordered) * q) - 1)]
+
+
+async def part_alerts(count: int, burst: int) -> dict[str, Any]:
+    peer, pilot = Peer(), FakePilotStatus(number_type="web")
+    await pilot.start()
+    app = await build(peer, pilot, teams=count, members=1)
+    try:
+        rss_before = rss_kib()
+        sent: dict[int, float] = {}
+        for first in range(0, count, burst):  # a burst of alerts, then wait for its calls
+            batch = range(first, min(count, first + burst))
+            sent |= await send_alerts(app, batch)
+            await wait_for_posts(pilot, batch.stop, 60)
+        rung = arrivals(pilot)
+        latencies = [(rung[phone(t)][0] - sent[t]) * 1000 for t in range(count)]
+        if len(pilot.calls_started()) != count:
+            raise SystemExit(f"{len(pilot.calls_started())} calls for {count} alerts")
+        return {
+            "p50": statistics.median(latencies),
+            "p99": pct(latencies, 0.99),
+            "max": max(latencies),
+            "rss_mib": rss_kib() / 1024,
+            "rss_growth_mib": (rss_kib() - rss_before) / 1024,
+        }
+    finally:
+        await app.close()
+        await peer.close()
+        await pilot.close()
+
+
+async def part_timers(count: int) -> dict[str, Any]:
+    peer, pilot = Peer(), FakePilotStatus(number_type="web")
+    await pilot.start()
+    app = await build(peer, pilot, teams=count, members=2)
+    late: list[float] = []
+    claim = app.oncall_store.claim
+
+    async def timed_claim(incident_id: int, now: Any, lease: Any) -> Any:
+        incident = await claim(incident_id, now, lease)
+        if incident is not None and incident.step == 1 and incident.next_action_at is not None:
+            late.append((utcnow() - incident.next_action_at).total_seconds() * 1000)
+        return incident
+
+    app.oncall_store.claim = timed_claim  # type: ignore[method-assign]
+    try:
+        await send_alerts(app, range(count))
+        await wait_for_posts(pilot, 2 * count, 60)
+        if len(pilot.calls_started()) != 2 * count or len(late) != count:
+            raise SystemExit(f"{len(pilot.calls_started())} calls, {len(late)} second steps")
+        return {
+            "p50": statistics.median(late),
+            "p99": pct(late, 0.99),
+            "worst": max(late),
+            "least": min(late),
+        }
+    finally:
+        await app.close()
+        await peer.close()
+        await pilot.close()
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--alerts", type=int, default=200)
+    parser.add_argument("--incidents", type=int, default=100)
+    parser.add_argument("--burst", type=int, default=1, help="alerts posted at once (part 1)")
+    args = parser.parse_args()
+    print(
+        f"callbot on-call bench: Python {platform.python_version()}, {os.cpu_count()} CPUs; "
+        "fake Telegram in a second process, fake Pilot Status and the alert sender in this one"
+    )
+    alerts = await part_alerts(args.alerts, args.burst)
+    verdict = "PASS" if alerts["p99"] <= 20 else "MISS"
+    print(
+        f"\n1. {args.alerts} alerts, {args.burst} at a time: alert sent -> POST /v1/calls "
+        f"received: p50 {alerts['p50']:.1f} ms, p99 {alerts['p99']:.1f} ms, "
+        f"max {alerts['max']:.1f} ms "
+        f"(target p99 <= 20 ms: {verdict}); RSS {alerts['rss_mib']:.0f} MiB "
+        f"(+{alerts['rss_growth_mib']:.1f} MiB during the run)"
+    )
+    timers = await part_timers(args.incidents)
+    print(
+        f"2. {args.incidents} simultaneous incidents, second steps due together {WAIT} s "
+        f"after the first calls: lateness p50 {timers['p50']:.1f} ms, p99 {timers['p99']:.1f} "
+        f"ms, worst {timers['worst']:.1f} ms, least {timers['least']:.1f} ms"
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))
