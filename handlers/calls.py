@@ -142,7 +142,9 @@ async def call_now(
     if request is None or not isinstance(query.message, Message):
         return
     await query.answer()
-    request = replace(request, operator_name=operator_name(query.from_user))
+    request = replace(
+        request, operator_id=query.from_user.id, operator_name=operator_name(query.from_user)
+    )
     await _dial_from(query.message, request, access, calls, pending_permissions)
 
 
@@ -194,7 +196,9 @@ T = TypeVar("T", bound=_Owned)
 async def _take(query: CallbackQuery, store: PendingStore[T], token: str) -> T | None:
     """The pending item behind a button, if this user may press it and it is still valid."""
     item = store.peek(token)
-    if item is not None and item.operator_id != query.from_user.id:
+    # Items the bot made itself (operator 0: the on-call escalation) are anyone's to answer;
+    # whether the presser may call is checked when the call starts.
+    if item is not None and item.operator_id not in (0, query.from_user.id):
         await query.answer(error_text(CallbotError("not_your_button")), show_alert=True)
         return None
     taken, item = store.take(token)

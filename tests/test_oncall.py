@@ -373,3 +373,35 @@ async def test_real_monitoring_payloads_open_and_resolve_an_incident(
     assert resolved.json()["result"] == "resolved"
     post = await post_in(bot, INFRA_CHAT, "✔️ resolved")
     assert post.plain.startswith("🚨")
+
+
+async def test_a_permission_granted_after_the_escalation_asked_can_be_used_by_any_operator(
+    start_bot: StartBot, tmp_path: Path, clock: Clock
+) -> None:
+    bot = await oncall_bot(start_bot, tmp_path, clock, pilot_status_number_type="meta")
+    bot.pilot.number_type = "meta"
+    await alert(bot, generic())
+    await bot.app.oncall.run_due()
+    await post_in(bot, INFRA_CHAT, "permission request sent")
+    granted = {
+        "event": "call.permission_updated",
+        "callId": None,
+        "status": "PERMANENT",
+        "to": ALICE[1:],
+        "timestamp": clock.now.isoformat(),
+    }
+    url = f"http://127.0.0.1:{bot.app.web_port}/pilot-status/{HOOK}"
+    async with httpx.AsyncClient() as client:
+        assert (await client.post(url, json=granted)).status_code == 200
+    told = await post_in(bot, INFRA_CHAT, "now allows WhatsApp calls")
+    [(_, data)] = told.buttons()
+    bot.pilot.set_permission(ALICE, "permanent")
+    bot.telegram.press_button(
+        user_id=ADMIN,
+        chat_id=INFRA_CHAT,
+        message_id=told.message_id,
+        data=data,
+        chat_type="supergroup",
+    )
+    final = await post_in(bot, INFRA_CHAT, "allows calls from this business")
+    assert final.message_id == told.message_id  # the Meta call stops at the media endpoint
