@@ -33,6 +33,7 @@ from bot.storage.store import CallRecord, utcnow
 
 log = logging.getLogger(__name__)
 LEASE = timedelta(seconds=60)
+SYSTEM = 0  # the "operator" of the calls the escalation places
 
 
 @dataclass(frozen=True)
@@ -305,7 +306,7 @@ class OnCall:
             )
             return True
         request = CallRequest(
-            operator_id=0,
+            operator_id=SYSTEM,
             chat_id=team.chat_id,
             phone=Phone(contact.phone, contact.phone_display),
             note=incident.title,
@@ -332,7 +333,7 @@ class OnCall:
                     await self._calls.request_permission(
                         request.phone,
                         incident.title,
-                        operator_id=0,
+                        operator_id=SYSTEM,
                         chat_id=team.chat_id,
                         locale=self._locale,
                         masked=True,
@@ -398,6 +399,8 @@ class OnCall:
     # call outcomes (from the lifecycle)
 
     async def call_changed(self, record: CallRecord) -> None:
+        if record.operator_id != SYSTEM:
+            return  # an operator's call: no incident to look up on this hot path
         incident = await self._store.incident_of_call(record.id)
         if incident is None or incident.status != "firing":
             return
