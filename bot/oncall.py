@@ -250,7 +250,12 @@ class OnCall:
                 return await self._step(incident_id)
 
         due = await self._store.due(self.clock())
-        return sum(await asyncio.gather(*(step(i) for i in due)))
+        results = await asyncio.gather(*(step(i) for i in due), return_exceptions=True)
+        for incident_id, result in zip(due, results, strict=True):
+            if isinstance(result, BaseException):
+                # Its lease runs out and the step is taken again later.
+                log.error("on-call step of incident %s failed", incident_id, exc_info=result)
+        return sum(result is True for result in results)
 
     async def run_forever(self, tick: float) -> None:
         """Take due steps, then sleep until the next timer (at most `tick`), or until a new
@@ -276,6 +281,15 @@ class OnCall:
         team = await self._store.team_by_id(incident.team_id)
         assert team is not None
         steps = plan(team, now)
+        if not steps:
+            await self._update(
+                incident,
+                team,
+                status="exhausted",
+                next_action_at=None,
+                note=f"{_hm(now)} team {team.name} has nobody on its list",
+            )
+            return True
         if incident.step >= len(steps):
             await self._update(
                 incident,

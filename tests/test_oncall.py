@@ -352,6 +352,8 @@ async def test_contacts_teams_and_on_call_from_chat(
     token = created.split("(shown once):")[1].split()[0]
     response = await alert(bot, generic(), team="ops", token=token)
     assert response.status_code == 200
+    await bot.app.oncall.run_due()
+    await post_in(bot, -100400, "team ops has nobody on its list")
     assert "Done" in await say("/contact remove dave")
     assert "I know no contact" in await say("/call dave", user=OPERATOR)
 
