@@ -18,6 +18,7 @@ from aiogram.enums import ParseMode
 from aiogram.exceptions import TelegramNetworkError, TelegramUnauthorizedError
 from aiogram.types import BotCommand
 from aiohttp import web
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bot.access import AccessPolicy
 from bot.calls import CallRequest, CallService
@@ -60,6 +61,13 @@ def build_pilot_client(settings: Settings) -> PilotStatusClient:
     return PilotStatusClient(http, retry=retry)
 
 
+def build_engine(settings: Settings) -> AsyncEngine:
+    """The database of DATABASE_URL, or the SQLite file under DATA_DIR."""
+    secret = settings.database_url
+    url = database_url(secret.get_secret_value() if secret else None, settings.data_dir)
+    return create_engine(url)
+
+
 def build_bot(settings: Settings) -> Bot:
     session = AiohttpSession()
     if settings.telegram_api_url is not None:
@@ -80,11 +88,7 @@ class CallbotApp:
         self.settings = settings
         self.pilot = build_pilot_client(settings)
         self.bot = build_bot(settings)
-        url = database_url(
-            settings.database_url.get_secret_value() if settings.database_url else None,
-            settings.data_dir,
-        )
-        self.engine = create_engine(url)
+        self.engine = build_engine(settings)
         self.store = Store(sessionmaker(self.engine))
         self.i18n = build_i18n(settings.default_locale)
         self.call_again: PendingStore[CallRequest] = PendingStore(24 * 3600)
@@ -258,12 +262,7 @@ async def run(settings: Settings) -> None:
 
 
 async def migrate_only(settings: Settings) -> None:
-    engine = create_engine(
-        database_url(
-            settings.database_url.get_secret_value() if settings.database_url else None,
-            settings.data_dir,
-        )
-    )
+    engine = build_engine(settings)
     try:
         await migrate(engine)
     finally:
