@@ -124,14 +124,8 @@ class CallTracker:
             return False
         for event, (record, changed) in zip(calls, results, strict=True):
             if record is None:
-                if event.external_call_id and event.call_id:
-                    await self.on_event(event)  # try the other id
-                else:
-                    self._keep_orphan(event.ref or "", event)
-            elif changed:
-                await self.changed(record)
-                if record.terminal:
-                    self._stop_polling(record.id)
+                record, changed = await self._by_external_id(event)
+            await self._settle(event, record, changed)
         for event in events:
             if event.is_permission:
                 await self.on_permission(event)
@@ -149,22 +143,32 @@ class CallTracker:
         record, changed = await self._store.apply_status(
             ref, status, at=event.at, source="webhook", duration_seconds=event.duration
         )
-        if record is None and event.external_call_id and event.call_id:
-            record, changed = await self._store.apply_status(
-                event.external_call_id,
-                status,
-                at=event.at,
-                source="webhook",
-                duration_seconds=event.duration,
-            )
         if record is None:
-            self._keep_orphan(ref, event)
-            return None
-        if changed:
+            record, changed = await self._by_external_id(event)
+        await self._settle(event, record, changed)
+        return record
+
+    async def _by_external_id(self, event: CallEvent) -> tuple[CallRecord | None, bool]:
+        """An event naming both ids whose Pilot id is unknown: try the provider's id."""
+        status = event.call_status
+        if not (event.external_call_id and event.call_id and status):
+            return None, False
+        return await self._store.apply_status(
+            event.external_call_id,
+            status,
+            at=event.at,
+            source="webhook",
+            duration_seconds=event.duration,
+        )
+
+    async def _settle(self, event: CallEvent, record: CallRecord | None, changed: bool) -> None:
+        """After an event is stored: show a change, or keep an event for a call not known yet."""
+        if record is None:
+            self._keep_orphan(event.ref or "", event)
+        elif changed:
             await self.changed(record)
             if record.terminal:
                 self._stop_polling(record.id)
-        return record
 
     async def on_permission(self, event: CallEvent) -> None:
         if not event.to:
