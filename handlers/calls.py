@@ -8,7 +8,7 @@ from typing import Protocol, TypeVar
 from aiogram import Router
 from aiogram.filters import Command, CommandObject
 from aiogram.filters.callback_data import CallbackData
-from aiogram.types import CallbackQuery, InlineKeyboardMarkup, Message, User
+from aiogram.types import CallbackQuery, InlineKeyboardMarkup, Message
 from aiogram.utils.i18n import I18n
 from aiogram.utils.keyboard import InlineKeyboardBuilder
 
@@ -34,6 +34,7 @@ from bot.texts import (
     needs_permission_text,
     permission_sent_text,
 )
+from handlers.people import operator_name, sender_id
 
 
 class ConfirmCall(CallbackData, prefix="call"):
@@ -63,12 +64,6 @@ def build_router() -> Router:
     return router
 
 
-def operator_name(user: User | None) -> str | None:
-    if user is None:
-        return None
-    return f"@{user.username}" if user.username else user.full_name
-
-
 def _is_group(message: Message) -> bool:
     return message.chat.type != "private"
 
@@ -84,7 +79,7 @@ async def call_command(
     i18n: I18n,
     oncall: OnCall,
 ) -> None:
-    user_id = message.from_user.id if message.from_user else None
+    user_id = sender_id(message)
     access.require_caller(user_id, message.chat.id)
     if not command.args:
         raise CallbotError("usage")

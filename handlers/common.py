@@ -9,6 +9,7 @@ from aiogram.types import Message
 from bot.access import AccessPolicy, Role
 from bot.numbers import NumberTypes
 from bot.texts import help_text, whoami_text
+from handlers.people import sender_id
 
 
 def build_router() -> Router:
@@ -20,7 +21,7 @@ def build_router() -> Router:
 
 
 async def help_command(message: Message, access: AccessPolicy, number_types: NumberTypes) -> None:
-    role = access.role(message.from_user.id if message.from_user else None)
+    role = access.role(sender_id(message))
     await message.answer(
         help_text(
             is_caller=role is not None, is_admin=role is Role.ADMIN, number_type=number_types.known
@@ -29,5 +30,5 @@ async def help_command(message: Message, access: AccessPolicy, number_types: Num
 
 
 async def whoami_command(message: Message) -> None:
-    user_id = message.from_user.id if message.from_user else None
+    user_id = sender_id(message)
     await message.answer(whoami_text(user_id, message.chat.id, message.chat.type))

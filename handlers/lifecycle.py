@@ -30,6 +30,7 @@ from bot.texts import (
     hung_up_text,
     permission_text,
 )
+from handlers.people import sender_id
 
 PAGE_DEFAULT, PAGE_MAX = 5, 20
 
@@ -70,7 +71,7 @@ async def status_command(
     calls: CallService,
     store: Store,
 ) -> None:
-    access.require_caller(message.from_user.id if message.from_user else None, message.chat.id)
+    access.require_caller(sender_id(message), message.chat.id)
     ref = await _call_ref(message, command, store, "status_usage")
     record = await calls.refresh(ref)
     await message.reply(call_text(record), reply_markup=call_markup(record))
@@ -83,7 +84,7 @@ async def hangup_command(
     calls: CallService,
     store: Store,
 ) -> None:
-    user_id = message.from_user.id if message.from_user else None
+    user_id = sender_id(message)
     role = access.require_caller(user_id, message.chat.id)
     ref = await _call_ref(message, command, store, "hangup_usage")
     record = await calls.hang_up(ref, actor_id=user_id or 0, is_admin=role is Role.ADMIN)
@@ -111,7 +112,7 @@ async def hangup_button(
 async def calls_command(
     message: Message, command: CommandObject, access: AccessPolicy, calls: CallService
 ) -> None:
-    access.require_caller(message.from_user.id if message.from_user else None, message.chat.id)
+    access.require_caller(sender_id(message), message.chat.id)
     size = PAGE_DEFAULT
     if command.args and command.args.strip().isdigit():
         size = max(1, min(PAGE_MAX, int(command.args.strip())))
@@ -160,7 +161,7 @@ async def permission_command(
     calls: CallService,
     settings: Settings,
 ) -> None:
-    access.require_caller(message.from_user.id if message.from_user else None, message.chat.id)
+    access.require_caller(sender_id(message), message.chat.id)
     if not command.args:
         raise CallbotError("permission_usage")
     phone = parse_phone(command.args, settings.default_region)
@@ -171,7 +172,7 @@ async def permission_command(
 async def export_command(
     message: Message, command: CommandObject, access: AccessPolicy, store: Store
 ) -> None:
-    user_id = message.from_user.id if message.from_user else None
+    user_id = sender_id(message)
     if access.role(user_id) is not Role.ADMIN:
         raise CallbotError("admins_only")
     days = 30

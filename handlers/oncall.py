@@ -24,7 +24,7 @@ from bot.texts import (
     team_created_text,
     teams_text,
 )
-from handlers.calls import operator_name
+from handlers.people import operator_name, sender_id
 
 POLICY_KEYS = {
     "attempts": ("attempts_per_person", 1, 10),
@@ -43,7 +43,7 @@ def build_router() -> Router:
 
 
 def _require_admin(access: AccessPolicy, message: Message) -> None:
-    if access.role(message.from_user.id if message.from_user else None) is not Role.ADMIN:
+    if access.role(sender_id(message)) is not Role.ADMIN:
         raise CallbotError("admins_only")
 
 
@@ -58,7 +58,7 @@ async def contact_command(
     words = (command.args or "list").split()
     action = words[0].lower()
     if action == "list":
-        access.require_caller(message.from_user.id if message.from_user else None, message.chat.id)
+        access.require_caller(sender_id(message), message.chat.id)
         await message.reply(contacts_text(await oncall_store.contacts()))
         return
     _require_admin(access, message)
@@ -85,7 +85,7 @@ async def team_command(
     words = (command.args or "list").split()
     action = words[0].lower()
     if action == "list":
-        access.require_caller(message.from_user.id if message.from_user else None, message.chat.id)
+        access.require_caller(sender_id(message), message.chat.id)
         await message.reply(teams_text(await oncall_store.teams(), utcnow()))
         return
     _require_admin(access, message)
@@ -151,7 +151,7 @@ async def oncall_command(
     oncall_store: OnCallStore,
 ) -> None:
     """/oncall [team] | /oncall set <alias> [team]"""
-    access.require_caller(message.from_user.id if message.from_user else None, message.chat.id)
+    access.require_caller(sender_id(message), message.chat.id)
     words = (command.args or "").split()
     if words and words[0].lower() == "set":
         _require_admin(access, message)
