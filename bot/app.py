@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import tomllib
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,10 @@ from bot.pilot_status.errors import PilotStatusError
 from bot.storage.db import create_engine, database_url, migrate, sessionmaker
 from bot.storage.oncall import OnCallStore
 from bot.storage.store import Store
-from bot.texts import COMMANDS
+from bot.texts import COMMANDS, spoken_alert, spoken_default
+from bot.voice.service import LazyEndpoint, Voice, VoicePolicy
+from bot.voice.shelf import AudioShelf
+from bot.voice.speech import Speaker, Speech
 from bot.web import build_web_app
 from handlers import build_router
 
@@ -105,7 +108,31 @@ class CallbotApp:
         )
         self.tracker = CallTracker(self.store, self.pilot, self.live, poll=poll)
         self.number_types = NumberTypes(self.pilot, settings.pilot_status_number_type)
-        self.calls = CallService(self.pilot, self.number_types, self.store, self.tracker, media)
+        self.speaker = Speaker(
+            settings.speech_engine, words_per_minute=settings.speech_words_per_minute
+        )
+        base = settings.public_base_url
+        self.shelf = AudioShelf(str(base)) if base is not None else None
+        self.voice = Voice(
+            self.pilot,
+            self.store,
+            self.tracker,
+            self.speaker,
+            media or LazyEndpoint(settings.stun_servers),
+            policy=VoicePolicy(
+                repeat=settings.speech_repeat,
+                answer_timeout=settings.media_answer_timeout,
+                connect_timeout=settings.media_connect_timeout,
+                ring_timeout=settings.call_ring_timeout,
+                max_sessions=settings.media_max_calls,
+                realtime_rate=settings.realtime_sample_rate,
+            ),
+            shelf=self.shelf,
+            default_text=self._say(spoken_default),
+        )
+        self.calls = CallService(
+            self.pilot, self.number_types, self.store, self.tracker, self.voice
+        )
         self.oncall_store = OnCallStore(sessionmaker(self.engine))
         self.oncall = OnCall(
             self.oncall_store,
@@ -113,12 +140,29 @@ class CallbotApp:
             self.live,
             throttles=Throttle.parse_many(settings.oncall_throttle),
             locale=settings.default_locale,
+            speech=self._alert_speech,
         )
         self.tracker.subscribe(self.oncall.call_changed)
         self.dp = self._dispatcher()
         self.web: web.AppRunner | None = None
         self.web_port: int | None = None
         self._background: set[asyncio.Task[None]] = set()
+
+    def _say(self, text: Callable[..., str]) -> Callable[..., str]:
+        """A text of bot.texts in a given locale, outside any Telegram update."""
+
+        def render(locale: str, **params: str) -> str:
+            with self.i18n.context(), self.i18n.use_locale(locale):
+                return text(**params)
+
+        return render
+
+    def _alert_speech(self, team: str, title: str) -> Speech | None:
+        """What an on-call ring says: the alert, when speaking is available."""
+        if not self.speaker.available:
+            return None
+        locale = self.settings.default_locale
+        return Speech.for_locale(self._say(spoken_alert)(locale, team=team, title=title), locale)
 
     def _dispatcher(self) -> Dispatcher:
         settings = self.settings
@@ -161,6 +205,7 @@ class CallbotApp:
             path_token=token.get_secret_value() if token else None,
             secret=secret.get_secret_value() if secret else None,
             max_body=settings.webhook_max_body,
+            shelf=self.shelf,
         )
         self.web = web.AppRunner(app, access_log=None)
         await self.web.setup()
@@ -175,6 +220,12 @@ class CallbotApp:
         log.info("web app listening on port %s", self.web_port)
         if token is None:
             log.info("no PILOT_STATUS_WEBHOOK_TOKEN: calls are followed by polling")
+        if not self.speaker.available:
+            log.warning(
+                "%s is not installed: speaking is off (install the Debian package espeak-ng); "
+                "Meta calls play beeps instead of a message",
+                settings.speech_engine,
+            )
         if settings.oncall_tick_seconds > 0:
             self._spawn(self.oncall.run_forever(settings.oncall_tick_seconds), "on-call timer")
 
@@ -218,6 +269,7 @@ class CallbotApp:
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
+        await self.voice.stop()
         await self.tracker.stop()
         with suppress(TimeoutError):
             await asyncio.wait_for(self.live.wait_idle(), 5)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from bot import states
 from bot.errors import CallbotError, describe
 from bot.lifecycle import CallTracker
-from bot.media import MediaEndpoint, MediaSession
+from bot.media import Leg, VoiceSide
 from bot.numbers import NumberTypes
 from bot.phones import Phone
 from bot.pilot_status.client import PilotStatusClient
@@ -23,6 +23,7 @@ from bot.pilot_status.models import (
     StartCall,
 )
 from bot.storage.store import Audit, CallRecord, NewCall, Store, utcnow
+from bot.voice.speech import Speech
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ class CallRequest:
     locale: str = "en"
     masked: bool = False  # show the number masked (group chats)
     message_id: int | None = None  # the message that will follow the call, when known already
+    speech: Speech | None = None  # said to the callee once they answer
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,7 @@ class Started:
     number_type: NumberType
     record: CallRecord
     limits: tuple[Limit, ...] = ()
-    media: MediaSession | None = None
+    spoken: bool = False  # the call says a message (the note, or on Meta the default one)
 
     @property
     def correlation_id(self) -> str:
@@ -59,18 +61,7 @@ class NeedsPermission:
     probe: PermissionProbe
 
 
-@dataclass(frozen=True)
-class NeedsMedia:
-    """Meta number with permission, but no WebRTC endpoint of ours to make the offer."""
-
-    probe: PermissionProbe
-
-    @property
-    def limits(self) -> tuple[Limit, ...]:
-        return start_limits(self.probe)
-
-
-CallOutcome = Started | NeedsPermission | NeedsMedia
+CallOutcome = Started | NeedsPermission
 
 
 def start_limits(probe: PermissionProbe) -> tuple[Limit, ...]:
@@ -90,13 +81,13 @@ class CallService:
         number_types: NumberTypes,
         store: Store,
         tracker: CallTracker,
-        media: MediaEndpoint | None = None,
+        voice: VoiceSide | None = None,
     ) -> None:
         self._client = client
         self._types = number_types
         self._store = store
         self._tracker = tracker
-        self._media = media
+        self._voice = voice
         self._in_flight: set[str] = set()
 
     async def start(self, request: CallRequest) -> CallOutcome:
@@ -114,33 +105,26 @@ class CallService:
         number_type = await self._types.get()
         correlation_id = new_correlation_id()
         limits: tuple[Limit, ...] = ()
-        session: MediaSession | None = None
         if number_type is NumberType.META:
             probe = await self._client.get_permission(request.phone.e164)
             if not probe.may_call:
                 return NeedsPermission(probe)
-            if self._media is None:
-                return NeedsMedia(probe)
+            if self._voice is None:
+                raise CallbotError("media_unavailable")  # a Meta call needs our SDP offer
             limits = start_limits(probe)
-            session = await self._media.open_session(correlation_id)
-        record = await self._write_ahead(request, correlation_id, number_type)
-        body = StartCall(
-            to=request.phone.e164,
-            sdp=session.offer_sdp if session else None,
-            sdpType="offer" if session else None,
-            bizOpaqueCallbackData=correlation_id,
-        )
+        leg: Leg | None = None
+        if self._voice is not None:
+            leg = await self._voice.prepare(number_type, request.speech, request.locale)
+        elif request.speech is not None:
+            raise CallbotError("speech_unavailable")
         try:
-            call = await self._client.start_call(body)
-        except PilotStatusError as err:
-            await self._failed(record, err)
-            if session is not None:
-                await session.close()
-            raise
+            record = await self._write_ahead(request, correlation_id, number_type)
+            call = await self._post(record, leg)
         except BaseException:
-            # Cancelled mid-request: the attempt stays PENDING and the next start settles it.
-            if session is not None:
-                await session.close()
+            # Refused, or cancelled mid-request (then the attempt stays PENDING and the next
+            # start settles it): either way the media leg is of no use.
+            if leg is not None:
+                await leg.close()
             raise
         record = await self._store.call_started(
             record.id,
@@ -158,8 +142,24 @@ class CallService:
             request.operator_id,
             request.chat_id,
         )
+        if leg is not None and self._voice is not None:
+            self._voice.begin(leg, record)
         await self._tracker.started(record)
-        return Started(call, number_type, record, limits, session)
+        return Started(call, number_type, record, limits, spoken=leg is not None)
+
+    async def _post(self, record: CallRecord, leg: Leg | None) -> CallStarted:
+        offer = leg.offer_sdp if leg is not None else None
+        body = StartCall(
+            to=record.phone,
+            sdp=offer,
+            sdpType="offer" if offer else None,
+            bizOpaqueCallbackData=record.id,
+        )
+        try:
+            return await self._client.start_call(body)
+        except PilotStatusError as err:
+            await self._failed(record, err)
+            raise
 
     async def _write_ahead(
         self, request: CallRequest, correlation_id: str, number_type: NumberType
@@ -177,6 +177,7 @@ class CallService:
                 locale=request.locale,
                 note=request.note,
                 message_id=request.message_id,
+                spoken=request.speech is not None,
             ),
             audit=Audit(
                 "call.requested",

@@ -17,6 +17,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 IdList = Annotated[frozenset[int], NoDecode]
+UrlList = Annotated[tuple[str, ...], NoDecode]
 NumberTypeSetting = Literal["auto", "meta", "web"]
 _TOKEN = re.compile(r"^\d+:[A-Za-z0-9_-]{20,}$")
 
@@ -72,6 +73,19 @@ class Settings(BaseSettings):
     # how often due escalation steps are looked for (0 turns the timer off)
     oncall_tick_seconds: float = Field(default=1.0, ge=0, le=60)
 
+    # voice: the bot's own WebRTC endpoint for Meta numbers, and spoken messages on any call
+    stun_servers: UrlList = ("stun:stun.l.google.com:19302",)  # `none` for no STUN
+    media_max_calls: int = Field(default=10, ge=1, le=500)
+    media_answer_timeout: float = Field(default=20.0, gt=0, le=120)
+    media_connect_timeout: float = Field(default=10.0, gt=0, le=120)
+    call_ring_timeout: float = Field(default=60.0, gt=0, le=600)
+    speech_engine: str = "espeak-ng"
+    speech_repeat: int = Field(default=2, ge=1, le=5)
+    speech_words_per_minute: int = Field(default=150, ge=80, le=450)
+    # where Pilot Status can fetch audio the bot serves (/play on web numbers); else realtime
+    public_base_url: AnyHttpUrl | None = None
+    realtime_sample_rate: int = Field(default=16_000, ge=8_000, le=48_000)
+
     default_region: str = "BR"
     default_locale: Literal["en", "pt_BR"] = "en"
     confirm_ttl_seconds: int = Field(default=60, ge=5, le=3600)
@@ -86,6 +100,19 @@ class Settings(BaseSettings):
             if bad:
                 raise ValueError(f"not Telegram ids: {', '.join(bad)}")
             return frozenset(int(p) for p in parts)
+        return value
+
+    @field_validator("stun_servers", mode="before")
+    @classmethod
+    def _split_urls(cls, value: object) -> object:
+        if isinstance(value, str):
+            if value.strip().lower() == "none":
+                return ()
+            urls = tuple(p for p in re.split(r"[,\s]+", value) if p)
+            bad = [u for u in urls if not re.fullmatch(r"stuns?:[\w.-]+(:\d{1,5})?", u)]
+            if bad:
+                raise ValueError(f"not STUN URLs (stun:host:port): {', '.join(bad)}")
+            return urls
         return value
 
     @field_validator("pilot_status_webhook_token")

@@ -108,6 +108,7 @@ class CallTracker:
         self._orphans: dict[str, tuple[float, list[CallEvent]]] = {}
         self._commits = GroupCommit(store)
         self._observers: list[Callable[[CallRecord], Awaitable[None]]] = []
+        self._answer_observers: list[Callable[[str, str], Awaitable[None]]] = []
         self._tasks: dict[str, asyncio.Task[None]] = {}
 
     # events
@@ -129,6 +130,8 @@ class CallTracker:
         for event in events:
             if event.is_permission:
                 await self.on_permission(event)
+            elif event.sdp_answer:
+                await self._answered(event)
         return True
 
     async def on_event(self, event: CallEvent) -> CallRecord | None:
@@ -137,6 +140,8 @@ class CallTracker:
         if event.is_permission:
             await self.on_permission(event)
             return None
+        if event.sdp_answer:
+            await self._answered(event)
         ref, status = event.ref, event.call_status
         if ref is None or status is None:
             return None
@@ -195,6 +200,14 @@ class CallTracker:
     async def show(self, record: CallRecord) -> None:
         """Display only (e.g. a message that learnt of its call late)."""
         await self._view.show_call(record)
+
+    def on_answer(self, observer: Callable[[str, str], Awaitable[None]]) -> None:
+        """Be given each SDP answer a webhook carries, as (call ref, sdp): Meta's media answer."""
+        self._answer_observers.append(observer)
+
+    async def _answered(self, event: CallEvent) -> None:
+        for observer in self._answer_observers:
+            await observer(event.ref or "", event.sdp_answer or "")
 
     def subscribe(self, observer: Callable[[CallRecord], Awaitable[None]]) -> None:
         """Be told of every stored change of a call (the on-call escalation listens)."""

@@ -1,25 +1,55 @@
-"""The seam for the bot's own WebRTC endpoint, which Meta numbers need to place a call.
+"""The seam between placing a call and its media: what the call service asks of the voice side.
 
-A Meta call needs an SDP offer whose business side is `a=setup:active` (meta-webrtc.md).
-The voice issue plugs an aiortc endpoint in here; until then `media=None` and Meta calls stop
-after the permission checks.
+A Meta call needs an SDP offer from a WebRTC endpoint of ours whose business side is
+`a=setup:active` (meta-webrtc.md); any call may speak a message. `bot.voice` implements both with
+aiortc and espeak-ng; the call service knows only these protocols.
 """
 
 from __future__ import annotations
 
 from typing import Protocol
 
+from bot.pilot_status.models import NumberType
+from bot.storage.store import CallRecord
+from bot.voice.speech import Audio, Speech
+
 
 class MediaSession(Protocol):
-    """One call's media leg: the offer to send, then the answer to apply."""
+    """One call's media leg on our side: the offer to send, then the answer to apply."""
 
     @property
     def offer_sdp(self) -> str: ...
 
     async def apply_answer(self, sdp: str) -> None: ...
 
+    async def wait_connected(self, within: float) -> bool: ...
+
+    async def play(self, audio: Audio, *, repeat: int = 1, gap: float = 1.0) -> None: ...
+
     async def close(self) -> None: ...
 
 
 class MediaEndpoint(Protocol):
-    async def open_session(self, correlation_id: str) -> MediaSession: ...
+    async def open_session(self) -> MediaSession: ...
+
+
+class Leg(Protocol):
+    """What the voice side prepared for one call before it is placed."""
+
+    @property
+    def offer_sdp(self) -> str | None: ...
+
+    async def close(self) -> None: ...
+
+
+class VoiceSide(Protocol):
+    async def prepare(
+        self, number_type: NumberType, speech: Speech | None, locale: str
+    ) -> Leg | None:
+        """Before the POST: the media leg (Meta) or the audio (a spoken message), or None when
+        the call needs neither. Raises CallbotError when it cannot (busy, no speech engine)."""
+        ...
+
+    def begin(self, leg: Leg, record: CallRecord) -> None:
+        """After the API accepted the call: drive the leg until the call ends."""
+        ...

@@ -24,12 +24,13 @@ from typing import Protocol
 
 from bot import states
 from bot.alerts import Alert
-from bot.calls import CallRequest, CallService, NeedsMedia, NeedsPermission, Started
+from bot.calls import CallRequest, CallService, NeedsPermission, Started
 from bot.errors import CallbotError, describe
 from bot.phones import Phone, parse_phone, split_phone_and_note
 from bot.pilot_status.errors import PilotStatusError
 from bot.storage.oncall import Contact, Incident, NewIncident, OnCallStore, Team
 from bot.storage.store import CallRecord, utcnow
+from bot.voice.speech import Speech
 
 log = logging.getLogger(__name__)
 LEASE = timedelta(seconds=60)
@@ -111,8 +112,10 @@ class OnCall:
         throttles: tuple[Throttle, ...] = (Throttle(1, 60), Throttle(3, 900)),
         locale: str = "en",
         clock: Callable[[], datetime] = utcnow,
+        speech: Callable[[str, str], Speech | None] = lambda _team, _title: None,
     ) -> None:
         self._store = store
+        self._speech = speech  # what a ring says: (team, alert title) → speech, or None
         self._calls = calls
         self._view = view
         self._throttles = throttles
@@ -327,6 +330,7 @@ class OnCall:
             operator_name=f"on-call {team.name}",
             locale=self._locale,
             masked=True,
+            speech=self._speech(team.name, incident.title),
         )
         try:
             outcome = await self._calls.start(request)
@@ -357,15 +361,6 @@ class OnCall:
                     note += f": permission request failed ({describe(err).code})"
             await self._update(
                 incident, team, step=next_person, next_action_at=now, note=note + "; next person"
-            )
-            return True
-        if isinstance(outcome, NeedsMedia):
-            await self._update(
-                incident,
-                team,
-                step=next_person,
-                next_action_at=now,
-                note=f"{_hm(now)} {alias}: Meta number needs the media endpoint; next person",
             )
             return True
         await self._store.add_ring(contact.phone, now)

@@ -14,7 +14,7 @@ from aiogram.utils.i18n import lazy_gettext as __
 from babel.support import LazyProxy
 
 from bot import states
-from bot.calls import NeedsMedia, NeedsPermission
+from bot.calls import NeedsPermission
 from bot.errors import CallbotError
 from bot.oncall import on_call_now
 from bot.phones import Phone, mask
@@ -26,7 +26,8 @@ ERRORS: dict[str, LazyProxy] = {
     # the operator's input
     "usage": __(
         "Usage: <code>/call &lt;phone&gt; [note]</code>, e.g. "
-        "<code>/call +55 11 99999-9999 server down</code>."
+        "<code>/call +55 11 99999-9999 server down</code>. Start the note with "
+        "<code>say:</code> to have it spoken to them."
     ),
     "phone_empty": __("Tell me which number to call: <code>/call +55 11 99999-9999</code>."),
     "phone_not_a_number": __(
@@ -123,6 +124,30 @@ ERRORS: dict[str, LazyProxy] = {
         "not subscribed). An admin must finish the setup in the Pilot Status dashboard."
     ),
     "api_answer_too_late": __("The call's media answer came too late and Meta ended the call."),
+    # voice: the bot's media endpoint and speech
+    "media_busy": __(
+        "I am already on {max} calls with media, my limit. Try again when one of them ends."
+    ),
+    "media_unavailable": __(
+        "The bot's media (WebRTC) endpoint could not start, so no call was placed. An admin "
+        "should check the logs."
+    ),
+    "speech_unavailable": __(
+        "Speaking is not available: the text-to-speech engine (espeak-ng) is not installed or "
+        "failed. Send the /call again without <code>say:</code>."
+    ),
+    "media_no_answer": __(
+        "WhatsApp sent no media answer in time (Meta error 138007), so I hung up. Try again."
+    ),
+    "media_bad_answer": __(
+        "WhatsApp's media answer could not be used, so I hung up. Try again; if it repeats, an "
+        "admin should check the logs."
+    ),
+    "media_no_connection": __(
+        "The audio connection to WhatsApp never came up (ICE failed), so I hung up. The bot's "
+        "host needs outbound UDP, or a STUN server in STUN_SERVERS."
+    ),
+    "media_failed": __("The call's audio failed, so I hung up. An admin should check the logs."),
     "api_server_error": __("Pilot Status had a problem (HTTP {status}). Try again in a minute."),
     "api_bad_response": __(
         "Pilot Status answered something I could not read (HTTP {status}). Try again later; if it "
@@ -234,8 +259,21 @@ def number_label(phone: Phone, *, masked: bool) -> str:
     return escape(phone.masked if masked else phone.display)
 
 
-def _note_line(note: str | None) -> str:
-    return "\n" + _("Note: {note}").format(note=escape(note)) if note else ""
+def _note_line(note: str | None, spoken: bool = False) -> str:
+    if not note:
+        return ""
+    if spoken:
+        return "\n" + _("🔊 Says: {note}").format(note=escape(note))
+    return "\n" + _("Note: {note}").format(note=escape(note))
+
+
+def spoken_default() -> str:
+    """What a Meta call says when the operator gave nothing to say."""
+    return _("Hello. This is an automated call. Please check your messages.")
+
+
+def spoken_alert(team: str, title: str) -> str:
+    return _("Alert for team {team}: {title}").format(team=team, title=title)
 
 
 def limits_lines(limits: tuple[Limit, ...]) -> str:
@@ -305,9 +343,12 @@ def call_text(record: CallRecord, limits: tuple[Limit, ...] = ()) -> str:
         lines.append(_("Call id: <code>{id}</code>").format(id=escape(record.pilot_call_id)))
     if record.external_call_id:
         lines.append(_("External id: <code>{id}</code>").format(id=escape(record.external_call_id)))
-    if record.error_code and record.status in (states.NOT_STARTED, states.UNKNOWN_OUTCOME):
+    if record.error_code and (
+        record.status in (states.NOT_STARTED, states.UNKNOWN_OUTCOME)
+        or record.error_code.startswith("media_")
+    ):
         lines.append(error_text(CallbotError(record.error_code)))
-    return "\n".join(lines) + limits_lines(limits) + _note_line(record.note)
+    return "\n".join(lines) + limits_lines(limits) + _note_line(record.note, record.spoken)
 
 
 def calls_page_text(records: list[CallRecord], *, offset: int, total: int) -> str:
@@ -484,25 +525,12 @@ def needs_permission_text(outcome: NeedsPermission, phone: Phone, *, masked: boo
     return text + "\n" + _("Meta does not allow another permission request right now.")
 
 
-def needs_media_text(outcome: NeedsMedia, phone: Phone, *, masked: bool) -> str:
-    return (
-        _("✅ {number} allows calls from this business.").format(
-            number=number_label(phone, masked=masked)
-        )
-        + _expiry(outcome.probe)
-        + limits_lines(outcome.limits)
-        + "\n\n"
-        + _(
-            "This is a Meta Cloud API number: a call needs the bot's media (WebRTC) endpoint, "
-            "which is not configured yet, so no call was placed."
-        )
-    )
-
-
-def confirm_text(phone: Phone, note: str | None, *, masked: bool, ttl: int) -> str:
+def confirm_text(
+    phone: Phone, note: str | None, *, masked: bool, ttl: int, spoken: bool = False
+) -> str:
     return (
         _("Call {number}?").format(number=number_label(phone, masked=masked))
-        + _note_line(note)
+        + _note_line(note, spoken)
         + "\n"
         + _("Confirm within {seconds} s.").format(seconds=ttl)
     )
@@ -544,6 +572,11 @@ def help_text(*, is_caller: bool, is_admin: bool, number_type: NumberType | None
             "<code>/call &lt;phone&gt; [note]</code> — call a WhatsApp number; in groups I ask you "
             "to confirm first."
         ),
+        _(
+            "<code>/call &lt;phone&gt; say: &lt;text&gt;</code> — the callee hears the text when "
+            "they answer (<code>say en:</code> or <code>say pt:</code> picks the voice), then I "
+            "hang up."
+        ),
         _("/calls [n] — this chat's recent calls."),
         _("/status &lt;call id&gt; — fresh state of a call (or reply /status to its message)."),
         _("/hangup &lt;call id&gt; — end a call (or press Hang up on its message)."),
@@ -556,7 +589,7 @@ def help_text(*, is_caller: bool, is_admin: bool, number_type: NumberType | None
         lines += ["", _("You are not an operator yet: send /whoami and give the id to an admin.")]
     if is_admin:
         kind = {
-            NumberType.META: _("Meta Cloud API (needs call permission and a media endpoint)"),
+            NumberType.META: _("Meta Cloud API (needs call permission; the bot is the media end)"),
             NumberType.WEB: _("web (no permission step)"),
             None: _("not detected yet (Pilot Status unreachable); I will retry on the next /call"),
         }[number_type]

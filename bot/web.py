@@ -6,6 +6,7 @@ intake from monitoring, health.
   HMAC-SHA256 of the raw body. Each delivery is stored before the 2xx; the edit is queued.
 - `POST /alerts/{alertmanager|grafana|generic}/<team>` with `Authorization: Bearer <token>`:
   401 for a bad token, 400 with a reason for a bad body, nothing stored in either case.
+- `GET /audio/<signed ref>.wav`: a spoken message for Pilot's `/play`, served once, short-lived.
 - `GET /healthz`.
 """
 
@@ -23,6 +24,7 @@ from bot.alerts import Alert, AlertError, parse_alertmanager, parse_generic, par
 from bot.lifecycle import CallTracker
 from bot.oncall import OnCall
 from bot.pilot_status.webhooks import WebhookError, parse_delivery
+from bot.voice.shelf import AudioShelf
 
 log = logging.getLogger(__name__)
 TRACKER = web.AppKey("tracker", CallTracker)
@@ -42,6 +44,7 @@ def build_web_app(
     path_token: str | None,
     secret: str | None,
     max_body: int = 64 * 1024,
+    shelf: AudioShelf | None = None,
 ) -> web.Application:
     app = web.Application(client_max_size=max_body)
     app[TRACKER] = tracker
@@ -50,6 +53,8 @@ def build_web_app(
         app.router.add_post(f"/pilot-status/{path_token}", _receiver(secret))
     app.router.add_post("/alerts/{kind}/{team}", _alerts)
     app.router.add_get("/healthz", _health)
+    if shelf is not None:
+        app.router.add_get("/audio/{ref}.wav", shelf.serve)
     return app
 
 

@@ -13,7 +13,7 @@ from aiogram.utils.i18n import I18n
 from aiogram.utils.keyboard import InlineKeyboardBuilder
 
 from bot.access import AccessPolicy
-from bot.calls import CallOutcome, CallRequest, CallService, NeedsMedia, NeedsPermission, Started
+from bot.calls import CallOutcome, CallRequest, CallService, NeedsPermission, Started
 from bot.config import Settings
 from bot.errors import CallbotError
 from bot.live import CallNow, call_markup
@@ -30,10 +30,10 @@ from bot.texts import (
     confirm_text,
     default_permission_reason,
     error_text,
-    needs_media_text,
     needs_permission_text,
     permission_sent_text,
 )
+from bot.voice.speech import spoken_note
 from handlers.people import operator_name, sender_id
 
 
@@ -84,6 +84,7 @@ async def call_command(
     if not command.args:
         raise CallbotError("usage")
     phone, note = await oncall.callee(message.chat.id, command.args, region=settings.default_region)
+    note, speech = spoken_note(note, i18n.current_locale)
     request = CallRequest(
         operator_id=user_id or 0,
         chat_id=message.chat.id,
@@ -92,10 +93,13 @@ async def call_command(
         operator_name=operator_name(message.from_user),
         locale=i18n.current_locale,
         masked=_is_group(message),
+        speech=speech,
     )
     if request.masked:
         token = pending_calls.put(request)
-        text = confirm_text(phone, note, masked=True, ttl=settings.confirm_ttl_seconds)
+        text = confirm_text(
+            phone, note, masked=True, ttl=settings.confirm_ttl_seconds, spoken=speech is not None
+        )
         await message.reply(text, reply_markup=_confirm_keyboard(token))
         return
     outcome = await calls.start(request)
@@ -226,8 +230,6 @@ def _render(
             builder.button(text=button_ask_permission(), callback_data=AskPermission(token=token))
             markup = builder.as_markup()
         return needs_permission_text(outcome, request.phone, masked=masked), markup
-    if isinstance(outcome, NeedsMedia):
-        return needs_media_text(outcome, request.phone, masked=masked), None
     return call_text(outcome.record, outcome.limits), call_markup(outcome.record)
 
 

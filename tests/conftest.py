@@ -54,6 +54,7 @@ def settings_for(telegram: FakeTelegram, pilot: FakePilotStatus, **overrides: An
         "admin_ids": str(ADMIN),
         "pilot_status_retry_backoff": 0.01,
         "pilot_status_read_timeout": 2.0,
+        "stun_servers": "none",  # loopback only
     }
     return load_settings(**(values | overrides))
 

@@ -358,17 +358,24 @@ async def test_permission_request_refusals_are_explained(
     assert edited.message_id == reply.message_id
 
 
-async def test_meta_with_permission_shows_quota_and_needs_the_media_endpoint(
+async def test_meta_with_permission_dials_with_our_offer_and_shows_the_quota(
     start_bot: StartBot,
 ) -> None:
     bot = await start_bot(pilot_status_number_type="meta")
     bot.pilot.number_type = "meta"
     bot.pilot.set_permission(PHONE, "temporary", usage=2, max_allowed=5)
     reply = await command(bot, f"/call {PHONE}")
-    assert "allows calls" in reply.plain
+    assert ": started" in reply.plain
     assert "Calls used: 2 of 5 per 24 h" in reply.plain
-    assert "media (WebRTC) endpoint" in reply.plain
-    assert bot.pilot.calls_started() == []  # never a Meta call without sdp
+    [post] = bot.pilot.calls_started()
+    assert post.json["sdpType"] == "offer"
+    lines = post.json["sdp"].splitlines()
+    assert "a=setup:active" in lines
+    assert [line.split()[0] for line in lines if line.startswith("a=fingerprint:")] == [
+        "a=fingerprint:sha-256"
+    ]
+    assert [line for line in lines if line.startswith("a=rtpmap:")] == ["a=rtpmap:111 opus/48000/2"]
+    assert any(line.startswith("a=candidate:") for line in lines)
 
 
 # start, help, whoami

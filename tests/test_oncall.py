@@ -278,8 +278,9 @@ async def test_missing_permission_on_meta_asks_for_it_and_moves_on(
     requests = [r for r in bot.pilot.requests if r.operation == "request_permission"]
     assert [r.json["to"] for r in requests] == [ALICE]
     await bot.app.oncall.run_due()
-    await post_in(bot, INFRA_CHAT, "bob: Meta number needs the media endpoint")
-    assert bot.pilot.calls_started() == []  # never a Meta call without sdp
+    await post_in(bot, INFRA_CHAT, "calling bob")
+    [ring] = bot.pilot.calls_started()
+    assert ring.json["to"] == BOB and "a=setup:active" in ring.json["sdp"]
 
 
 async def test_nobody_acknowledging_ends_the_escalation(
@@ -405,5 +406,6 @@ async def test_a_permission_granted_after_the_escalation_asked_can_be_used_by_an
         data=data,
         chat_type="supergroup",
     )
-    final = await post_in(bot, INFRA_CHAT, "allows calls from this business")
-    assert final.message_id == told.message_id  # the Meta call stops at the media endpoint
+    final = await post_in(bot, INFRA_CHAT, ": started")
+    assert final.message_id == told.message_id  # the pressed message follows the call
+    assert "Started by Op" in final.plain

@@ -32,6 +32,7 @@ from bot.pilot_status.models import (
     CallStarted,
     PermissionProbe,
     PermissionRequested,
+    RealtimeSession,
     ServiceWindow,
     StartCall,
 )
@@ -120,6 +121,26 @@ class PilotStatusClient:
         # Ending a call twice is harmless, so a failed terminate may be retried.
         path = f"/v1/calls/{_seg(call_id)}/terminate"
         return await self._call("POST", path, CallAction, idempotent=True)
+
+    # media (web numbers)
+
+    async def play(
+        self, call_id: str, media_url: str, *, hangup_after_play: bool, every_name: bool = False
+    ) -> CallAction:
+        """`POST /v1/calls/{id}/play`. The docs name the URL field `mediaUrl` (the spec), `url` or
+        `audioUrl` (API.md D4): `every_name` sends all three, for a server that refused the
+        spec's; the contract allows the extra properties."""
+        body: dict[str, Any] = {"mediaUrl": media_url, "hangupAfterPlay": hangup_after_play}
+        if every_name:
+            body |= {"url": media_url, "audioUrl": media_url}
+        path = f"/v1/calls/{_seg(call_id)}/play"
+        return await self._call("POST", path, CallAction, json=body, idempotent=False)
+
+    async def realtime_session(self, call_id: str, mode: str = "talk") -> RealtimeSession:
+        path = f"/v1/calls/{_seg(call_id)}/realtime-session"
+        return await self._call(
+            "POST", path, RealtimeSession, json={"mode": mode}, idempotent=False
+        )
 
     # permissions and settings (Meta numbers)
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 from datetime import datetime
 from enum import StrEnum
 from typing import Annotated
+from urllib.parse import quote
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field
 
 
 class _Model(BaseModel):
@@ -81,6 +82,24 @@ class CallAction(_Model):
     success: bool = True
     id: str | None = None
     status: Status | None = None
+
+
+class RealtimeSession(_Model):
+    """A WebSocket of raw PCM16 frames; `token` may come separately or inside `wsUrl` (D7)."""
+
+    ws_url: str = Field(alias="wsUrl")
+    token: str | None = None
+    expires_in_seconds: int | None = Field(
+        default=None, validation_alias=AliasChoices("expiresInSeconds", "expiresIn")
+    )
+
+    @property
+    def url(self) -> str:
+        """The URL to connect to, with the token as a query parameter when it is not there."""
+        if not self.token or "token=" in self.ws_url:
+            return self.ws_url
+        separator = "&" if "?" in self.ws_url else "?"
+        return f"{self.ws_url}{separator}token={quote(self.token)}"
 
 
 class PermissionStatus(StrEnum):

@@ -57,6 +57,7 @@ class NewCall:
     locale: str
     note: str | None = None
     message_id: int | None = None
+    spoken: bool = False
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,7 @@ class CallRecord:
     connected_at: datetime | None
     ended_at: datetime | None
     history: tuple[StatusChange, ...] = ()
+    spoken: bool = False
 
     @property
     def terminal(self) -> bool:
@@ -126,6 +128,7 @@ def _record(row: CallRow, history: bool = False) -> CallRecord:
         masked=row.masked,
         locale=row.locale,
         note=row.note,
+        spoken=row.spoken,
         status=row.status,
         error_code=row.error_code,
         duration_seconds=row.duration_seconds,
@@ -163,6 +166,7 @@ class Store:
                 masked=new.masked,
                 locale=new.locale,
                 note=new.note,
+                spoken=new.spoken,
                 status=states.PENDING,
                 created_at=now,
                 updated_at=now,

@@ -1,0 +1,403 @@
+"""Speaking on calls, and the media of Meta calls: from the prepared leg to the hang-up.
+
+Meta number: our WebRTC offer goes with the POST; the answer comes by the raw `calls` webhook or
+by polling `GET /v1/calls/{id}?includeSdp=1`, whichever is first; once media is up and the callee
+answered, the message plays (`repeat` times), then the bot terminates the call and closes the
+peer connection. Web number: the message is played by `/play` from a signed URL the bot serves
+(when `PUBLIC_BASE_URL` is set), else streamed as PCM16 over `/realtime-session`.
+
+Every failure ends the call with a reason the chat shows; no peer connection or task outlives its
+call. Nothing here knows aiogram.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+from bot import states
+from bot.errors import CallbotError, describe
+from bot.lifecycle import CallTracker
+from bot.media import Leg, MediaEndpoint, MediaSession
+from bot.pilot_status.client import PilotStatusClient
+from bot.pilot_status.errors import BadRequestError, PilotStatusError
+from bot.pilot_status.models import NumberType
+from bot.storage.store import CallRecord, Store, utcnow
+from bot.voice.realtime import stream_pcm
+from bot.voice.sdp import SDPError
+from bot.voice.shelf import AudioShelf
+from bot.voice.speech import Audio, Speaker, Speech, SpeechError, tone
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class VoicePolicy:
+    repeat: int = 2  # times the message is said
+    gap: float = 1.0  # seconds of silence between two sayings
+    answer_timeout: float = 20.0  # Meta: seconds to get and apply the SDP answer (else 138007)
+    answer_poll_interval: float = 1.0
+    connect_timeout: float = 10.0  # seconds for ICE and DTLS once the answer is applied
+    ring_timeout: float = 60.0  # seconds the callee has to answer
+    max_sessions: int = 10  # Meta calls with media at once
+    realtime_rate: int = 16_000  # PCM16 sample rate on /realtime-session
+
+
+class _Failure(Exception):
+    def __init__(self, code: str) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+@dataclass(eq=False)
+class VoiceLeg:
+    """What one call needs from the voice side: its audio, and on Meta its peer connection."""
+
+    number_type: NumberType
+    audio: Audio
+    session: MediaSession | None = None
+    release: Callable[[], None] | None = None
+
+    @property
+    def offer_sdp(self) -> str | None:
+        return self.session.offer_sdp if self.session is not None else None
+
+    async def close(self) -> None:
+        release, self.release = self.release, None
+        try:
+            if self.session is not None:
+                await self.session.close()
+        finally:
+            if release is not None:
+                release()
+
+
+@dataclass(eq=False)
+class _Watch:
+    """What a call's driver waits on: its status as stored, and Meta's SDP answer."""
+
+    status: str
+    answer: asyncio.Future[str] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def update(self, status: str) -> None:
+        self.status = status
+        self.changed.set()
+
+    async def until(self, wanted: Callable[[str], bool], within: float | None = None) -> bool:
+        """Whether the status became `wanted` within `within` seconds (None: no limit)."""
+        deadline = None if within is None else time.monotonic() + within
+        while not wanted(self.status):
+            self.changed.clear()
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return False
+            try:
+                await asyncio.wait_for(self.changed.wait(), left)
+            except TimeoutError:
+                return wanted(self.status)
+        return True
+
+
+def _answered(status: str) -> bool:
+    return status == "ACCEPTED" or states.is_terminal(status)
+
+
+class Voice:
+    def __init__(
+        self,
+        client: PilotStatusClient,
+        store: Store,
+        tracker: CallTracker,
+        speaker: Speaker,
+        endpoint: MediaEndpoint,
+        *,
+        policy: VoicePolicy | None = None,
+        shelf: AudioShelf | None = None,
+        default_text: Callable[[str], str] = lambda _locale: "This is an automated call.",
+    ) -> None:
+        self._client = client
+        self._store = store
+        self._tracker = tracker
+        self._speaker = speaker
+        self._endpoint = endpoint
+        self.policy = policy or VoicePolicy()
+        self._shelf = shelf
+        self._default_text = default_text
+        self._open = 0
+        self._watches: dict[str, _Watch] = {}
+        self._refs: dict[str, str] = {}  # Pilot or external call id → our call id
+        self._early: dict[str, tuple[float, str]] = {}  # answers that came before the POST's reply
+        self._tasks: set[asyncio.Task[None]] = set()
+        tracker.subscribe(self.call_changed)
+        tracker.on_answer(self.answer_arrived)
+
+    @property
+    def open_sessions(self) -> int:
+        return self._open
+
+    @property
+    def speaking(self) -> bool:
+        return self._speaker.available
+
+    # before the call is placed
+
+    async def prepare(
+        self, number_type: NumberType, speech: Speech | None, locale: str
+    ) -> VoiceLeg | None:
+        if number_type is not NumberType.META:
+            return None if speech is None else VoiceLeg(number_type, await self._audio(speech))
+        if self._open >= self.policy.max_sessions:
+            raise CallbotError("media_busy", {"max": str(self.policy.max_sessions)})
+        if speech is None and not self._speaker.available:
+            audio = tone()  # no engine: the callee still hears that the call is for them
+        else:
+            audio = await self._audio(
+                speech or Speech.for_locale(self._default_text(locale), locale)
+            )
+        self._open += 1
+        try:
+            session = await self._endpoint.open_session()
+        except Exception as err:
+            self._open -= 1
+            log.exception("cannot open a media session")
+            raise CallbotError("media_unavailable") from err
+        return VoiceLeg(number_type, audio, session, self._release)
+
+    def _release(self) -> None:
+        self._open -= 1
+
+    async def _audio(self, speech: Speech) -> Audio:
+        try:
+            return await self._speaker.speak(speech)
+        except SpeechError as err:
+            log.warning("speech failed: %s", err)
+            raise CallbotError("speech_unavailable") from None
+
+    # after the API accepted the call
+
+    def begin(self, leg: Leg, record: CallRecord) -> None:
+        if not isinstance(leg, VoiceLeg):
+            raise TypeError("a leg prepared by another voice side")
+        watch = _Watch(record.status)
+        self._watches[record.id] = watch
+        for ref in filter(None, (record.pilot_call_id, record.external_call_id)):
+            self._refs[ref] = record.id
+            early = self._early.pop(ref, None)
+            if early is not None and not watch.answer.done():
+                watch.answer.set_result(early[1])
+        task = asyncio.create_task(self._drive(leg, record, watch), name=f"voice {record.id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def call_changed(self, record: CallRecord) -> None:
+        watch = self._watches.get(record.id)
+        if watch is not None:
+            watch.update(record.status)
+
+    async def answer_arrived(self, ref: str, sdp: str) -> None:
+        """Meta's SDP answer from the `calls` webhook."""
+        call_id = self._refs.get(ref)
+        watch = self._watches.get(call_id) if call_id else None
+        if watch is None:
+            now = time.monotonic()
+            self._early = {k: v for k, v in self._early.items() if now - v[0] < 60}
+            if len(self._early) < 1000:
+                self._early[ref] = (now, sdp)
+        elif not watch.answer.done():
+            watch.answer.set_result(sdp)
+
+    async def _drive(self, leg: VoiceLeg, record: CallRecord, watch: _Watch) -> None:
+        try:
+            if leg.session is not None:
+                await self._drive_meta(leg, leg.session, record, watch)
+            else:
+                await self._drive_web(leg, record, watch)
+        except _Failure as failure:
+            log.warning("call %s: %s", record.id, failure.code)
+            await self._end(record, "FAILED", failure.code)
+        except PilotStatusError as err:
+            log.warning("call %s: voice stopped by the API: %s", record.id, describe(err).code)
+            await self._end(record, "FAILED", "media_failed")
+        except Exception:
+            log.exception("call %s: voice failed", record.id)
+            await self._end(record, "FAILED", "media_failed")
+        finally:
+            await leg.close()
+            self._watches.pop(record.id, None)
+            for ref in (record.pilot_call_id, record.external_call_id):
+                self._refs.pop(ref or "", None)
+
+    async def _drive_meta(
+        self, leg: VoiceLeg, session: MediaSession, record: CallRecord, watch: _Watch
+    ) -> None:
+        answer = await self._answer(record, watch)
+        if answer is None:
+            return  # the call ended first; the tracker shows why
+        try:
+            await session.apply_answer(answer)
+        except SDPError as err:
+            log.warning("call %s: unusable SDP answer: %s", record.id, err)
+            raise _Failure("media_bad_answer") from None
+        if not await session.wait_connected(self.policy.connect_timeout):
+            raise _Failure("media_no_connection")
+        if not await self._picked_up(record, watch):
+            return
+        play = session.play(leg.audio, repeat=self.policy.repeat, gap=self.policy.gap)
+        if await self._until_ended(watch, play):
+            await self._end(record, "COMPLETED", None, spoken=True)
+
+    async def _answer(self, record: CallRecord, watch: _Watch) -> str | None:
+        """Meta's SDP answer, from the webhook or the API, whichever is first; None if the call
+        ended before it."""
+        assert record.pilot_call_id is not None
+        poll: asyncio.Future[Any] = asyncio.ensure_future(
+            self._poll_answer(record.pilot_call_id, watch)
+        )
+        ended: asyncio.Future[Any] = asyncio.ensure_future(watch.until(states.is_terminal))
+        try:
+            answer: asyncio.Future[Any] = watch.answer
+            await asyncio.wait(
+                {answer, poll, ended},
+                timeout=self.policy.answer_timeout,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            poll.cancel()
+            ended.cancel()
+        if watch.answer.done():
+            return watch.answer.result()
+        if poll.done() and not poll.cancelled() and poll.result():
+            return str(poll.result())
+        if states.is_terminal(watch.status):
+            return None
+        raise _Failure("media_no_answer")
+
+    async def _poll_answer(self, pilot_call_id: str, watch: _Watch) -> str:
+        while True:
+            try:
+                call = await self._client.get_call(pilot_call_id, include_sdp=True)
+            except PilotStatusError as err:
+                log.info("answer poll %s: %s", pilot_call_id, describe(err).code)
+            else:
+                if call.sdp_answer:
+                    return call.sdp_answer
+                if states.is_terminal(call.status.value):
+                    await self._tracker.apply_call(call, source="poll")
+                    return ""
+            await asyncio.sleep(self.policy.answer_poll_interval)
+
+    async def _picked_up(self, record: CallRecord, watch: _Watch) -> bool:
+        """Whether the callee answered; an unanswered call is ended as missed."""
+        if await watch.until(_answered, self.policy.ring_timeout):
+            return watch.status == "ACCEPTED"
+        await self._end(record, "MISSED", None)
+        return False
+
+    async def _until_ended(self, watch: _Watch, speaking: Coroutine[Any, Any, object]) -> bool:
+        """Speak unless the call ends first; whether the message was said to the end."""
+        speak: asyncio.Future[Any] = asyncio.ensure_future(speaking)
+        ended: asyncio.Future[Any] = asyncio.ensure_future(watch.until(states.is_terminal))
+        try:
+            await asyncio.wait({speak, ended}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ended.cancel()
+            if not speak.done():
+                speak.cancel()
+                await asyncio.gather(speak, return_exceptions=True)
+        if speak.cancelled():
+            return False
+        speak.result()  # a failure to speak is raised here
+        return True
+
+    async def _drive_web(self, leg: VoiceLeg, record: CallRecord, watch: _Watch) -> None:
+        assert record.pilot_call_id is not None
+        if self._shelf is not None and await self._play_by_url(leg, record):
+            return  # Pilot plays it once the call connects, then hangs up
+        if not await self._picked_up(record, watch):
+            return
+        session = await self._client.realtime_session(record.pilot_call_id)
+        stream = stream_pcm(
+            session.url,
+            leg.audio,
+            rate=self.policy.realtime_rate,
+            repeat=self.policy.repeat,
+            gap=self.policy.gap,
+        )
+        if await self._until_ended(watch, stream):
+            await self._end(record, "COMPLETED", None, spoken=True)
+
+    async def _play_by_url(self, leg: VoiceLeg, record: CallRecord) -> bool:
+        """`/play` with `hangupAfterPlay`; the spec's field first, every documented name if that
+        is refused (API.md D4). False when the API will not play it."""
+        assert self._shelf is not None and record.pilot_call_id is not None
+        audio = leg.audio
+        silence = b"\x00\x00" * int(audio.rate * self.policy.gap)
+        wav = Audio((audio.pcm + silence) * (self.policy.repeat - 1) + audio.pcm, audio.rate).wav()
+        url = self._shelf.put(wav)
+        for every_name in (False, True):
+            try:
+                await self._client.play(
+                    record.pilot_call_id, url, hangup_after_play=True, every_name=every_name
+                )
+            except BadRequestError as err:
+                log.info("play refused (%s); every_name=%s", err.code, every_name)
+                continue
+            await self._store.audit(
+                "call.play",
+                chat_id=record.chat_id,
+                subject=record.id,
+                detail={"seconds": round(audio.seconds * self.policy.repeat, 1)},
+            )
+            return True
+        return False
+
+    async def _end(
+        self, record: CallRecord, status: str, error_code: str | None, *, spoken: bool = False
+    ) -> None:
+        """Hang up (harmless if the call already ended) and store how it ended."""
+        assert record.pilot_call_id is not None
+        try:
+            await self._client.terminate(record.pilot_call_id)
+        except PilotStatusError as err:
+            log.info("terminate %s: %s", record.id, describe(err).code)
+        updated, changed = await self._store.apply_status(
+            record.pilot_call_id, status, at=utcnow(), source="bot", error_code=error_code
+        )
+        if spoken or error_code:
+            await self._store.audit(
+                "call.spoken" if spoken else "call.media_failed",
+                chat_id=record.chat_id,
+                subject=record.id,
+                detail={"error": error_code} if error_code else {"repeat": self.policy.repeat},
+            )
+        if updated is not None and changed:
+            await self._tracker.changed(updated)
+
+    async def stop(self) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class LazyEndpoint:
+    """The aiortc endpoint, imported on the first Meta call (not at start: a bot that never
+    places one never pays for aiortc and PyAV)."""
+
+    def __init__(self, stun_servers: tuple[str, ...] = ()) -> None:
+        self._stun = stun_servers
+        self._endpoint: MediaEndpoint | None = None
+
+    async def open_session(self) -> MediaSession:
+        if self._endpoint is None:
+            # The first import takes ~0.3 s: in a thread, so the loop keeps serving others.
+            module = await asyncio.to_thread(__import__, "bot.voice.webrtc", fromlist=["_"])
+            self._endpoint = module.AiortcEndpoint(self._stun)
+        return await self._endpoint.open_session()
