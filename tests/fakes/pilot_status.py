@@ -18,6 +18,25 @@ Every request goes through the same pipeline:
 4. the most recent matching `script()` entry, if any, decides the answer;
 5. otherwise the default behaviour for `fake.number_type` ("meta", "web", "other").
 
+`GET /ws/{callId}?token=...` (the realtime media WebSocket of web numbers, §2.6) is not part
+of the REST contract: it is served before the pipeline, not recorded in `fake.requests` and
+never a contract violation (see `RealtimeRecord`).
+
+Opt-in behaviour beyond the REST answers:
+
+- `fake.webhooks_to(url, secret)`: every call status change (`call.ringing`,
+  `call.connected`, `call.ended`, `call.missed`, §6.3) is POSTed there as Pilot's flat event,
+  signed with `x-pilot-status-signature` when a secret is set, with a unique
+  `Idempotency-Key`, in order, by one background sender (`fake.deliveries`,
+  `await fake.wait_deliveries()`).
+- `fake.media = MediaScenario(...)` on a Meta number: each `POST /v1/calls` gets a real
+  aiortc peer standing in for Meta's media edge (`fake.edges[call_id]`, a
+  `tests.fakes.meta_edge.MetaEdge`) that answers the business's offer; the answer is
+  exposed as `sdpAnswer` (and, with `answer_via="webhook"`, in Meta's raw `calls`
+  envelope); the callee answers when DTLS connects, rejects, or ignores the call.
+- `POST /v1/calls/{id}/play` (web) downloads the audio like Pilot would (`fake.plays`,
+  `await fake.wait_played(call_id)`) and hangs up after it when `hangupAfterPlay` is true.
+
 Usage::
 
     async with FakePilotStatus(number_type="meta") as fake:
@@ -25,23 +44,33 @@ Usage::
         fake.error("start_call", "META_CALL_PERMISSION_REQUIRED", status=400, times=1)
         ...  # point the client at fake.url
         assert fake.contract_violations == []
+
+`close()` ends everything the fake started: open WebSockets, background tasks (webhook
+sender, downloads, media flows), every `MetaEdge`, and its HTTP client.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import hmac
 import json
 import re
 import secrets
+import socket
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import cache
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import TYPE_CHECKING, Any, Literal, Self
+from urllib.parse import urlsplit
 
+import aiohttp
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 from openapi_core import Config, OpenAPI
@@ -49,11 +78,19 @@ from openapi_core.datatypes import RequestParameters
 from openapi_core.templating.paths.exceptions import PathError
 from werkzeug.datastructures import Headers, ImmutableMultiDict
 
+if TYPE_CHECKING:  # aiortc/av are imported only when a MediaScenario is used
+    from tests.fakes.meta_edge import MetaEdge
+
 __all__ = [
     "CONTRACT_PATH",
+    "GARBAGE_SDP",
     "OPERATIONS",
     "FakePilotStatus",
+    "MediaScenario",
+    "PlayRecord",
+    "RealtimeRecord",
     "RecordedRequest",
+    "WebhookDelivery",
 ]
 
 CONTRACT_PATH = Path(__file__).resolve().parents[1] / "contract" / "pilot-status-openapi.json"
@@ -90,6 +127,18 @@ _CALL_STATUSES = frozenset(
     {"INITIATED", "RINGING", "ACCEPTED", "REJECTED", "COMPLETED", "FAILED", "MISSED"}
 )
 _TERMINAL = frozenset({"REJECTED", "COMPLETED", "FAILED", "MISSED"})
+# Status -> normalized webhook event (§6.3); INITIATED has none.
+_STATUS_EVENTS = {
+    "RINGING": "call.ringing",
+    "ACCEPTED": "call.connected",
+    "REJECTED": "call.ended",
+    "COMPLETED": "call.ended",
+    "FAILED": "call.ended",
+    "MISSED": "call.missed",
+}
+GARBAGE_SDP = "v=0\r\nthis is not sdp\r\n"
+_LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+_HTTP_TIMEOUT = 5.0
 
 _NOT_CALLING = "Calling is only supported for Meta Cloud API and Pilot Status (web) numbers."
 _META_ONLY_MSG = "This endpoint is only available for Meta Cloud API numbers"
@@ -131,6 +180,97 @@ class RecordedRequest:
     received_at: float  # time.perf_counter() when the handler got the request
     responded_at: float | None = None  # perf_counter() right before answering (or dropping)
     status: int | None = None  # status we answered; None when dropped or never answered
+
+
+@dataclass
+class MediaScenario:
+    """How Meta's side behaves for `POST /v1/calls` with an SDP offer (Meta numbers only).
+
+    - `answer_via`: "poll" = the answer is only in `GET /v1/calls/{id}?includeSdp=1`
+      (`sdpAnswer`); "webhook" = also POSTed as Meta's raw `calls` envelope (`event:
+      "connect"`) to the `webhooks_to()` target.
+    - `answer`: "ok" = the edge's real answer; "none" = never any answer; "garbage" =
+      `GARBAGE_SDP`; "blackhole" = a valid answer whose candidates (and `m=` port) all
+      point at a closed UDP port on 127.0.0.1, the edge itself being closed (ICE never
+      connects).
+    - `answer_delay`: seconds between the edge's answer and its publication.
+    - `callee`: "answer" = ACCEPTED (`call.connected`) when the edge's ICE+DTLS connects;
+      "reject" = REJECTED (`call.ended`) `ring_delay` seconds after the POST, edge closed;
+      "ignore" = stays RINGING.
+    - `edge_tone_hz`/`edge_amplitude`: what the edge sends back (None = silence).
+    """
+
+    answer_via: Literal["poll", "webhook"] = "poll"
+    answer: Literal["ok", "none", "garbage", "blackhole"] = "ok"
+    answer_delay: float = 0.0
+    callee: Literal["answer", "reject", "ignore"] = "answer"
+    ring_delay: float = 0.05
+    edge_tone_hz: float | None = 880.0
+    edge_amplitude: float = 0.01
+
+
+@dataclass
+class WebhookDelivery:
+    """One POST the fake made (or is about to make) to the webhook target."""
+
+    url: str
+    payload: Any  # the JSON object sent
+    raw: bytes  # the exact body (what the signature covers)
+    headers: dict[str, str]
+    status: int | None = None  # receiver's HTTP status once delivered
+    error: str | None = None  # transport error, if any
+    done: bool = False
+
+
+@dataclass
+class PlayRecord:
+    """One accepted `POST /v1/calls/{id}/play` and the fake's download of its audio.
+
+    Only loopback URLs (127.0.0.1, localhost, ::1) are fetched; any other host is recorded
+    as `error` without network access. `finished` is set after the download (and the
+    hang-up, when `hangupAfterPlay` is true and the download gave a 2xx).
+    """
+
+    call_id: str
+    json: dict[str, Any]  # the request body
+    url: str | None  # the URL the fake fetched (see FakePilotStatus.play_field)
+    status: int | None = None
+    content_type: str | None = None
+    body: bytes = b""
+    error: str | None = None
+    finished: asyncio.Event = field(default_factory=asyncio.Event, repr=False, compare=False)
+
+
+@dataclass
+class RealtimeRecord:
+    """One realtime media WebSocket (§2.6) accepted by the fake.
+
+    `opened_at`/`closed_at` are `time.perf_counter()` values; `closed` is set when the
+    socket ends. The fake sends nothing by itself; `send_bytes()` lets a test talk back.
+    """
+
+    call_id: str
+    mode: str | None
+    token: str
+    opened_at: float
+    frames: list[bytes] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    closed_at: float | None = None
+    closed: asyncio.Event = field(default_factory=asyncio.Event, repr=False, compare=False)
+    ws: web.WebSocketResponse | None = field(default=None, repr=False, compare=False)
+
+    async def send_bytes(self, data: bytes) -> None:
+        if self.ws is None or self.ws.closed:
+            raise RuntimeError("the realtime WebSocket is not open")
+        await self.ws.send_bytes(data)
+
+
+@dataclass
+class _WsGrant:
+    call_id: str
+    mode: str | None
+    expires_at: float  # time.monotonic()
+    used: bool = False
 
 
 @dataclass
@@ -278,10 +418,45 @@ def _validation_error(*details: str) -> web.Response:
     return _error(400, None, "Validation error", details=list(details))
 
 
+def _dead_udp_port() -> int:
+    """A UDP port on 127.0.0.1 that nothing listens on (bound, then released)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def _blackhole(sdp: str, port: int) -> str:
+    """`sdp` with the `m=` port, `c=` address and every candidate at 127.0.0.1:`port`."""
+    out: list[str] = []
+    seen: set[tuple[str, ...]] = set()
+    for line in sdp.splitlines():
+        if line.startswith("m="):
+            parts = line.split(" ")
+            parts[1] = str(port)
+            line = " ".join(parts)
+        elif line.startswith("c=IN "):
+            line = "c=IN IP4 127.0.0.1"
+        elif line.startswith("a=candidate:"):
+            parts = line.split(" ")
+            parts[4], parts[5] = "127.0.0.1", str(port)
+            key = (parts[1], parts[2].lower())
+            if key in seen:
+                continue
+            seen.add(key)
+            line = " ".join(parts)
+        out.append(line)
+    return "\r\n".join(out) + "\r\n"
+
+
 class FakePilotStatus:
     """Pilot Status on 127.0.0.1; see the module docstring for the request pipeline."""
 
     business_number = _BUSINESS_NUMBER  # digits, used as `fromNumber` of outbound calls
+    # Name of the duration field of `call.ended` webhooks (API.md D10: docs also say "duration").
+    duration_field: Literal["durationSeconds", "duration"] = "durationSeconds"
+    # Seconds a realtime token stays valid (the answer always says expiresInSeconds: 120).
+    realtime_ttl: float = 120.0
 
     def __init__(
         self,
@@ -303,10 +478,28 @@ class FakePilotStatus:
         self._scripts: list[_Script] = []
         self._runner: web.ServerRunner | None = None
         self._port = 0
+        # Meta media (opt-in), webhooks, web media.
+        self.media: MediaScenario | None = None
+        self.edges: dict[str, MetaEdge] = {}
+        self.webhook_url: str | None = None
+        self.webhook_secret: str | None = None
+        self.deliveries: list[WebhookDelivery] = []
+        self.play_field: Literal["mediaUrl", "url", "audioUrl"] = "mediaUrl"
+        self.plays: list[PlayRecord] = []
+        self.realtime: dict[str, RealtimeRecord] = {}
+        self.background_errors: list[str] = []  # failures of the fake's own background tasks
+        self._ws_grants: dict[str, _WsGrant] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._call_tasks: dict[str, set[asyncio.Task[Any]]] = {}
+        self._outbox: asyncio.Queue[WebhookDelivery] | None = None
+        self._sender: asyncio.Task[None] | None = None
+        self._http: aiohttp.ClientSession | None = None
+        self._closing = False
 
     # -- lifecycle ------------------------------------------------------------------------
 
     async def start(self) -> None:
+        self._closing = False
         server = _CountingServer(
             self._handle, on_connection=self._count_connection, access_log=None
         )
@@ -318,9 +511,25 @@ class FakePilotStatus:
         self.url = f"http://127.0.0.1:{self._port}"
 
     async def close(self) -> None:
+        """Stop serving, then end WebSockets, background tasks, edges and the HTTP client."""
+        self._closing = True
+        for record in list(self.realtime.values()):
+            if record.ws is not None and not record.ws.closed:
+                with contextlib.suppress(TimeoutError, ConnectionError):
+                    await asyncio.wait_for(record.ws.close(), 1.0)
         if self._runner is not None:
             runner, self._runner = self._runner, None
             await runner.cleanup()
+        while self._tasks:
+            tasks = list(self._tasks)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        self._sender, self._outbox = None, None
+        await asyncio.gather(*(edge.close() for edge in self.edges.values()))
+        if self._http is not None:
+            http, self._http = self._http, None
+            await http.close()
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -436,18 +645,59 @@ class FakePilotStatus:
 
     def emit_status(self, call_id: str, status: str, **fields: Any) -> None:
         """Move a stored call (by id or externalCallId) to `status`; `fields` override DTO
-        fields. Fills connectedAt on ACCEPTED, endedAt/durationSeconds on terminal states."""
+        fields. Fills connectedAt on ACCEPTED, endedAt/durationSeconds on terminal states.
+        A real change of status is sent to the `webhooks_to()` target, if any, and a
+        terminal one closes the call's Meta edge."""
         call = self._find_call(call_id)
         if call is None:
             raise KeyError(call_id)
         if status not in _CALL_STATUSES:
             raise ValueError(f"unknown call status {status!r}")
-        self._set_status(call, status)
-        call.update(fields)
+        self._transition(call, status, **fields)
+
+    def webhooks_to(self, url: str | None, secret: str | None = None) -> None:
+        """Deliver webhooks to `url` (None stops), signed with `secret` when given."""
+        self.webhook_url = url
+        self.webhook_secret = secret
+
+    async def wait_deliveries(self, timeout: float = 5.0) -> list[WebhookDelivery]:  # noqa: ASYNC109
+        """Wait until every queued webhook was POSTed; returns `deliveries`."""
+        if self._outbox is not None:
+            await asyncio.wait_for(self._outbox.join(), timeout)
+        return self.deliveries
+
+    async def wait_played(self, call_id: str, timeout: float = 5.0) -> PlayRecord:  # noqa: ASYNC109
+        """The latest play of `call_id` (id or externalCallId) once its download finished;
+        waits for the play request itself when none was received yet."""
+        async with asyncio.timeout(timeout):
+            while True:
+                call = self._find_call(call_id)
+                wanted = call["id"] if call else call_id
+                records = [r for r in self.plays if r.call_id == wanted]
+                if records:
+                    await records[-1].finished.wait()
+                    return records[-1]
+                await asyncio.sleep(0.01)
+
+    async def wait_status(
+        self,
+        call_id: str,
+        status: str,
+        timeout: float = 5.0,  # noqa: ASYNC109
+    ) -> dict[str, Any]:
+        """Wait until the stored call (id or externalCallId) has `status`; returns it."""
+        async with asyncio.timeout(timeout):
+            while True:
+                call = self._find_call(call_id)
+                if call is not None and call["status"] == status:
+                    return call
+                await asyncio.sleep(0.01)
 
     # -- request pipeline -----------------------------------------------------------------
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        if request.method == "GET" and request.path.startswith("/ws/"):
+            return await self._realtime_ws(request)  # not REST: no recording, no contract
         received_at = time.perf_counter()
         raw = await request.read()
         operation, call_ref = _route(request.method, request.path)
@@ -582,7 +832,10 @@ class FakePilotStatus:
         call["bizOpaqueCallbackData"] = body.get("bizOpaqueCallbackData")
         if self.number_type == "meta":
             call["sdpOffer"] = sdp
-        return _json(201, {k: call[k] for k in ("id", "externalCallId", "status")})
+        response = _json(201, {k: call[k] for k in ("id", "externalCallId", "status")})
+        if self.number_type == "meta" and self.media is not None and isinstance(sdp, str):
+            self._begin_media(call, sdp, dataclasses.replace(self.media))
+        return response
 
     def _list_calls(self, body: Mapping[str, Any], query: Mapping[str, str]) -> web.Response:
         limit_text = query.get("limit", "25")
@@ -693,6 +946,12 @@ class FakePilotStatus:
             return _json(200, self._public(call, include_sdp=query.get("includeSdp") == "1"))
         if operation == "realtime_session":
             token = secrets.token_urlsafe(12)
+            mode = body.get("mode")
+            self._ws_grants[token] = _WsGrant(
+                call["id"],
+                mode if isinstance(mode, str) else None,
+                time.monotonic() + self.realtime_ttl,
+            )
             return _json(
                 200,
                 {
@@ -702,6 +961,12 @@ class FakePilotStatus:
                 },
             )
         if operation == "play":  # §2.6: queued until the call connects; status not persisted
+            if self.play_field != "mediaUrl" and self.play_field not in body:
+                missing = f"{self.play_field} is required"
+                return _error(400, "VALIDATION", "Validation error", details=[missing])
+            record = PlayRecord(call["id"], dict(body), self._play_url(body))
+            self.plays.append(record)
+            self._spawn(self._play(call, record))
             return self._action_result(call, "ACCEPTED")
         if operation in ("pre_accept", "accept") and self.number_type == "meta":
             if not body.get("sdp"):
@@ -713,7 +978,7 @@ class FakePilotStatus:
             "reject": "REJECTED",
             "terminate": "COMPLETED",
         }[operation]
-        self._set_status(call, new_status)
+        self._transition(call, new_status)
         return self._action_result(call, new_status)
 
     # -- call store -----------------------------------------------------------------------
@@ -773,3 +1038,243 @@ class FakePilotStatus:
     @staticmethod
     def _action_result(call: Mapping[str, Any], status: str) -> web.Response:
         return _json(200, {"success": True, "id": call["id"], "status": status})
+
+    # -- status changes and webhooks ------------------------------------------------------
+
+    def _transition(self, call: dict[str, Any], status: str, **fields: Any) -> None:
+        """Set `status` (and `fields`); on a real change notify the webhook target, and on a
+        terminal status close the call's Meta edge and end its media tasks."""
+        before = call["status"]
+        self._set_status(call, status)
+        call.update(fields)
+        if status == before:
+            return
+        self._send_status_event(call)
+        if status in _TERMINAL and call["id"] in self.edges:
+            self._spawn(self._stop_media(call["id"]))
+
+    def _send_status_event(self, call: Mapping[str, Any]) -> None:
+        event = _STATUS_EVENTS.get(call["status"])
+        if event is None:
+            return
+        inbound = call["direction"] == "INBOUND"
+        payload: dict[str, Any] = {
+            "event": event,
+            "callId": call["id"],
+            "externalCallId": call["externalCallId"],
+            "direction": call["direction"],
+            "from": call["peerNumber"] if inbound else call["fromNumber"],
+            "to": self.business_number if inbound else call["peerNumber"],
+            "status": call["status"],
+            "timestamp": _iso(datetime.now(UTC)),
+        }
+        if event == "call.ended" and call.get("durationSeconds") is not None:
+            payload[self.duration_field] = call["durationSeconds"]
+        self._send_webhook(payload)
+
+    def _connect_envelope(self, call: Mapping[str, Any], sdp: str) -> dict[str, Any]:
+        """Meta's raw `calls` webhook carrying the SDP answer (§1.1 step 3, §6.2)."""
+        value = {
+            "messaging_product": "whatsapp",
+            "metadata": {"display_phone_number": self.business_number, "phone_number_id": "1"},
+            "calls": [
+                {
+                    "id": call["externalCallId"],
+                    "to": call["peerNumber"],
+                    "from": self.business_number,
+                    "event": "connect",
+                    "direction": "BUSINESS_INITIATED",
+                    "timestamp": str(int(time.time())),
+                    "session": {"sdp_type": "answer", "sdp": sdp},
+                }
+            ],
+        }
+        return {
+            "object": "whatsapp_business_account",
+            "entry": [{"id": "1", "changes": [{"field": "calls", "value": value}]}],
+        }
+
+    def _send_webhook(self, payload: dict[str, Any]) -> None:
+        """Queue one delivery to the webhook target (nothing when there is none)."""
+        if self.webhook_url is None or self._closing:
+            return
+        raw = json.dumps(payload).encode()
+        headers = {"Content-Type": "application/json", "Idempotency-Key": "evt_" + _ulid()}
+        if self.webhook_secret:
+            digest = hmac.new(self.webhook_secret.encode(), raw, hashlib.sha256).hexdigest()
+            headers["x-pilot-status-signature"] = digest
+        delivery = WebhookDelivery(self.webhook_url, payload, raw, headers)
+        self.deliveries.append(delivery)
+        if self._outbox is None:
+            self._outbox = asyncio.Queue()
+        self._outbox.put_nowait(delivery)
+        if self._sender is None or self._sender.done():
+            self._sender = self._spawn(self._deliver(self._outbox))
+
+    async def _deliver(self, outbox: asyncio.Queue[WebhookDelivery]) -> None:
+        """The one sender: POST queued deliveries in order, without retries."""
+        while True:
+            delivery = await outbox.get()
+            try:
+                async with self._client().post(
+                    delivery.url, data=delivery.raw, headers=delivery.headers
+                ) as answer:
+                    delivery.status = answer.status
+                    await answer.read()
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                delivery.error = f"{type(exc).__name__}: {exc}"
+            finally:
+                delivery.done = True
+                outbox.task_done()
+
+    # -- Meta media -----------------------------------------------------------------------
+
+    def _begin_media(self, call: dict[str, Any], sdp: str, scenario: MediaScenario) -> None:
+        from tests.fakes.meta_edge import MetaEdge
+
+        edge = MetaEdge(sdp, tone_hz=scenario.edge_tone_hz, amplitude=scenario.edge_amplitude)
+        self.edges[call["id"]] = edge
+        if scenario.answer_via == "webhook" and self.webhook_url is None:
+            self.background_errors.append(
+                f"{call['id']}: answer_via='webhook' but no webhooks_to() target"
+            )
+        self._transition(call, "RINGING")
+        self._spawn(self._media_flow(call, edge, scenario), call_id=call["id"])
+        if scenario.callee == "reject":
+            self._spawn(self._reject_after(call, scenario.ring_delay), call_id=call["id"])
+
+    async def _media_flow(
+        self, call: dict[str, Any], edge: MetaEdge, scenario: MediaScenario
+    ) -> None:
+        if scenario.answer == "none":
+            return
+        if scenario.answer == "garbage":
+            published = GARBAGE_SDP
+        else:
+            try:
+                published = await edge.answer(call["sdpOffer"])
+            except Exception as exc:  # a bad offer: the call fails, as with Meta's error 100
+                edge.error = f"{type(exc).__name__}: {exc}"
+                if call["status"] not in _TERMINAL:
+                    message = f"fake Meta edge could not answer: {edge.error}"
+                    self._transition(
+                        call, "FAILED", errorCode="FAKE_EDGE_ERROR", errorMessage=message
+                    )
+                return
+            if scenario.answer == "blackhole":
+                published = _blackhole(published, _dead_udp_port())
+                await edge.close()
+        if scenario.answer_delay > 0:
+            await asyncio.sleep(scenario.answer_delay)
+        if call["status"] in _TERMINAL:
+            return
+        call["sdpAnswer"] = published
+        call["updatedAt"] = _iso(datetime.now(UTC))
+        if scenario.answer_via == "webhook":
+            self._send_webhook(self._connect_envelope(call, published))
+        if scenario.callee == "answer" and scenario.answer == "ok":
+            await edge.connected.wait()
+            if call["status"] not in _TERMINAL:
+                self._transition(call, "ACCEPTED")
+
+    async def _reject_after(self, call: dict[str, Any], delay: float) -> None:
+        await asyncio.sleep(delay)
+        if call["status"] not in _TERMINAL:
+            self._transition(call, "REJECTED")
+
+    async def _stop_media(self, call_id: str) -> None:
+        current = asyncio.current_task()
+        for task in self._call_tasks.pop(call_id, set()):
+            if task is not current:
+                task.cancel()
+        edge = self.edges.get(call_id)
+        if edge is not None:
+            await edge.close()
+
+    # -- web media: /play and the realtime WebSocket --------------------------------------
+
+    def _play_url(self, body: Mapping[str, Any]) -> str | None:
+        for name in (self.play_field, "mediaUrl", "url", "audioUrl"):
+            if isinstance(body.get(name), str):
+                return str(body[name])
+        return None
+
+    async def _play(self, call: dict[str, Any], record: PlayRecord) -> None:
+        try:
+            host = urlsplit(record.url).hostname if record.url else None
+            if record.url is None:
+                record.error = "no URL in the body"
+            elif host not in _LOOPBACK_HOSTS:
+                record.error = f"not downloaded: {host!r} is not a loopback host"
+            else:
+                try:
+                    async with self._client().get(record.url) as answer:
+                        record.status = answer.status
+                        record.content_type = answer.headers.get("Content-Type")
+                        record.body = await answer.read()
+                except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                    record.error = f"{type(exc).__name__}: {exc}"
+            downloaded = record.status is not None and 200 <= record.status < 300
+            hang_up = record.json.get("hangupAfterPlay") is True
+            if downloaded and hang_up and call["status"] not in _TERMINAL:
+                self._transition(call, "COMPLETED")
+        finally:
+            record.finished.set()
+
+    async def _realtime_ws(self, request: web.BaseRequest) -> web.StreamResponse:
+        call_id = request.path[len("/ws/") :]
+        token = request.query.get("token", "")
+        grant = self._ws_grants.get(token)
+        ws = web.WebSocketResponse(timeout=1.0)
+        valid = (
+            grant is not None
+            and not grant.used
+            and grant.call_id == call_id
+            and time.monotonic() <= grant.expires_at
+        )
+        if grant is None or not valid:
+            return _error(401, None, "Unauthorized")
+        if not ws.can_prepare(request).ok:  # the token stays usable
+            return _error(400, None, "WebSocket upgrade required")
+        grant.used = True
+        await ws.prepare(request)
+        record = RealtimeRecord(call_id, grant.mode, token, time.perf_counter(), ws=ws)
+        self.realtime[call_id] = record
+        try:
+            async for message in ws:
+                if message.type == aiohttp.WSMsgType.BINARY:
+                    record.frames.append(message.data)
+                elif message.type == aiohttp.WSMsgType.TEXT:
+                    record.texts.append(message.data)
+        finally:
+            record.closed_at = time.perf_counter()
+            record.closed.set()
+        return ws
+
+    # -- background work ------------------------------------------------------------------
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._http is None:
+            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=_HTTP_TIMEOUT))
+        return self._http
+
+    def _spawn(
+        self, coro: Coroutine[Any, Any, None], *, call_id: str | None = None
+    ) -> asyncio.Task[None] | None:
+        """Run `coro` as a task that close() ends; `call_id` ties it to a call's media."""
+        if self._closing:
+            coro.close()
+            return None
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        if call_id is not None:
+            self._call_tasks.setdefault(call_id, set()).add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        for tasks in self._call_tasks.values():
+            tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            self.background_errors.append(f"{type(exc).__name__}: {exc}")
