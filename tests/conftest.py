@@ -55,6 +55,8 @@ def settings_for(telegram: FakeTelegram, pilot: FakePilotStatus, **overrides: An
         "pilot_status_retry_backoff": 0.01,
         "pilot_status_read_timeout": 2.0,
         "stun_servers": "none",  # loopback only
+        "web_host": "127.0.0.1",
+        "web_port": 0,  # any free port
     }
     return load_settings(**(values | overrides))
 

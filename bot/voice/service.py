@@ -245,12 +245,16 @@ class Voice:
         except SDPError as err:
             log.warning("call %s: unusable SDP answer: %s", record.id, err)
             raise _Failure("media_bad_answer") from None
-        if not await session.wait_connected(self.policy.connect_timeout):
+        connecting = session.wait_connected(self.policy.connect_timeout)
+        ended, connected = await self._unless_ended(watch, connecting)
+        if ended:
+            return
+        if not connected:
             raise _Failure("media_no_connection")
         if not await self._picked_up(record, watch):
             return
         play = session.play(leg.audio, repeat=self.policy.repeat, gap=self.policy.gap)
-        if await self._until_ended(watch, play):
+        if not (await self._unless_ended(watch, play))[0]:
             await self._end(record, "COMPLETED", None, spoken=True)
 
     async def _answer(self, record: CallRecord, watch: _Watch) -> str | None:
@@ -300,21 +304,23 @@ class Voice:
         await self._end(record, "MISSED", None)
         return False
 
-    async def _until_ended(self, watch: _Watch, speaking: Coroutine[Any, Any, object]) -> bool:
-        """Speak unless the call ends first; whether the message was said to the end."""
-        speak: asyncio.Future[Any] = asyncio.ensure_future(speaking)
+    async def _unless_ended(
+        self, watch: _Watch, step: Coroutine[Any, Any, Any]
+    ) -> tuple[bool, Any]:
+        """Run `step` unless the call ends first: (True, None) if it ended, else (False, result).
+        A failure of the step is raised."""
+        running: asyncio.Future[Any] = asyncio.ensure_future(step)
         ended: asyncio.Future[Any] = asyncio.ensure_future(watch.until(states.is_terminal))
         try:
-            await asyncio.wait({speak, ended}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({running, ended}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             ended.cancel()
-            if not speak.done():
-                speak.cancel()
-                await asyncio.gather(speak, return_exceptions=True)
-        if speak.cancelled():
-            return False
-        speak.result()  # a failure to speak is raised here
-        return True
+            if not running.done():
+                running.cancel()
+                await asyncio.gather(running, return_exceptions=True)
+        if running.cancelled():
+            return True, None
+        return False, running.result()
 
     async def _drive_web(self, leg: VoiceLeg, record: CallRecord, watch: _Watch) -> None:
         assert record.pilot_call_id is not None
@@ -330,7 +336,7 @@ class Voice:
             repeat=self.policy.repeat,
             gap=self.policy.gap,
         )
-        if await self._until_ended(watch, stream):
+        if not (await self._unless_ended(watch, stream))[0]:
             await self._end(record, "COMPLETED", None, spoken=True)
 
     async def _play_by_url(self, leg: VoiceLeg, record: CallRecord) -> bool:
@@ -363,12 +369,19 @@ class Voice:
     ) -> None:
         """Hang up (harmless if the call already ended) and store how it ended."""
         assert record.pilot_call_id is not None
+        duration = None
         try:
             await self._client.terminate(record.pilot_call_id)
+            duration = (await self._client.get_call(record.pilot_call_id)).duration_seconds
         except PilotStatusError as err:
             log.info("terminate %s: %s", record.id, describe(err).code)
         updated, changed = await self._store.apply_status(
-            record.pilot_call_id, status, at=utcnow(), source="bot", error_code=error_code
+            record.pilot_call_id,
+            status,
+            at=utcnow(),
+            source="bot",
+            duration_seconds=duration,
+            error_code=error_code,
         )
         if spoken or error_code:
             await self._store.audit(
