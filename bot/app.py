@@ -36,7 +36,7 @@ from bot.pilot_status import PilotStatusClient, RetryPolicy, build_http_client
 from bot.pilot_status.errors import PilotStatusError
 from bot.storage.db import create_engine, database_url, migrate, sessionmaker
 from bot.storage.oncall import OnCallStore
-from bot.storage.store import Store
+from bot.storage.store import Store, utcnow
 from bot.texts import COMMANDS, spoken_alert, spoken_default
 from bot.voice.service import LazyEndpoint, Voice, VoicePolicy
 from bot.voice.shelf import AudioShelf
@@ -147,6 +147,7 @@ class CallbotApp:
         self.web: web.AppRunner | None = None
         self.web_port: int | None = None
         self._background: set[asyncio.Task[None]] = set()
+        self._started_at = utcnow()
 
     def _say(self, text: Callable[..., str]) -> Callable[..., str]:
         """A text of bot.texts in a given locale, outside any Telegram update."""
@@ -248,6 +249,7 @@ class CallbotApp:
     async def _recover(self) -> None:
         try:
             await self.tracker.recover()
+            await self.voice.end_orphans(started_before=self._started_at)
         except Exception:
             log.exception("recovery after restart failed; it runs again at the next start")
 

@@ -148,6 +148,10 @@ ERRORS: dict[str, LazyProxy] = {
         "host needs outbound UDP, or a STUN server in STUN_SERVERS."
     ),
     "media_failed": __("The call's audio failed, so I hung up. An admin should check the logs."),
+    "media_lost": __(
+        "The bot restarted during this call and lost its audio, so it hung up. Call again if "
+        "needed."
+    ),
     "api_server_error": __("Pilot Status had a problem (HTTP {status}). Try again in a minute."),
     "api_bad_response": __(
         "Pilot Status answered something I could not read (HTTP {status}). Try again later; if it "

@@ -9,16 +9,20 @@ import re
 import socket
 import wave
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from bot.errors import CallbotError
+from bot.pilot_status.models import NumberType
 from bot.voice.speech import Speaker, Speech
 from tests.conftest import RunningBot, StartBot
 from tests.fakes.pilot_status import MediaScenario
 from tests.fakes.telegram import SentMessage
 from tests.speech import espeak, loud_seconds
 from tests.test_lifecycle import PHONE, SECRET, TOKEN, command, shown
+from tests.test_oncall import ALICE, HOOK, INFRA_CHAT, Clock, alert, generic, oncall_bot, post_in
 
 __all__ = ["espeak"]
 OTHER = "+5511988887777"
@@ -82,6 +86,15 @@ def terminated(bot: RunningBot, pilot_id: str) -> bool:
     )
 
 
+async def hung_up(bot: RunningBot, pilot_id: str) -> bool:
+    """Whether the bot sends `terminate` for the call within a few seconds."""
+    for _ in range(250):
+        if terminated(bot, pilot_id):
+            return True
+        await asyncio.sleep(0.02)
+    return False
+
+
 # Meta numbers: the bot is the WebRTC endpoint
 
 
@@ -92,8 +105,8 @@ async def test_a_meta_call_speaks_the_note_then_hangs_up_answer_by_polling(
     reply = await command(bot, f"/call {PHONE} say: {MESSAGE}")
     assert ": started" in reply.plain and f"🔊 Says: {MESSAGE}" in reply.plain
     pilot_id = pilot_id_of(bot)
-    final = await shown(bot, reply, ": ended")
-    assert "Duration:" in final.plain and f"🔊 Says: {MESSAGE}" in final.plain
+    final = await shown(bot, reply, "Duration:")
+    assert ": ended" in final.plain and f"🔊 Says: {MESSAGE}" in final.plain
     edge = bot.pilot.edges[pilot_id]
     heard, said = edge.seconds_of_sound(), await loud(MESSAGE)
     assert 0.7 * said <= heard <= 1.2 * said, (heard, said)  # the speech, once, not silence
@@ -107,7 +120,7 @@ async def test_a_meta_call_speaks_the_note_then_hangs_up_answer_by_polling(
     assert any(
         r.operation == "get_call" and r.query.get("includeSdp") == "1" for r in bot.pilot.requests
     )
-    assert terminated(bot, pilot_id)
+    assert await hung_up(bot, pilot_id)
     await settled(bot)
 
 
@@ -123,7 +136,7 @@ async def test_a_meta_call_takes_the_answer_from_the_calls_webhook(
     assert bot.pilot.edges[pilot_id].seconds_of_sound() >= 0.7 * await loud(MESSAGE)
     polls = [r for r in bot.pilot.requests if r.query.get("includeSdp") == "1"]
     assert len(polls) == 1  # the one poll made at once, before the answer existed
-    assert terminated(bot, pilot_id)
+    assert await hung_up(bot, pilot_id)
     await settled(bot)
 
 
@@ -177,21 +190,21 @@ async def test_no_answer_sdp_hangs_up_with_138007(start_bot: StartBot, espeak: s
     bot = await meta_bot(start_bot, MediaScenario(answer="none"), media_answer_timeout=0.5)
     reply = await command(bot, f"/call {PHONE} say: {MESSAGE}")
     await fails_with(bot, reply, "no media answer in time (Meta error 138007)")
-    assert terminated(bot, pilot_id_of(bot))
+    assert await hung_up(bot, pilot_id_of(bot))
 
 
 async def test_an_answer_that_does_not_parse_hangs_up(start_bot: StartBot, espeak: str) -> None:
     bot = await webhook_meta_bot(start_bot, MediaScenario(answer="garbage", answer_via="webhook"))
     reply = await command(bot, f"/call {PHONE} say: {MESSAGE}")
     await fails_with(bot, reply, "media answer could not be used")
-    assert terminated(bot, pilot_id_of(bot))
+    assert await hung_up(bot, pilot_id_of(bot))
 
 
 async def test_ice_that_never_connects_hangs_up(start_bot: StartBot, espeak: str) -> None:
     bot = await meta_bot(start_bot, MediaScenario(answer="blackhole"), media_connect_timeout=1)
     reply = await command(bot, f"/call {PHONE} say: {MESSAGE}")
     await fails_with(bot, reply, "never came up (ICE failed)")
-    assert terminated(bot, pilot_id_of(bot))
+    assert await hung_up(bot, pilot_id_of(bot))
 
 
 async def test_a_rejected_call_ends_cleanly_unspoken(start_bot: StartBot, espeak: str) -> None:
@@ -242,7 +255,7 @@ async def test_a_web_call_streams_pcm16_over_the_realtime_socket(
     loud = [f for f in session.frames if max(abs(b - 128) for b in f[1::2]) > 8]
     assert len(loud) * 0.02 >= 0.5 * expected  # speech, not zeros
     assert session.closed_at is not None and session.closed_at - session.opened_at >= 0.9 * expected
-    assert terminated(bot, pilot_id)
+    assert await hung_up(bot, pilot_id)
     await settled(bot)
 
 
@@ -320,3 +333,69 @@ async def test_group_confirmation_shows_what_will_be_said(
         language_code=language,
     )
     assert ("🔊 Says:" if language == "en" else "🔊 Diz:") in reply.plain
+
+
+# on-call: a ring says the alert
+
+
+async def test_an_on_call_ring_on_a_meta_number_speaks_the_alert(
+    start_bot: StartBot, tmp_path: Path, espeak: str
+) -> None:
+    bot = await oncall_bot(
+        start_bot, tmp_path, Clock(), pilot_status_number_type="meta", speech_repeat=1
+    )
+    bot.pilot.number_type = "meta"
+    bot.pilot.media = MediaScenario()
+    bot.pilot.set_permission(ALICE, "temporary")
+    bot.pilot.webhooks_to(f"http://127.0.0.1:{bot.app.web_port}/pilot-status/{HOOK}")
+    await alert(bot, generic(title="disk full on db-1"))
+    await bot.app.oncall.run_due()
+    await post_in(bot, INFRA_CHAT, "calling alice")
+    pilot_id = pilot_id_of(bot, ALICE)
+    await bot.pilot.wait_status(pilot_id, "COMPLETED", timeout=20)
+    heard = bot.pilot.edges[pilot_id].seconds_of_sound()
+    assert heard >= 0.7 * await loud("Alert for team infra: disk full on db-1")
+    record = await bot.app.store.get_call(pilot_id)
+    assert record is not None and record.spoken and record.note == "disk full on db-1"
+    await settled(bot)
+
+
+async def test_two_meta_calls_at_once_cannot_both_take_the_last_slot(
+    start_bot: StartBot, espeak: str
+) -> None:
+    bot = await meta_bot(start_bot, MediaScenario(), media_max_calls=1)
+    voice = bot.app.voice
+    results = await asyncio.gather(
+        voice.prepare(NumberType.META, Speech("one", "en-us"), "en"),
+        voice.prepare(NumberType.META, Speech("two", "en-us"), "en"),
+        return_exceptions=True,
+    )
+    legs = [r for r in results if not isinstance(r, BaseException)]
+    refused = [r for r in results if isinstance(r, CallbotError)]
+    assert len(legs) == 1 and [e.code for e in refused] == ["media_busy"]
+    assert voice.open_sessions == 1
+    for leg in legs:
+        assert leg is not None
+        await leg.close()
+    assert voice.open_sessions == 0
+
+
+async def test_a_meta_call_whose_media_died_in_a_restart_is_hung_up_with_the_reason(
+    start_bot: StartBot, tmp_path: Path, espeak: str
+) -> None:
+    scenario = MediaScenario(callee="ignore")
+    first = await meta_bot(start_bot, scenario, data_dir=str(tmp_path))
+    reply = await command(first, f"/call {PHONE} say: {MESSAGE}")
+    pilot_id = pilot_id_of(first)
+    await first.pilot.wait_status(pilot_id, "RINGING")
+    for _ in range(100):  # the reply is stored as the call's message before the crash
+        record = await first.app.store.get_call(pilot_id)
+        if record is not None and record.message_id == reply.message_id:
+            break
+        await asyncio.sleep(0.02)
+    await first.crash()
+    assert not terminated(first, pilot_id)
+    await meta_bot(start_bot, scenario, data_dir=str(tmp_path))
+    final = await shown(first, reply, "restarted during this call")
+    assert ": failed" in final.plain
+    assert await hung_up(first, pilot_id)

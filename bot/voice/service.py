@@ -17,6 +17,7 @@ import logging
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from bot import states
@@ -142,10 +143,6 @@ class Voice:
     def open_sessions(self) -> int:
         return self._open
 
-    @property
-    def speaking(self) -> bool:
-        return self._speaker.available
-
     # before the call is placed
 
     async def prepare(
@@ -155,17 +152,21 @@ class Voice:
             return None if speech is None else VoiceLeg(number_type, await self._audio(speech))
         if self._open >= self.policy.max_sessions:
             raise CallbotError("media_busy", {"max": str(self.policy.max_sessions)})
-        if speech is None and not self._speaker.available:
-            audio = tone()  # no engine: the callee still hears that the call is for them
-        else:
-            audio = await self._audio(
-                speech or Speech.for_locale(self._default_text(locale), locale)
-            )
-        self._open += 1
+        self._open += 1  # the slot is taken before any await: two /calls cannot both pass
         try:
+            if speech is None and not self._speaker.available:
+                audio = tone()  # no engine: the callee still hears that the call is for them
+            else:
+                default = Speech.for_locale(self._default_text(locale), locale)
+                audio = await self._audio(speech or default)
             session = await self._endpoint.open_session()
-        except Exception as err:
+        except CallbotError:
             self._open -= 1
+            raise
+        except BaseException as err:
+            self._open -= 1
+            if not isinstance(err, Exception):
+                raise
             log.exception("cannot open a media session")
             raise CallbotError("media_unavailable") from err
         return VoiceLeg(number_type, audio, session, self._release)
@@ -367,22 +368,10 @@ class Voice:
     async def _end(
         self, record: CallRecord, status: str, error_code: str | None, *, spoken: bool = False
     ) -> None:
-        """Hang up (harmless if the call already ended) and store how it ended."""
+        """Store how the call ended, then hang up (harmless if it already ended). Stored first,
+        so the reason is not lost to a status a poll reads between the hang-up and the store."""
         assert record.pilot_call_id is not None
-        duration = None
-        try:
-            await self._client.terminate(record.pilot_call_id)
-            duration = (await self._client.get_call(record.pilot_call_id)).duration_seconds
-        except PilotStatusError as err:
-            log.info("terminate %s: %s", record.id, describe(err).code)
-        updated, changed = await self._store.apply_status(
-            record.pilot_call_id,
-            status,
-            at=utcnow(),
-            source="bot",
-            duration_seconds=duration,
-            error_code=error_code,
-        )
+        await self._settle(record.pilot_call_id, status, error_code=error_code)
         if spoken or error_code:
             await self._store.audit(
                 "call.spoken" if spoken else "call.media_failed",
@@ -390,8 +379,48 @@ class Voice:
                 subject=record.id,
                 detail={"error": error_code} if error_code else {"repeat": self.policy.repeat},
             )
+        try:
+            await self._client.terminate(record.pilot_call_id)
+            call = await self._client.get_call(record.pilot_call_id)
+        except PilotStatusError as err:
+            log.info("terminate %s: %s", record.id, describe(err).code)
+            return
+        if call.duration_seconds is not None:
+            await self._settle(record.pilot_call_id, status, duration=call.duration_seconds)
+
+    async def _settle(
+        self,
+        pilot_call_id: str,
+        status: str,
+        *,
+        error_code: str | None = None,
+        duration: int | None = None,
+    ) -> None:
+        updated, changed = await self._store.apply_status(
+            pilot_call_id,
+            status,
+            at=utcnow(),
+            source="bot",
+            duration_seconds=duration,
+            error_code=error_code,
+        )
         if updated is not None and changed:
             await self._tracker.changed(updated)
+
+    async def end_orphans(self, started_before: datetime) -> int:
+        """After a restart: Meta calls of an earlier process lost their peer connection with
+        it, so nobody can speak on them; hang them up and say why. Returns how many."""
+        orphans = [
+            record
+            for record in await self._store.live_calls()
+            if record.number_type == NumberType.META.value
+            and record.created_at < started_before
+            and record.id not in self._watches
+        ]
+        for record in orphans:
+            log.warning("call %s lost its media in a restart: hanging up", record.id)
+            await self._end(record, "FAILED", "media_lost")
+        return len(orphans)
 
     async def stop(self) -> None:
         tasks = list(self._tasks)
