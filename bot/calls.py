@@ -47,7 +47,6 @@ class Started:
     number_type: NumberType
     record: CallRecord
     limits: tuple[Limit, ...] = ()
-    spoken: bool = False  # the call says a message (the note, or on Meta the default one)
 
     @property
     def correlation_id(self) -> str:
@@ -120,19 +119,19 @@ class CallService:
         try:
             record = await self._write_ahead(request, correlation_id, number_type)
             call = await self._post(record, leg)
+            record = await self._store.call_started(
+                record.id,
+                pilot_call_id=call.id,
+                external_call_id=call.external_call_id,
+                status=call.status.value,
+                audit=Audit("call.started", request.operator_id, {"call": call.id}),
+            )
         except BaseException:
             # Refused, or cancelled mid-request (then the attempt stays PENDING and the next
             # start settles it): either way the media leg is of no use.
             if leg is not None:
                 await leg.close()
             raise
-        record = await self._store.call_started(
-            record.id,
-            pilot_call_id=call.id,
-            external_call_id=call.external_call_id,
-            status=call.status.value,
-            audit=Audit("call.started", request.operator_id, {"call": call.id}),
-        )
         log.info(
             "call started: call_id=%s correlation=%s to=%s type=%s operator=%s chat=%s",
             call.id,
@@ -145,7 +144,7 @@ class CallService:
         if leg is not None and self._voice is not None:
             self._voice.begin(leg, record)
         await self._tracker.started(record)
-        return Started(call, number_type, record, limits, spoken=leg is not None)
+        return Started(call, number_type, record, limits)
 
     async def _post(self, record: CallRecord, leg: Leg | None) -> CallStarted:
         offer = leg.offer_sdp if leg is not None else None

@@ -399,3 +399,14 @@ async def test_a_meta_call_whose_media_died_in_a_restart_is_hung_up_with_the_rea
     final = await shown(first, reply, "restarted during this call")
     assert ": failed" in final.plain
     assert await hung_up(first, pilot_id)
+
+
+async def test_a_refused_meta_post_closes_its_peer_connection(
+    start_bot: StartBot, espeak: str
+) -> None:
+    bot = await meta_bot(start_bot, MediaScenario())
+    bot.pilot.error("start_call", "META_CALL_PERMISSION_REQUIRED", status=400, times=1)
+    reply = await command(bot, f"/call {PHONE} say: {MESSAGE}")
+    assert "permission" in reply.plain.lower()
+    assert bot.app.voice.open_sessions == 0 and bot.pilot.edges == {}
+    await settled(bot)
