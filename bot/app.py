@@ -112,7 +112,9 @@ class CallbotApp:
             settings.speech_engine, words_per_minute=settings.speech_words_per_minute
         )
         base = settings.public_base_url
-        self.shelf = AudioShelf(str(base)) if base is not None else None
+        # a /play URL lives while the call may still ring, and at least two minutes
+        ttl = max(120.0, settings.call_ring_timeout + 60)
+        self.shelf = AudioShelf(str(base), ttl=ttl) if base is not None else None
         self.voice = Voice(
             self.pilot,
             self.store,

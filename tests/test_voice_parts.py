@@ -141,6 +141,9 @@ def test_the_shelf_serves_a_file_once_and_refuses_forged_or_stale_urls() -> None
     stale = shelf.put(b"RIFF-two").rsplit("/", 1)[1].removesuffix(".wav")
     now[0] += 61
     assert shelf.take(stale) is None and len(shelf) == 0
+    unfetched = shelf.put(b"RIFF-three")
+    shelf.discard(unfetched)  # its call ended first
+    assert len(shelf) == 0
 
 
 def test_a_bot_that_places_no_meta_call_never_imports_aiortc(tmp_path: Path) -> None:

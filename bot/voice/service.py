@@ -62,6 +62,7 @@ class VoiceLeg:
     audio: Audio
     session: MediaSession | None = None
     release: Callable[[], None] | None = None
+    shelved: str | None = None  # the URL of its audio on the shelf, for /play
 
     @property
     def offer_sdp(self) -> str | None:
@@ -231,6 +232,8 @@ class Voice:
             await self._end(record, "FAILED", "media_failed")
         finally:
             await leg.close()
+            if leg.shelved is not None and self._shelf is not None:
+                self._shelf.discard(leg.shelved)
             self._watches.pop(record.id, None)
             for ref in (record.pilot_call_id, record.external_call_id):
                 self._refs.pop(ref or "", None)
@@ -326,7 +329,10 @@ class Voice:
     async def _drive_web(self, leg: VoiceLeg, record: CallRecord, watch: _Watch) -> None:
         assert record.pilot_call_id is not None
         if self._shelf is not None and await self._play_by_url(leg, record):
-            return  # Pilot plays it once the call connects, then hangs up
+            # Pilot fetches and plays it once the call connects, then hangs up: the file stays
+            # on the shelf until the call ends or the URL expires.
+            await watch.until(states.is_terminal, self._shelf.ttl)
+            return
         if not await self._picked_up(record, watch):
             return
         session = await self._client.realtime_session(record.pilot_call_id)
@@ -348,6 +354,7 @@ class Voice:
         silence = b"\x00\x00" * int(audio.rate * self.policy.gap)
         wav = Audio((audio.pcm + silence) * (self.policy.repeat - 1) + audio.pcm, audio.rate).wav()
         url = self._shelf.put(wav)
+        leg.shelved = url
         for every_name in (False, True):
             try:
                 await self._client.play(

@@ -57,6 +57,15 @@ class AudioShelf:
         entry = self._files.pop(name, None)
         return entry[1] if entry else None
 
+    @property
+    def ttl(self) -> float:
+        return self._ttl
+
+    def discard(self, url: str) -> None:
+        """Forget a file whose call ended before it was fetched."""
+        name = url.rsplit("/", 1)[-1].partition(".")[0]
+        self._files.pop(name, None)
+
     def __len__(self) -> int:
         return len(self._files)
 
