@@ -19,6 +19,7 @@ import pytest
 from aiohttp import web
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpSender, RTCSessionDescription
 
+from bot.voice.sdp import offer_for_meta
 from tests.fakes.meta_edge import MetaEdge, ToneTrack
 from tests.fakes.pilot_status import GARBAGE_SDP, FakePilotStatus, MediaScenario
 
@@ -26,20 +27,6 @@ KEY = "ps_" + "a" * 48
 PHONE = "+5511999999999"
 SECRET = "whsec_test"
 WAV = b"RIFF\x24\x00\x00\x00WAVEfmt " + bytes(28)
-
-
-def sdp_for_meta(sdp: str) -> str:
-    """What the bot does to aiortc's offer: a=setup:active, sha-256 fingerprint only."""
-    out = []
-    for line in sdp.splitlines():
-        if line.startswith("a=setup:"):
-            line = "a=setup:active"
-        if line.startswith("a=fingerprint:") and not line.lower().startswith(
-            "a=fingerprint:sha-256"
-        ):
-            continue
-        out.append(line)
-    return "\r\n".join(out) + "\r\n"
 
 
 class Business:
@@ -58,7 +45,7 @@ class Business:
 
     async def offer(self) -> str:
         await self.pc.setLocalDescription(await self.pc.createOffer())
-        return sdp_for_meta(self.pc.localDescription.sdp)
+        return offer_for_meta(self.pc.localDescription.sdp)
 
     async def apply(self, answer: str) -> None:
         await self.pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
@@ -465,5 +452,5 @@ async def test_meta_edge_alone(business: Business) -> None:
 
     passive = MetaEdge()
     with pytest.raises(ValueError, match="passive"):
-        await passive.answer(sdp_for_meta(stock).replace("a=setup:active", "a=setup:passive"))
+        await passive.answer(offer_for_meta(stock).replace("a=setup:active", "a=setup:passive"))
     await passive.close()

@@ -19,7 +19,6 @@ from bot.pilot_status.models import NumberType
 from bot.voice.speech import Speaker, Speech
 from tests.conftest import RunningBot, StartBot
 from tests.fakes.pilot_status import MediaScenario
-from tests.fakes.telegram import SentMessage
 from tests.speech import espeak, loud_seconds
 from tests.test_lifecycle import PHONE, SECRET, TOKEN, command, shown
 from tests.test_oncall import ALICE, HOOK, INFRA_CHAT, Clock, alert, generic, oncall_bot, post_in
@@ -179,32 +178,28 @@ async def test_without_a_speech_engine_a_meta_call_beeps_and_say_is_refused_clea
 # Meta faults
 
 
-async def fails_with(bot: RunningBot, reply: SentMessage, text: str) -> SentMessage:
+async def fails_with(bot: RunningBot, text: str) -> None:
+    """A spoken /call ends as failed with `text` as the reason; the bot hung up."""
+    reply = await command(bot, f"/call {PHONE} say: {MESSAGE}")
     final = await shown(bot, reply, text)
     assert ": failed" in final.plain
+    assert await hung_up(bot, pilot_id_of(bot))
     await settled(bot)
-    return final
 
 
 async def test_no_answer_sdp_hangs_up_with_138007(start_bot: StartBot, espeak: str) -> None:
     bot = await meta_bot(start_bot, MediaScenario(answer="none"), media_answer_timeout=0.5)
-    reply = await command(bot, f"/call {PHONE} say: {MESSAGE}")
-    await fails_with(bot, reply, "no media answer in time (Meta error 138007)")
-    assert await hung_up(bot, pilot_id_of(bot))
+    await fails_with(bot, "no media answer in time (Meta error 138007)")
 
 
 async def test_an_answer_that_does_not_parse_hangs_up(start_bot: StartBot, espeak: str) -> None:
     bot = await webhook_meta_bot(start_bot, MediaScenario(answer="garbage", answer_via="webhook"))
-    reply = await command(bot, f"/call {PHONE} say: {MESSAGE}")
-    await fails_with(bot, reply, "media answer could not be used")
-    assert await hung_up(bot, pilot_id_of(bot))
+    await fails_with(bot, "media answer could not be used")
 
 
 async def test_ice_that_never_connects_hangs_up(start_bot: StartBot, espeak: str) -> None:
     bot = await meta_bot(start_bot, MediaScenario(answer="blackhole"), media_connect_timeout=1)
-    reply = await command(bot, f"/call {PHONE} say: {MESSAGE}")
-    await fails_with(bot, reply, "never came up (ICE failed)")
-    assert await hung_up(bot, pilot_id_of(bot))
+    await fails_with(bot, "never came up (ICE failed)")
 
 
 async def test_a_rejected_call_ends_cleanly_unspoken(start_bot: StartBot, espeak: str) -> None:
