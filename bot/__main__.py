@@ -25,6 +25,10 @@ def main() -> int:
     )
     # httpx logs full URLs at INFO, and permission probes carry the phone in the query.
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    # aioice logs every ICE check of every Meta call at INFO (addresses, states): noise.
+    if settings.log_level != "DEBUG":
+        for name in ("aioice", "aiortc"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     if sys.argv[1:] == ["migrate"]:
         asyncio.run(migrate_only(settings))
         logging.getLogger("callbot").info("database schema is up to date")
