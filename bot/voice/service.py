@@ -265,9 +265,7 @@ class Voice:
         """Meta's SDP answer, from the webhook or the API, whichever is first; None if the call
         ended before it."""
         assert record.pilot_call_id is not None
-        poll: asyncio.Future[Any] = asyncio.ensure_future(
-            self._poll_answer(record.pilot_call_id, watch)
-        )
+        poll: asyncio.Future[Any] = asyncio.ensure_future(self._poll_answer(record.pilot_call_id))
         ended: asyncio.Future[Any] = asyncio.ensure_future(watch.until(states.is_terminal))
         try:
             answer: asyncio.Future[Any] = watch.answer
@@ -287,7 +285,7 @@ class Voice:
             return None
         raise _Failure("media_no_answer")
 
-    async def _poll_answer(self, pilot_call_id: str, watch: _Watch) -> str:
+    async def _poll_answer(self, pilot_call_id: str) -> str:
         while True:
             try:
                 call = await self._client.get_call(pilot_call_id, include_sdp=True)
