@@ -359,10 +359,10 @@ def logged_plays() -> Iterator[PlayLog]:
     original = cls.play
     log = PlayLog()
 
-    async def play(self: Any, audio: Any, *, repeat: int = 1, gap: float = 1.0) -> None:
+    async def play(self: Any, audio: Any) -> None:
         start, cpu = time.perf_counter(), time.process_time()
         try:
-            await original(self, audio, repeat=repeat, gap=gap)
+            await original(self, audio)
         finally:
             log.spans.append((start, cpu, time.perf_counter(), time.process_time()))
 

@@ -126,6 +126,10 @@ def test_audio_resamples_and_writes_wav() -> None:
     assert resampled.rate == 16000 and abs(resampled.seconds - 1.0) < 0.01
     with wave.open(io.BytesIO(second.wav())) as file:
         assert (file.getframerate(), file.getnchannels(), file.getnframes()) == (22050, 1, 22050)
+    twice = second.repeated(2, gap=0.5)
+    assert twice.seconds == 2.5 and twice.pcm[22050 * 2 : 22050 * 3] == b"\x00" * 22050
+    frames = Audio(b"\x10\x00" * 16010, 16000).frames(16000)  # 1.00063 s
+    assert [len(f) for f in frames] == [640] * 51 and frames[-1][20:] == b"\x00" * 620
 
 
 def test_the_shelf_serves_a_file_once_and_refuses_forged_or_stale_urls() -> None:

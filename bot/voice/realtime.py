@@ -14,34 +14,18 @@ from bot.voice.speech import Audio
 FRAME_SECONDS = 0.02
 
 
-async def stream_pcm(
-    url: str,
-    audio: Audio,
-    *,
-    rate: int,
-    repeat: int = 1,
-    gap: float = 1.0,
-    connect_timeout: float = 10.0,
-) -> int:
-    """Send `audio` `repeat` times over the WebSocket at `url`; the number of frames sent."""
-    pcm = audio.resampled(rate).pcm
-    size = int(rate * FRAME_SECONDS) * 2
-    silence = b"\x00" * size
-    pcm += b"\x00" * (-len(pcm) % size)
-    frames = [pcm[i : i + size] for i in range(0, len(pcm), size)]
-    gap_frames = [silence] * round(gap / FRAME_SECONDS)
+async def stream_pcm(url: str, audio: Audio, *, rate: int, connect_timeout: float = 10.0) -> int:
+    """Send `audio` over the WebSocket at `url`, one frame per 20 ms; the number of frames."""
+    frames = audio.frames(rate, FRAME_SECONDS)
     timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout)
-    sent = 0
     async with (
         aiohttp.ClientSession(timeout=timeout) as http,
         http.ws_connect(url, autoping=True, heartbeat=None) as ws,
     ):
         start = time.monotonic()
-        for turn in range(repeat):
-            for frame in (gap_frames if turn else []) + frames:
-                wait = start + sent * FRAME_SECONDS - time.monotonic()
-                if wait > 0:
-                    await asyncio.sleep(wait)
-                await ws.send_bytes(frame)
-                sent += 1
-    return sent
+        for sent, frame in enumerate(frames):
+            wait = start + sent * FRAME_SECONDS - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            await ws.send_bytes(frame)
+    return len(frames)

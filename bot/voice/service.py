@@ -13,6 +13,7 @@ call. Nothing here knows aiogram.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import time
 from collections.abc import Callable, Coroutine
@@ -56,9 +57,9 @@ class _Failure(Exception):
 
 @dataclass(eq=False)
 class VoiceLeg:
-    """What one call needs from the voice side: its audio, and on Meta its peer connection."""
+    """What one call needs from the voice side: its audio (already repeated as the policy says),
+    and on Meta its peer connection."""
 
-    number_type: NumberType
     audio: Audio
     session: MediaSession | None = None
     release: Callable[[], None] | None = None
@@ -150,13 +151,14 @@ class Voice:
         self, number_type: NumberType, speech: Speech | None, locale: str
     ) -> VoiceLeg | None:
         if number_type is not NumberType.META:
-            return None if speech is None else VoiceLeg(number_type, await self._audio(speech))
+            return None if speech is None else VoiceLeg(await self._audio(speech))
         if self._open >= self.policy.max_sessions:
             raise CallbotError("media_busy", {"max": str(self.policy.max_sessions)})
         self._open += 1  # the slot is taken before any await: two /calls cannot both pass
         try:
             if speech is None and not self._speaker.available:
-                audio = tone()  # no engine: the callee still hears that the call is for them
+                # no engine: the callee still hears that the call is for them
+                audio = tone().repeated(self.policy.repeat, self.policy.gap)
             else:
                 default = Speech.for_locale(self._default_text(locale), locale)
                 audio = await self._audio(speech or default)
@@ -170,17 +172,18 @@ class Voice:
                 raise
             log.exception("cannot open a media session")
             raise CallbotError("media_unavailable") from err
-        return VoiceLeg(number_type, audio, session, self._release)
+        return VoiceLeg(audio, session, self._release)
 
     def _release(self) -> None:
         self._open -= 1
 
     async def _audio(self, speech: Speech) -> Audio:
         try:
-            return await self._speaker.speak(speech)
+            said = await self._speaker.speak(speech)
         except SpeechError as err:
             log.warning("speech failed: %s", err)
             raise CallbotError("speech_unavailable") from None
+        return said.repeated(self.policy.repeat, self.policy.gap)
 
     # after the API accepted the call
 
@@ -257,7 +260,7 @@ class Voice:
             raise _Failure("media_no_connection")
         if not await self._picked_up(record, watch):
             return
-        play = session.play(leg.audio, repeat=self.policy.repeat, gap=self.policy.gap)
+        play = session.play(leg.audio)
         if not (await self._unless_ended(watch, play))[0]:
             await self._end(record, "COMPLETED", None, spoken=True)
 
@@ -334,13 +337,7 @@ class Voice:
         if not await self._picked_up(record, watch):
             return
         session = await self._client.realtime_session(record.pilot_call_id)
-        stream = stream_pcm(
-            session.url,
-            leg.audio,
-            rate=self.policy.realtime_rate,
-            repeat=self.policy.repeat,
-            gap=self.policy.gap,
-        )
+        stream = stream_pcm(session.url, leg.audio, rate=self.policy.realtime_rate)
         if not (await self._unless_ended(watch, stream))[0]:
             await self._end(record, "COMPLETED", None, spoken=True)
 
@@ -348,10 +345,7 @@ class Voice:
         """`/play` with `hangupAfterPlay`; the spec's field first, every documented name if that
         is refused (API.md D4). False when the API will not play it."""
         assert self._shelf is not None and record.pilot_call_id is not None
-        audio = leg.audio
-        silence = b"\x00\x00" * int(audio.rate * self.policy.gap)
-        wav = Audio((audio.pcm + silence) * (self.policy.repeat - 1) + audio.pcm, audio.rate).wav()
-        url = self._shelf.put(wav)
+        url = self._shelf.put(leg.audio.wav())
         leg.shelved = url
         for every_name in (False, True):
             try:
@@ -365,7 +359,7 @@ class Voice:
                 "call.play",
                 chat_id=record.chat_id,
                 subject=record.id,
-                detail={"seconds": round(audio.seconds * self.policy.repeat, 1)},
+                detail={"seconds": round(leg.audio.seconds, 1)},
             )
             return True
         return False
@@ -445,6 +439,6 @@ class LazyEndpoint:
     async def open_session(self) -> MediaSession:
         if self._endpoint is None:
             # The first import takes ~0.3 s: in a thread, so the loop keeps serving others.
-            module = await asyncio.to_thread(__import__, "bot.voice.webrtc", fromlist=["_"])
+            module = await asyncio.to_thread(importlib.import_module, "bot.voice.webrtc")
             self._endpoint = module.AiortcEndpoint(self._stun)
         return await self._endpoint.open_session()

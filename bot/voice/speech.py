@@ -59,6 +59,18 @@ class Audio:
             file.writeframes(self.pcm)
         return out.getvalue()
 
+    def repeated(self, times: int, gap: float) -> Audio:
+        """The sound said `times` times, with `gap` seconds of silence between two sayings."""
+        silence = b"\x00\x00" * int(self.rate * gap)
+        return Audio(silence.join([self.pcm] * times), self.rate)
+
+    def frames(self, rate: int, seconds: float = 0.02) -> list[bytes]:
+        """The sound at `rate`, cut into frames of `seconds`; the last one padded with silence."""
+        pcm = self.resampled(rate).pcm
+        size = int(rate * seconds) * 2
+        pcm += b"\x00" * (-len(pcm) % size)
+        return [pcm[i : i + size] for i in range(0, len(pcm), size)]
+
     def resampled(self, rate: int) -> Audio:
         """The same sound at another rate (PyAV, imported only when speaking needs it)."""
         if rate == self.rate:

@@ -71,9 +71,7 @@ class MessageTrack(MediaStreamTrack):
         self.frames_of_sound = 0
 
     def queue(self, audio: Audio) -> None:
-        pcm = audio.resampled(RATE).pcm
-        pcm += b"\x00" * (-len(pcm) % (FRAME * 2))
-        self._chunks.extend(pcm[i : i + FRAME * 2] for i in range(0, len(pcm), FRAME * 2))
+        self._chunks.extend(audio.frames(RATE))
         self._drained.clear()
 
     async def drained(self) -> None:
@@ -154,14 +152,11 @@ class AiortcSession:
             failed.cancel()
         return self._connected.is_set() and not self._failed.is_set()
 
-    async def play(self, audio: Audio, *, repeat: int = 1, gap: float = 1.0) -> None:
-        """Play the message `repeat` times, `gap` seconds apart; returns when it has been sent."""
+    async def play(self, audio: Audio) -> None:
+        """Play `audio`; returns when it has been sent."""
         try:
-            for turn in range(repeat):
-                if turn:
-                    await asyncio.sleep(gap)
-                self._track.queue(audio)
-                await self._track.drained()
+            self._track.queue(audio)
+            await self._track.drained()
         finally:
             self._track.silence()
 
