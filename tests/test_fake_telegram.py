@@ -11,7 +11,12 @@ import pytest
 from aiogram import Bot, Dispatcher
 from aiogram.client.session.aiohttp import AiohttpSession
 from aiogram.client.telegram import TelegramAPIServer
-from aiogram.exceptions import TelegramBadRequest, TelegramRetryAfter
+from aiogram.exceptions import (
+    TelegramBadRequest,
+    TelegramForbiddenError,
+    TelegramNetworkError,
+    TelegramRetryAfter,
+)
 from aiogram.filters import Command
 from aiogram.types import (
     BotCommand,
@@ -211,6 +216,27 @@ async def test_fail_next_retry_after(fake: FakeTelegram, bot: Bot) -> None:
     assert caught.value.retry_after == 3
     assert (await bot.send_message(1, "x")).text == "x"
     assert [m for m, _ in fake.requests] == ["sendMessage", "sendMessage"]
+
+
+async def test_fail_next_per_chat_forever_and_dropped(fake: FakeTelegram, bot: Bot) -> None:
+    fake.fail_next(
+        "sendMessage",
+        error_code=403,
+        description="Forbidden: bot was kicked",
+        chat_id=-5,
+        times=None,
+    )
+    for _ in range(2):
+        with pytest.raises(TelegramForbiddenError):
+            await bot.send_message(-5, "x")
+    assert (await bot.send_message(7, "other chat")).text == "other chat"
+    fake.clear_failures("sendMessage")
+    assert (await bot.send_message(-5, "x")).text == "x"
+
+    fake.fail_next("editMessageText", drop=True)
+    with pytest.raises(TelegramNetworkError):
+        await bot.edit_message_text("y", chat_id=-5, message_id=1)
+    assert fake.edits == []
 
 
 async def test_callbacks_commands_and_documents(fake: FakeTelegram, bot: Bot) -> None:

@@ -324,7 +324,10 @@ class _Failure:
     error_code: int
     description: str
     retry_after: int | None
-    times: int
+    times: int | None  # None: until cleared
+    chat_id: int | None = None  # None: any chat
+    drop: bool = False  # close the connection without an answer (a network error)
+    delay: float = 0.0
 
 
 class _Signal:
@@ -707,24 +710,43 @@ class FakeTelegram:
         self,
         method: str,
         *,
-        error_code: int,
-        description: str,
+        error_code: int = 500,
+        description: str = "Internal Server Error",
         retry_after: int | None = None,
-        times: int = 1,
+        times: int | None = 1,
+        chat_id: int | None = None,
+        drop: bool = False,
+        delay: float = 0.0,
     ) -> None:
-        """Make the next ``times`` calls of ``method`` fail (checked before any side effect)."""
-        failure = _Failure(error_code, description, retry_after, times)
+        """Make the next ``times`` calls of ``method`` fail (checked before any side effect).
+
+        ``times=None`` fails every call until ``clear_failures``. With ``chat_id`` only calls
+        for that chat fail. ``drop=True`` closes the connection without an answer (the bot sees
+        a network error); ``delay`` seconds pass before the failure is answered or dropped.
+        """
+        failure = _Failure(error_code, description, retry_after, times, chat_id, drop, delay)
         self._failures.setdefault(method.lower(), []).append(failure)
 
-    def _injected_failure(self, method: str) -> _ApiError | None:
+    def clear_failures(self, method: str | None = None) -> None:
+        """Stop failing ``method`` (or every method)."""
+        if method is None:
+            self._failures.clear()
+        else:
+            self._failures.pop(method.lower(), None)
+
+    def _injected_failure(self, method: str, params: dict[str, Any]) -> _Failure | None:
         queue = self._failures.get(method.lower())
         if not queue:
             return None
-        failure = queue[0]
-        failure.times -= 1
-        if failure.times <= 0:
-            queue.pop(0)
-        return _ApiError(failure.error_code, failure.description, failure.retry_after)
+        for failure in queue:
+            if failure.chat_id is not None and str(params.get("chat_id")) != str(failure.chat_id):
+                continue
+            if failure.times is not None:
+                failure.times -= 1
+                if failure.times <= 0:
+                    queue.remove(failure)
+            return failure
+        return None
 
     # ------------------------------------------------------------------ HTTP plumbing
 
@@ -744,9 +766,16 @@ class FakeTelegram:
         handler = self._methods.get(key)
         if handler is None and key != "getupdates":
             return _error_response(_ApiError(404, "Not Found: method not found"))
+        if failure := self._injected_failure(method, params):
+            if failure.delay:
+                await asyncio.sleep(failure.delay)
+            if failure.drop:
+                if request.transport is not None:
+                    request.transport.abort()
+                raise asyncio.CancelledError  # no answer at all
+            error = _ApiError(failure.error_code, failure.description, failure.retry_after)
+            return _error_response(error)
         try:
-            if failure := self._injected_failure(method):
-                raise failure
             if handler is None:
                 result: Any = await self._get_updates(params, request)
             else:
