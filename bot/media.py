@@ -7,7 +7,7 @@ aiortc and espeak-ng; the call service knows only these protocols.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Literal, Protocol
 
 from bot.pilot_status.models import NumberType
 from bot.storage.store import CallRecord
@@ -22,7 +22,13 @@ class MediaSession(Protocol):
 
     async def apply_answer(self, sdp: str) -> None: ...
 
-    async def wait_connected(self, within: float) -> bool: ...
+    async def wait_connected(self, within: float) -> Literal["ice", "dtls"] | None:
+        """None once ICE and DTLS are up (within `within` seconds); else which did not."""
+        ...
+
+    async def wait_heard(self, within: float) -> bool:
+        """Whether the far end's audio (RTP) arrived, now or within `within` seconds."""
+        ...
 
     async def play(self, audio: Audio) -> None: ...
 

@@ -152,6 +152,16 @@ ERRORS: dict[str, LazyProxy] = {
         "The bot restarted during this call and lost its audio, so it hung up. Call again if "
         "needed."
     ),
+    "media_dtls_failed": __(
+        "The audio connection to WhatsApp was reached, but its encryption (DTLS) handshake "
+        "failed: the peer's certificate or fingerprint was refused, so I hung up. The network is "
+        "fine; an admin should check the logs."
+    ),
+    "media_no_rtp": __(
+        "The audio connection to WhatsApp came up, but no audio came through it, so I hung up "
+        "(they would not have heard the message). Try again; if it repeats, an admin should check "
+        "the bot's network and logs."
+    ),
     "api_server_error": __("Pilot Status had a problem (HTTP {status}). Try again in a minute."),
     "api_bad_response": __(
         "Pilot Status answered something I could not read (HTTP {status}). Try again later; if it "

@@ -43,7 +43,8 @@ class VoicePolicy:
     gap: float = 1.0  # seconds of silence between two sayings
     answer_timeout: float = 20.0  # Meta: seconds to get and apply the SDP answer (else 138007)
     answer_poll_interval: float = 1.0
-    connect_timeout: float = 10.0  # seconds for ICE and DTLS once the answer is applied
+    connect_timeout: float = 10.0  # seconds for ICE and DTLS once the answer is applied, and
+    # then for the callee's first audio once they answered
     ring_timeout: float = 60.0  # seconds the callee has to answer
     max_sessions: int = 10  # Meta calls with media at once
     realtime_rate: int = 16_000  # PCM16 sample rate on /realtime-session
@@ -106,6 +107,10 @@ class _Watch:
             except TimeoutError:
                 return wanted(self.status)
         return True
+
+
+# which part of the media did not come up → the reason the call's message gives
+_MEDIA_DOWN = {"ice": "media_no_connection", "dtls": "media_dtls_failed"}
 
 
 def _answered(status: str) -> bool:
@@ -253,13 +258,22 @@ class Voice:
             log.warning("call %s: unusable SDP answer: %s", record.id, err)
             raise _Failure("media_bad_answer") from None
         connecting = session.wait_connected(self.policy.connect_timeout)
-        ended, connected = await self._unless_ended(watch, connecting)
+        ended, down = await self._unless_ended(watch, connecting)
         if ended:
             return
-        if not connected:
-            raise _Failure("media_no_connection")
+        if down is not None:
+            raise _Failure(_MEDIA_DOWN[down])
         if not await self._picked_up(record, watch):
             return
+        # Up, and answered: the callee's audio must arrive too, else ours is not getting
+        # through either (media blocked after the handshake, a peer that sends nothing).
+        ended, heard = await self._unless_ended(
+            watch, session.wait_heard(self.policy.connect_timeout)
+        )
+        if ended:
+            return
+        if not heard:
+            raise _Failure("media_no_rtp")
         play = session.play(leg.audio)
         if not (await self._unless_ended(watch, play))[0]:
             await self._end(record, "COMPLETED", None, spoken=True)

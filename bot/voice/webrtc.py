@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import fractions
+import functools
+import inspect
 import logging
 import time
 from collections import deque
 from contextlib import suppress
+from typing import Literal
 
 import av
 from aiortc import (
@@ -26,9 +29,10 @@ from aiortc import (
     RTCSessionDescription,
 )
 from aiortc import codecs as aiortc_codecs
-from aiortc.contrib.media import MediaBlackhole
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from aiortc.rtcdtlstransport import RTCCertificate, SRTPProtectionProfile
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
+from OpenSSL import SSL
 
 from bot.voice.sdp import OPUS_PAYLOAD_TYPE, SDPError, check_answer, offer_for_meta
 from bot.voice.speech import Audio
@@ -54,6 +58,53 @@ def _opus_as_meta_uses() -> None:
 
 
 _opus_as_meta_uses()
+
+# The cipher suites our DTLS client offers: aiortc's four ECDHE-ECDSA ones first (RFC 8827's
+# mandatory TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256 leads), then the same four with ECDHE-RSA,
+# as browsers offer them. With aiortc's list alone, a peer whose certificate is RSA (GStreamer's
+# webrtcbin, ZLMediaKit, ...) ends the handshake with "no shared cipher"; nothing says which key
+# type Meta's edge uses.
+DTLS_CIPHERS = (
+    b"ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-ECDSA-CHACHA20-POLY1305:"
+    b"ECDHE-ECDSA-AES128-SHA:ECDHE-ECDSA-AES256-SHA:"
+    b"ECDHE-RSA-AES128-GCM-SHA256:ECDHE-RSA-CHACHA20-POLY1305:"
+    b"ECDHE-RSA-AES128-SHA:ECDHE-RSA-AES256-SHA"
+)
+
+
+def _offer_rsa_ciphers_too() -> None:
+    """Make every DTLS context aiortc creates offer `DTLS_CIPHERS`.
+
+    aiortc has no API for its cipher list (aiortc issues #956, #1335; PRs #1392, #1421 open): it
+    is set in `RTCCertificate._create_ssl_context`, the one place each DTLS transport gets its
+    pyOpenSSL context. That method is wrapped here, and nowhere else; if aiortc renames it or
+    changes its signature, importing this module fails (and so does every Meta call, with
+    `media_unavailable`) rather than silently going back to ECDSA only.
+    """
+    make = getattr(RTCCertificate, "_create_ssl_context", None)
+    if make is None or list(inspect.signature(make).parameters) != ["self", "srtp_profiles"]:
+        raise RuntimeError(
+            "aiortc's RTCCertificate._create_ssl_context changed: review the DTLS cipher "
+            "override in bot/voice/webrtc.py"
+        )
+    if getattr(make, "offers_rsa_ciphers", False):
+        return
+
+    @functools.wraps(make)
+    def with_rsa_ciphers(
+        self: RTCCertificate, srtp_profiles: list[SRTPProtectionProfile]
+    ) -> SSL.Context:
+        context = make(self, srtp_profiles)
+        if not isinstance(context, SSL.Context):
+            raise RuntimeError("aiortc's DTLS context is no longer a pyOpenSSL context")
+        context.set_cipher_list(DTLS_CIPHERS)
+        return context
+
+    with_rsa_ciphers.offers_rsa_ciphers = True  # type: ignore[attr-defined]
+    RTCCertificate._create_ssl_context = with_rsa_ciphers  # type: ignore[method-assign]
+
+
+_offer_rsa_ciphers_too()
 
 
 class MessageTrack(MediaStreamTrack):
@@ -111,7 +162,8 @@ class AiortcSession:
     def __init__(self, pc: RTCPeerConnection, track: MessageTrack) -> None:
         self._pc = pc
         self._track = track
-        self._sink = MediaBlackhole()  # the callee's audio is received and dropped
+        self._listening: set[asyncio.Task[None]] = set()  # the callee's audio: heard, dropped
+        self._heard = asyncio.Event()
         self._connected = asyncio.Event()
         self._failed = asyncio.Event()
         self._closed = False
@@ -120,13 +172,23 @@ class AiortcSession:
         pc.on("connectionstatechange", self._on_state)
 
     def _on_track(self, track: MediaStreamTrack) -> None:
-        self._sink.addTrack(track)
+        if self._closed:
+            return
+        task = asyncio.create_task(self._listen(track))
+        self._listening.add(task)
+        task.add_done_callback(self._listening.discard)
 
-    async def _on_state(self) -> None:
+    async def _listen(self, track: MediaStreamTrack) -> None:
+        with suppress(MediaStreamError):
+            await track.recv()  # the first frame decoded from the far end's RTP
+            self._heard.set()
+            while True:
+                await track.recv()
+
+    def _on_state(self) -> None:
         state = self._pc.connectionState
         if state == "connected":
             self._connected.set()
-            await self._sink.start()
         elif state in ("failed", "closed"):
             self._failed.set()
 
@@ -141,8 +203,10 @@ class AiortcSession:
         except (ValueError, TypeError, KeyError, IndexError) as err:
             raise SDPError(f"answer refused by the WebRTC stack: {err}"[:200]) from None
 
-    async def wait_connected(self, within: float) -> bool:
-        """Whether ICE and DTLS came up within `within` seconds."""
+    async def wait_connected(self, within: float) -> Literal["ice", "dtls"] | None:
+        """None once ICE and DTLS are up within `within` seconds; else the one that was not:
+        "ice" (no candidate pair worked) or "dtls" (ICE worked, the handshake failed or
+        never finished: a refused certificate or fingerprint, no shared cipher)."""
         connected = asyncio.ensure_future(self._connected.wait())
         failed = asyncio.ensure_future(self._failed.wait())
         try:
@@ -150,7 +214,20 @@ class AiortcSession:
         finally:
             connected.cancel()
             failed.cancel()
-        return self._connected.is_set() and not self._failed.is_set()
+        if self._connected.is_set() and not self._failed.is_set():
+            return None
+        ice = self._pc.iceConnectionState
+        dtls = [t.sender.transport.state for t in self._pc.getTransceivers()]
+        # aiortc logs the handshake's own error (e.g. "no shared cipher", "fingerprint
+        # mismatch") at DEBUG, under aiortc.rtcdtlstransport
+        log.warning("media did not come up: ICE %s, DTLS %s", ice, ", ".join(dtls) or "none")
+        return "dtls" if ice in ("completed", "connected") else "ice"
+
+    async def wait_heard(self, within: float) -> bool:
+        """Whether the far end's audio (RTP) arrived, now or within `within` seconds."""
+        with suppress(TimeoutError):
+            await asyncio.wait_for(self._heard.wait(), within)
+        return self._heard.is_set()
 
     async def play(self, audio: Audio) -> None:
         """Play `audio`; returns when it has been sent."""
@@ -169,9 +246,12 @@ class AiortcSession:
             return
         self._closed = True
         self._track.stop()
-        with suppress(Exception):
-            await self._sink.stop()
-        await self._pc.close()
+        try:
+            await self._pc.close()
+        finally:
+            for task in self._listening:
+                task.cancel()
+            await asyncio.gather(*self._listening, return_exceptions=True)
 
 
 class AiortcEndpoint:

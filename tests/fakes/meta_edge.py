@@ -14,7 +14,8 @@ It answers the business's SDP offer the way Meta does (facts from
 
 Audio sent to the business: a quiet 880 Hz tone by default (peak 0.01 of full scale, RMS ~232,
 i.e. below the default `seconds_of_sound` threshold of 300, so the edge itself counts as
-"silence" but a pitch detector can still find it); `tone_hz=None` sends digital silence.
+"silence" but a pitch detector can still find it); `tone_hz=None` sends digital silence;
+`sends=False` sends no RTP at all (the answer still says sendrecv).
 
 Audio received from the business is decoded frame by frame to mono s16 at 48 kHz and reduced
 to one RMS value per 20 ms window (`rms`), so tests can ask how much sound arrived.
@@ -35,7 +36,7 @@ import av
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
-__all__ = ["RATE", "WINDOW", "MetaEdge", "ToneTrack", "add_ice_lite", "offer_problems"]
+__all__ = ["RATE", "WINDOW", "MetaEdge", "MuteTrack", "ToneTrack", "add_ice_lite", "offer_problems"]
 
 RATE = 48000
 WINDOW = 960  # samples per 20 ms at 48 kHz
@@ -79,6 +80,16 @@ class ToneTrack(MediaStreamTrack):
         frame.time_base = fractions.Fraction(1, RATE)
         self._pts += WINDOW
         return frame
+
+
+class MuteTrack(MediaStreamTrack):
+    """An audio track that never yields a frame: its sender sends no RTP."""
+
+    kind = "audio"
+
+    async def recv(self) -> av.AudioFrame:
+        await asyncio.Future()  # until the sender is stopped (cancelled)
+        raise MediaStreamError
 
 
 def add_ice_lite(sdp: str) -> str:
@@ -146,6 +157,7 @@ class MetaEdge:
         *,
         tone_hz: float | None = 880.0,
         amplitude: float = 0.01,
+        sends: bool = True,
     ) -> None:
         self.offer_sdp = offer_sdp
         self.answer_sdp: str | None = None
@@ -156,7 +168,7 @@ class MetaEdge:
         self.closed = asyncio.Event()
         self.error: str | None = None
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-        self._tone = ToneTrack(tone_hz, amplitude)
+        self._tone: MediaStreamTrack = ToneTrack(tone_hz, amplitude) if sends else MuteTrack()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing = False
         self._answering = False

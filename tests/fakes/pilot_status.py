@@ -30,8 +30,9 @@ Opt-in behaviour beyond the REST answers:
   `Idempotency-Key`, in order, by one background sender (`fake.deliveries`,
   `await fake.wait_deliveries()`).
 - `fake.media = MediaScenario(...)` on a Meta number: each `POST /v1/calls` gets a real
-  aiortc peer standing in for Meta's media edge (`fake.edges[call_id]`, a
-  `tests.fakes.meta_edge.MetaEdge`) that answers the business's offer; the answer is
+  peer standing in for Meta's media edge (`fake.edges[call_id]`: an aiortc
+  `tests.fakes.meta_edge.MetaEdge`, or with `edge="gstreamer"` GStreamer's webrtcbin in a
+  subprocess, `tests.fakes.gst_edge.GstEdge`) that answers the business's offer; the answer is
   exposed as `sdpAnswer` (and, with `answer_via="webhook"`, in Meta's raw `calls`
   envelope); the callee answers when DTLS connects, rejects, or ignores the call.
 - `POST /v1/calls/{id}/play` (web) downloads the audio like Pilot would (`fake.plays`,
@@ -79,6 +80,7 @@ from openapi_core.templating.paths.exceptions import PathError
 from werkzeug.datastructures import Headers, ImmutableMultiDict
 
 if TYPE_CHECKING:  # aiortc/av are imported only when a MediaScenario is used
+    from tests.fakes.gst_edge import GstEdge
     from tests.fakes.meta_edge import MetaEdge
 
 __all__ = [
@@ -192,21 +194,28 @@ class MediaScenario:
     - `answer`: "ok" = the edge's real answer; "none" = never any answer; "garbage" =
       `GARBAGE_SDP`; "blackhole" = a valid answer whose candidates (and `m=` port) all
       point at a closed UDP port on 127.0.0.1, the edge itself being closed (ICE never
-      connects).
+      connects); "wrong_fingerprint" = the real answer with another certificate's sha-256
+      fingerprint (ICE connects, the business's DTLS check refuses the edge).
     - `answer_delay`: seconds between the edge's answer and its publication.
     - `callee`: "answer" = ACCEPTED (`call.connected`) when the edge's ICE+DTLS connects;
       "reject" = REJECTED (`call.ended`) `ring_delay` seconds after the POST, edge closed;
       "ignore" = stays RINGING.
     - `edge_tone_hz`/`edge_amplitude`: what the edge sends back (None = silence).
+    - `edge_sends`: False = the edge negotiates sendrecv but never sends a single RTP packet.
+    - `edge`: "aiortc" = `MetaEdge` in this process; "gstreamer" = `GstEdge`, webrtcbin in a
+      subprocess (an RSA certificate, OpenSSL's DTLS server, libnice; needs
+      scripts/install-test-peers.sh).
     """
 
     answer_via: Literal["poll", "webhook"] = "poll"
-    answer: Literal["ok", "none", "garbage", "blackhole"] = "ok"
+    answer: Literal["ok", "none", "garbage", "blackhole", "wrong_fingerprint"] = "ok"
     answer_delay: float = 0.0
     callee: Literal["answer", "reject", "ignore"] = "answer"
     ring_delay: float = 0.05
     edge_tone_hz: float | None = 880.0
     edge_amplitude: float = 0.01
+    edge_sends: bool = True
+    edge: Literal["aiortc", "gstreamer"] = "aiortc"
 
 
 @dataclass
@@ -426,6 +435,12 @@ def _dead_udp_port() -> int:
     return port
 
 
+def _other_fingerprint(sdp: str) -> str:
+    """`sdp` whose sha-256 fingerprint is another (random) certificate's."""
+    other = ":".join(f"{byte:02X}" for byte in secrets.token_bytes(32))
+    return re.sub(r"(?m)^a=fingerprint:sha-256 \S+", f"a=fingerprint:sha-256 {other}", sdp)
+
+
 def _blackhole(sdp: str, port: int) -> str:
     """`sdp` with the `m=` port, `c=` address and every candidate at 127.0.0.1:`port`."""
     out: list[str] = []
@@ -480,7 +495,7 @@ class FakePilotStatus:
         self._port = 0
         # Meta media (opt-in), webhooks, web media.
         self.media: MediaScenario | None = None
-        self.edges: dict[str, MetaEdge] = {}
+        self.edges: dict[str, MetaEdge | GstEdge] = {}
         self.webhook_url: str | None = None
         self.webhook_secret: str | None = None
         self.deliveries: list[WebhookDelivery] = []
@@ -1130,9 +1145,22 @@ class FakePilotStatus:
     # -- Meta media -----------------------------------------------------------------------
 
     def _begin_media(self, call: dict[str, Any], sdp: str, scenario: MediaScenario) -> None:
-        from tests.fakes.meta_edge import MetaEdge
+        edge: MetaEdge | GstEdge
+        if scenario.edge == "gstreamer":
+            from tests.fakes.gst_edge import GstEdge
 
-        edge = MetaEdge(sdp, tone_hz=scenario.edge_tone_hz, amplitude=scenario.edge_amplitude)
+            if not scenario.edge_sends:
+                raise ValueError("the GStreamer edge always sends")
+            edge = GstEdge(sdp, tone_hz=scenario.edge_tone_hz, amplitude=scenario.edge_amplitude)
+        else:
+            from tests.fakes.meta_edge import MetaEdge
+
+            edge = MetaEdge(
+                sdp,
+                tone_hz=scenario.edge_tone_hz,
+                amplitude=scenario.edge_amplitude,
+                sends=scenario.edge_sends,
+            )
         self.edges[call["id"]] = edge
         if scenario.answer_via == "webhook" and self.webhook_url is None:
             self.background_errors.append(
@@ -1144,7 +1172,7 @@ class FakePilotStatus:
             self._spawn(self._reject_after(call, scenario.ring_delay), call_id=call["id"])
 
     async def _media_flow(
-        self, call: dict[str, Any], edge: MetaEdge, scenario: MediaScenario
+        self, call: dict[str, Any], edge: MetaEdge | GstEdge, scenario: MediaScenario
     ) -> None:
         if scenario.answer == "none":
             return
@@ -1164,6 +1192,8 @@ class FakePilotStatus:
             if scenario.answer == "blackhole":
                 published = _blackhole(published, _dead_udp_port())
                 await edge.close()
+            elif scenario.answer == "wrong_fingerprint":
+                published = _other_fingerprint(published)
         if scenario.answer_delay > 0:
             await asyncio.sleep(scenario.answer_delay)
         if call["status"] in _TERMINAL:
@@ -1172,7 +1202,7 @@ class FakePilotStatus:
         call["updatedAt"] = _iso(datetime.now(UTC))
         if scenario.answer_via == "webhook":
             self._send_webhook(self._connect_envelope(call, published))
-        if scenario.callee == "answer" and scenario.answer == "ok":
+        if scenario.callee == "answer" and scenario.answer in ("ok", "wrong_fingerprint"):
             await edge.connected.wait()
             if call["status"] not in _TERMINAL:
                 self._transition(call, "ACCEPTED")
