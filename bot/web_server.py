@@ -106,11 +106,13 @@ class _Connection(asyncio.Protocol):
         self._guard.opened(self)
 
     def data_received(self, data: bytes) -> None:
-        if self.busy:
-            # bytes after a complete body begin the next (pipelined) request
-            self._next_request_began |= self._payload is None or self._payload.is_eof()
-        elif self._deadline is None:
-            self._await_headers()
+        # bytes after a complete body begin the next request (pipelined if one is in progress);
+        # before, they are body, read by the app or, once it answered, discarded by aiohttp
+        if self._payload is None or self._payload.is_eof():
+            if self.busy:
+                self._next_request_began = True
+            elif self._deadline is None:
+                self._await_headers()
         self.handler.data_received(data)
 
     def eof_received(self) -> None:

@@ -257,6 +257,34 @@ async def test_an_idle_keep_alive_connection_is_closed_after_the_keepalive_timeo
     assert 0.3 < time.monotonic() - started < 2.5
 
 
+async def test_a_slow_but_steady_client_is_served_and_may_reuse_its_connection(
+    start_bot: StartBot, tmp_path: Path, connect: Connect
+) -> None:
+    bot = await web_bot(
+        start_bot, tmp_path, web_header_timeout=0.6, web_body_timeout=3, web_keepalive_timeout=3
+    )
+    body, headers = signed({"event": "call.connected", "callId": "call_x", "status": "ACCEPTED"})
+    head = (
+        f"POST /pilot-status/{HOOK} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"X-Pilot-Status-Signature: {headers['x-pilot-status-signature']}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    reader, writer = await connect(bot.app.web_port)
+    for start in range(0, len(head), len(head) // 3 + 1):  # headers in time, in three parts
+        writer.write(head[start : start + len(head) // 3 + 1])
+        await asyncio.sleep(0.15)
+    for start in range(0, len(body), len(body) // 5 + 1):  # the body over a second: past the
+        writer.write(body[start : start + len(body) // 5 + 1])  # header deadline, within its own
+        await asyncio.sleep(0.25)
+    answer = await asyncio.wait_for(reader.readuntil(b"}"), 3)
+    assert answer.startswith(b"HTTP/1.1 200")
+
+    await asyncio.sleep(1)  # idle longer than the header deadline, shorter than keep-alive
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    answer = await asyncio.wait_for(reader.readuntil(b'{"ok": true}'), 3)
+    assert answer.startswith(b"HTTP/1.1 200")
+
+
 # ------------------------------------------------------------------------------------ the cap
 
 
