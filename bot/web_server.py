@@ -17,6 +17,9 @@ never) holds them as long as it likes. Here, around aiohttp's own protocol:
   longest waiter already stops one client from holding the slots others need.
 - a failing `accept()` (out of descriptors) is logged once per interval instead of once per
   attempt by asyncio, and frees a descriptor by closing the longest-waiting idle connection.
+
+aiohttp's `handler_cancellation` stays off: a client that leaves does not cancel a delivery or
+an alert being stored.
 """
 
 from __future__ import annotations

@@ -369,8 +369,21 @@ async def test_an_accept_failure_storm_logs_once_and_does_not_spin(
     asyncio_lines = [r for r in caplog.records if ACCEPT_FAILED in r.getMessage()]
     assert len(ours) == 1 and "Too many open files" in ours[0].getMessage()
     assert asyncio_lines == []
-    assert cpu < 0.5 * wall, f"{cpu:.2f} s of CPU in {wall:.2f} s"
+    # about 1.5% of a core here; asyncio's own handling spends ~9% logging ~900 tracebacks/s
+    assert cpu < 0.06 * wall, f"{cpu:.2f} s of CPU in {wall:.2f} s"
 
     # once the storm is over, the bot answers again
     health, _ = await timed(lambda c: c.get(url(bot, "/healthz")))
     assert health.status_code == 200
+
+
+async def test_a_cap_the_open_files_limit_cannot_hold_is_told_at_start(
+    start_bot: StartBot, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="bot.web_server")
+    with open_files_limit(1024):
+        await web_bot(start_bot, tmp_path, web_max_connections=512)
+        assert not [r for r in caplog.records if "open-files limit" in r.getMessage()]
+        await web_bot(start_bot, tmp_path, web_max_connections=1000)
+    [line] = [r.getMessage() for r in caplog.records if "open-files limit" in r.getMessage()]
+    assert "(1024) is below WEB_MAX_CONNECTIONS (1000)" in line
