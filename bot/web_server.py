@@ -74,7 +74,7 @@ class Occasional:
         if self._count == 0:
             return
         log.warning(
-            self._message + " (%d times in the last %.0f s)",
+            self._message + " (%d in the last %.0f s)",
             *self._args,
             self._count,
             self._interval,
