@@ -126,10 +126,10 @@ async def slow_client(port: int, count: int, seconds: float) -> AsyncIterator[in
     finally:
         process.stdin.close()
         try:
-            await asyncio.wait_for(process.wait(), 10)
+            await asyncio.wait_for(process.communicate(), 10)
         except TimeoutError:
             process.kill()
-            await process.wait()
+            await process.communicate()
 
 
 async def closed_within(reader: asyncio.StreamReader, seconds: float) -> bytes | None:
@@ -211,13 +211,13 @@ async def test_a_half_sent_request_is_closed_after_the_header_timeout(
     trickling = asyncio.create_task(keep_trickling())
     try:
         results = await asyncio.gather(
-            *(closed_within(r, 3) for r in (silent_reader, half_reader, trickle_reader))
+            *(closed_within(r, 5) for r in (silent_reader, half_reader, trickle_reader))
         )
     finally:
         trickling.cancel()
     took = time.monotonic() - started
     assert results == [b"", b"", b""]  # closed, without an answer
-    assert 0.4 < took < 2.0
+    assert 0.4 < took < 3.5
 
     # a request sent in full, in time, is answered
     health = await timed(lambda c: c.get(url(bot, "/healthz")))
@@ -238,8 +238,8 @@ async def test_a_body_that_stops_coming_is_closed_after_the_body_timeout(
     )
     writer.write(head.encode() + body[:10])
     started = time.monotonic()
-    assert await closed_within(reader, 3) == b""
-    assert 0.4 < time.monotonic() - started < 2.0
+    assert await closed_within(reader, 5) == b""
+    assert 0.4 < time.monotonic() - started < 3.5
     await asyncio.sleep(0.1)
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
@@ -253,8 +253,8 @@ async def test_an_idle_keep_alive_connection_is_closed_after_the_keepalive_timeo
     answer = await asyncio.wait_for(reader.readuntil(b'{"ok": true}'), 3)
     assert answer.startswith(b"HTTP/1.1 200")
     started = time.monotonic()
-    assert await closed_within(reader, 3) == b""
-    assert 0.3 < time.monotonic() - started < 2.5
+    assert await closed_within(reader, 5) == b""
+    assert 0.3 < time.monotonic() - started < 3.5
 
 
 async def test_a_slow_but_steady_client_is_served_and_may_reuse_its_connection(
