@@ -17,7 +17,6 @@ from aiogram.client.telegram import TelegramAPIServer
 from aiogram.enums import ParseMode
 from aiogram.exceptions import TelegramNetworkError, TelegramUnauthorizedError
 from aiogram.types import BotCommand
-from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bot.access import AccessPolicy
@@ -42,6 +41,7 @@ from bot.voice.service import LazyEndpoint, Voice, VoicePolicy
 from bot.voice.shelf import AudioShelf
 from bot.voice.speech import Speaker, Speech
 from bot.web import build_web_app
+from bot.web_server import ConnectionLimits, WebServer
 from handlers import build_router
 
 log = logging.getLogger("callbot")
@@ -146,7 +146,7 @@ class CallbotApp:
         )
         self.tracker.subscribe(self.oncall.call_changed)
         self.dp = self._dispatcher()
-        self.web: web.AppRunner | None = None
+        self.web: WebServer | None = None
         self.web_port: int | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._started_at = utcnow()
@@ -210,16 +210,21 @@ class CallbotApp:
             max_body=settings.webhook_max_body,
             shelf=self.shelf,
         )
-        self.web = web.AppRunner(app, access_log=None)
-        await self.web.setup()
+        limits = ConnectionLimits(
+            header_timeout=settings.web_header_timeout,
+            body_timeout=settings.web_body_timeout,
+            keepalive_timeout=settings.web_keepalive_timeout,
+            max_connections=settings.web_max_connections,
+        )
+        server = WebServer(app, limits)
         try:
-            await web.TCPSite(self.web, settings.web_host, settings.web_port).start()
+            self.web_port = await server.start(settings.web_host, settings.web_port)
         except OSError as err:
             raise StartupError(
                 f"cannot listen on {settings.web_host}:{settings.web_port} ({err.strerror}); "
                 "set WEB_PORT"
             ) from None
-        self.web_port = self.web.addresses[0][1]
+        self.web = server
         log.info("web app listening on port %s", self.web_port)
         if token is None:
             log.info("no PILOT_STATUS_WEBHOOK_TOKEN: calls are followed by polling")
@@ -279,7 +284,7 @@ class CallbotApp:
             await asyncio.wait_for(self.live.wait_idle(), 5)
         await self.live.stop()
         if self.web is not None:
-            await self.web.cleanup()
+            await self.web.close()
         await self.pilot.aclose()
         await self.engine.dispose()
         await self.bot.session.close()

@@ -59,6 +59,12 @@ class Settings(BaseSettings):
     pilot_status_webhook_secret: SecretStr | None = None
     web_host: str = "0.0.0.0"
     web_port: int = Field(default=8080, ge=0, le=65535)
+    # slow and idle clients: seconds for a request's headers, for its body, idle between requests
+    web_header_timeout: float = Field(default=10.0, gt=0, le=300)
+    web_body_timeout: float = Field(default=30.0, gt=0, le=600)
+    web_keepalive_timeout: float = Field(default=75.0, gt=0, le=3600)
+    # open connections at most; past it the longest-waiting idle one is closed
+    web_max_connections: int = Field(default=512, ge=8, le=100_000)
     webhook_max_body: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
     # without webhooks, each call is polled until it ends
     call_poll_interval: float = Field(default=2.0, gt=0, le=60)
