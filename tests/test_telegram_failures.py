@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,12 +67,12 @@ async def deliver(bot: RunningBot, pilot_id: str, name: str, status: str, **fiel
 
 
 async def shown(
-    bot: RunningBot, message: SentMessage, fragment: str, timeout: float = 10
+    bot: RunningBot, message: SentMessage, fragment: str, within: float = 10
 ) -> SentMessage:
     return await bot.telegram.wait_for_message(
         lambda m: m.message_id == message.message_id and fragment in m.plain,
         chat_id=message.chat_id,
-        timeout=timeout,
+        timeout=within,
     )
 
 
@@ -111,7 +112,7 @@ async def test_a_call_that_ends_while_telegram_fails_is_shown_ended(
     assert [label for label, _ in reply.buttons()] == ["📴 Hang up"]
     bot.telegram.fail_next("editMessageText", **failure)
     await deliver(bot, pilot_id, "call.ended", "COMPLETED", duration=7)
-    final = await shown(bot, reply, ": ended", timeout=15)
+    final = await shown(bot, reply, ": ended", within=15)
     assert "Duration: 0:07" in final.plain and final.buttons() == []
     assert bot.telegram.message(reply.chat_id, reply.message_id).buttons() == []
 
@@ -130,7 +131,7 @@ async def test_one_failing_message_holds_back_no_other_and_ends_with_the_newest_
     ):
         await deliver(bot, stuck_id, name, status)
     await deliver(bot, other_id, "call.ended", "COMPLETED")
-    await shown(bot, other, ": ended", timeout=3)  # not held back by the failing one
+    await shown(bot, other, ": ended", within=3)  # not held back by the failing one
     await asyncio.sleep(0.5)
     assert edit_requests(bot, stuck) >= 2  # it kept trying
     shown_before = len(
@@ -161,7 +162,7 @@ async def test_an_edit_that_keeps_failing_is_given_up_with_a_log_line(
     bot.telegram.fail_next("editMessageText", error_code=500, times=None)
     with caplog.at_level(logging.WARNING, logger="bot.live"):
         await deliver(bot, pilot_id, "call.ended", "COMPLETED")
-        await asyncio.wait_for(_given_up(caplog), 10)
+        await eventually(lambda: "gave up editing message" in caplog.text, 10)
         await asyncio.wait_for(bot.app.live.wait_idle(), 2)
     tries = edit_requests(bot, reply)
     assert tries >= 3
@@ -169,9 +170,12 @@ async def test_an_edit_that_keeps_failing_is_given_up_with_a_log_line(
     assert edit_requests(bot, reply) == tries  # it stopped
 
 
-async def _given_up(caplog: pytest.LogCaptureFixture) -> None:
-    while not any("gave up editing message" in r.getMessage() for r in caplog.records):
+async def eventually(condition: Callable[[], bool], seconds: float) -> None:
+    for _ in range(int(seconds / 0.05)):
+        if condition():
+            return
         await asyncio.sleep(0.05)
+    raise AssertionError(f"not within {seconds} s")
 
 
 async def test_shutdown_is_bounded_while_an_edit_keeps_failing(start_bot: StartBot) -> None:
@@ -179,8 +183,7 @@ async def test_shutdown_is_bounded_while_an_edit_keeps_failing(start_bot: StartB
     reply, pilot_id = await start_call(bot)
     bot.telegram.fail_next("editMessageText", drop=True, times=None)
     await deliver(bot, pilot_id, "call.ended", "COMPLETED")
-    while edit_requests(bot, reply) < 2:
-        await asyncio.sleep(0.05)
+    await eventually(lambda: edit_requests(bot, reply) >= 2, 5)  # it is retrying
     began = time.monotonic()
     await bot.stop()
     assert time.monotonic() - began < 8
