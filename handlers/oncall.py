@@ -128,30 +128,31 @@ async def contacts_page(
     access: AccessPolicy,
     oncall_store: OnCallStore,
 ) -> None:
-    if not isinstance(query.message, Message):
+    if (message := await _paged(query, access)) is not None:
+        private = message.chat.type == "private"
+        text, markup = await _contacts(oncall_store, callback_data.offset, private=private)
         await query.answer()
-        return
-    if access.role(query.from_user.id) is None:
-        await query.answer(error_text(CallbotError("not_operator")), show_alert=True)
-        return
-    private = query.message.chat.type == "private"
-    text, markup = await _contacts(oncall_store, callback_data.offset, private=private)
-    await query.answer()
-    await query.message.edit_text(text, reply_markup=markup)
+        await message.edit_text(text, reply_markup=markup)
 
 
 async def teams_page(
     query: CallbackQuery, callback_data: TeamsPage, access: AccessPolicy, oncall_store: OnCallStore
 ) -> None:
+    if (message := await _paged(query, access)) is not None:
+        text, markup = await _teams(oncall_store, callback_data.offset)
+        await query.answer()
+        await message.edit_text(text, reply_markup=markup)
+
+
+async def _paged(query: CallbackQuery, access: AccessPolicy) -> Message | None:
+    """The list whose ◀️ ▶️ was pressed, if the presser may read it (else the press is answered)."""
     if not isinstance(query.message, Message):
         await query.answer()
-        return
+        return None
     if access.role(query.from_user.id) is None:
         await query.answer(error_text(CallbotError("not_operator")), show_alert=True)
-        return
-    text, markup = await _teams(oncall_store, callback_data.offset)
-    await query.answer()
-    await query.message.edit_text(text, reply_markup=markup)
+        return None
+    return query.message
 
 
 async def team_command(
