@@ -96,7 +96,11 @@ class CallbotApp:
         self.i18n = build_i18n(settings.default_locale)
         self.call_again: PendingStore[CallRequest] = PendingStore(24 * 3600)
         self.live = LiveMessages(
-            self.bot, self.i18n, self.call_again, min_interval=settings.telegram_edit_interval
+            self.bot,
+            self.i18n,
+            self.call_again,
+            min_interval=settings.telegram_edit_interval,
+            give_up_after=settings.telegram_edit_give_up_after,
         )
         webhooks = settings.pilot_status_webhook_token is not None
         poll = (

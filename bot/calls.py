@@ -26,6 +26,14 @@ from bot.storage.store import Audit, CallRecord, NewCall, Store, utcnow
 from bot.voice.speech import Speech
 
 log = logging.getLogger(__name__)
+NOTE_MAX = 1000  # characters of a call's note: its messages must fit Telegram's 4096
+
+
+def cut_note(note: str | None) -> str | None:
+    """A call's note as stored and shown: at most NOTE_MAX characters, cut with "…"."""
+    if note is None or len(note) <= NOTE_MAX:
+        return note
+    return note[: NOTE_MAX - 1].rstrip() + "…"
 
 
 @dataclass(frozen=True)
@@ -174,7 +182,7 @@ class CallService:
                 phone_display=request.phone.display,
                 masked=request.masked,
                 locale=request.locale,
-                note=request.note,
+                note=cut_note(request.note),
                 message_id=request.message_id,
                 spoken=request.speech is not None,
             ),

@@ -71,6 +71,8 @@ class Settings(BaseSettings):
     call_poll_timeout: float = Field(default=900.0, gt=0, le=86400)
     # at most one edit of a call's message per this many seconds (Telegram's limits)
     telegram_edit_interval: float = Field(default=1.0, ge=0, le=60)
+    # a message edit that Telegram fails (5xx, network, long flood wait) is retried this long
+    telegram_edit_give_up_after: float = Field(default=900.0, ge=1, le=86400)
 
     # on-call: contacts and teams may also come from a TOML file, loaded at every start
     oncall_file: Path | None = None

@@ -2,18 +2,30 @@
 
 Bursts are coalesced per message (only the newest state is sent, at most one edit per
 `min_interval`), Telegram's retry_after is honoured by the session middleware, and "message is
-not modified" is ignored. The newest state is always the last one sent.
+not modified" is ignored. The newest state is always the last one sent: an edit that fails for
+a passing reason (Telegram 5xx, the network, a flood-control wait longer than the middleware's)
+is tried again with backoff, each try with the newest state, until it is shown or
+`give_up_after` seconds have passed. A message that is gone (400 "message to edit not found")
+or a chat the bot left (403) ends the edits of that message at once. Each message has its own
+worker, so one message's retries never hold back another's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from collections.abc import Callable
 from contextlib import suppress
 
 from aiogram import Bot
-from aiogram.exceptions import TelegramBadRequest, TelegramForbiddenError
+from aiogram.exceptions import (
+    TelegramBadRequest,
+    TelegramForbiddenError,
+    TelegramNetworkError,
+    TelegramRetryAfter,
+    TelegramServerError,
+)
 from aiogram.filters.callback_data import CallbackData
 from aiogram.types import InlineKeyboardMarkup
 from aiogram.utils.i18n import I18n
@@ -35,6 +47,9 @@ from bot.texts import (
 
 log = logging.getLogger(__name__)
 LIVE = frozenset({"INITIATED", "RINGING", "ACCEPTED"})
+MAX_BACKOFF = 60.0  # seconds between two tries of a failing edit, at most
+# Telegram errors that pass: the same edit may succeed later
+PASSING = (TelegramServerError, TelegramNetworkError, TelegramRetryAfter)
 
 
 class HangUp(CallbackData, prefix="hang"):
@@ -78,11 +93,13 @@ class LiveMessages:
         call_again: PendingStore[CallRequest],
         *,
         min_interval: float = 1.0,
+        give_up_after: float = 900.0,
     ) -> None:
         self._bot = bot
         self._i18n = i18n
         self._call_again = call_again
         self._min_interval = min_interval
+        self._give_up_after = give_up_after
         self._latest: dict[tuple[int, int], tuple[str, Render]] = {}
         self._workers: dict[tuple[int, int], asyncio.Task[None]] = {}
 
@@ -125,12 +142,48 @@ class LiveMessages:
     async def _drain(self, key: tuple[int, int]) -> None:
         try:
             while (latest := self._latest.pop(key, None)) is not None:
-                await self._edit(key, *latest)
+                await self._show_until_done(key, latest)
                 await asyncio.sleep(self._min_interval)
         finally:
             self._workers.pop(key, None)
 
+    async def _show_until_done(self, key: tuple[int, int], state: tuple[str, Render]) -> None:
+        """Edit the message until Telegram shows the newest state, or it is of no use."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._give_up_after
+        backoff = max(self._min_interval, 0.1)
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                await self._edit(key, *state)
+                return
+            except PASSING as err:
+                wait = float(err.retry_after) if isinstance(err, TelegramRetryAfter) else backoff
+                wait += random.uniform(0, wait / 4)  # jitter
+                if loop.time() + wait > deadline:
+                    log.error(
+                        "gave up editing message %s in chat %s after %d tries (%s): "
+                        "it may show an old state",
+                        key[1],
+                        key[0],
+                        attempt,
+                        err.message,
+                    )
+                    return
+                log.warning(
+                    "cannot edit message %s in chat %s (%s); trying again in %.1f s",
+                    key[1],
+                    key[0],
+                    err.message,
+                    wait,
+                )
+                await asyncio.sleep(wait)
+                backoff = min(MAX_BACKOFF, backoff * 2)
+                state = self._latest.pop(key, state)  # a newer state replaces this one
+
     async def _edit(self, key: tuple[int, int], locale: str, render: Render) -> None:
+        """One try; raises only the errors that pass (PASSING)."""
         with self._i18n.context(), self._i18n.use_locale(locale):
             text, markup = render()
         chat_id, message_id = key

@@ -26,7 +26,7 @@ from bot import states
 from bot.alerts import Alert
 from bot.calls import CallRequest, CallService, NeedsPermission, Started
 from bot.errors import CallbotError, describe
-from bot.phones import Phone, parse_phone, split_phone_and_note
+from bot.phones import Phone, mask, parse_phone, split_phone_and_note
 from bot.pilot_status.errors import PilotStatusError
 from bot.storage.oncall import Contact, Incident, NewIncident, OnCallStore, Team
 from bot.storage.store import CallRecord, utcnow
@@ -417,7 +417,7 @@ class OnCall:
         assert team is not None
         now = self.clock()
         if record.status == "ACCEPTED" and team.answer_is_ack:
-            await self.acknowledge(incident.id, f"{record.phone_display} (answered)")
+            await self.acknowledge(incident.id, f"{mask(record.phone_display)} (answered)")
             return
         if record.status == "ACCEPTED":
             await self._update(incident, team, note=f"{_hm(now)} answered; waiting for Acknowledge")

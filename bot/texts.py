@@ -1,13 +1,17 @@
 """Everything the bot says, as HTML with every user- or API-provided value escaped.
 
 The error catalogue maps each code of `bot.errors` to a localized text naming what to do next.
+Every message renderer is `@fitted`: what it returns fits Telegram's 4096 characters.
 """
 
 from __future__ import annotations
 
+import functools
 import re
+from collections.abc import Callable
 from datetime import UTC, datetime
-from html import escape
+from html import escape, unescape
+from typing import ParamSpec
 
 from aiogram.utils.i18n import gettext as _
 from aiogram.utils.i18n import lazy_gettext as __
@@ -21,6 +25,59 @@ from bot.phones import Phone, mask
 from bot.pilot_status.models import CallStatus, Limit, NumberType, PermissionProbe
 from bot.storage.oncall import Contact, Incident, Team
 from bot.storage.store import CallRecord, PermissionRequestRecord
+
+TELEGRAM_TEXT_LIMIT = 4096  # characters of a message's text after its HTML is parsed
+ALERT_LIMIT = 200  # characters of a callback query's alert
+# a tag, an HTML entity, or one character of text
+_TOKEN = re.compile(r"<(/?)([A-Za-z][\w-]*)[^>]*>|&(?:#\d+|#[xX][0-9a-fA-F]+|\w+);|.", re.S)
+P = ParamSpec("P")
+
+
+def _shown_length(text: str) -> int:
+    """How Telegram counts a text: UTF-16 code units (an emoji may count 2)."""
+    return len(text.encode("utf-16-le")) // 2
+
+
+def fit(html: str, limit: int = TELEGRAM_TEXT_LIMIT) -> str:
+    """The message cut to `limit` characters as Telegram counts them (after the HTML is
+    parsed), ending with "…", every open tag closed; never cut inside a tag or an entity."""
+    if len(html) * 2 <= limit:
+        return html  # even if every character counted twice
+    shown, cut = 0, None
+    open_tags: list[str] = []
+    for match in _TOKEN.finditer(html):
+        closing, tag = match.group(1), match.group(2)
+        if tag is not None:
+            if cut is None:
+                if closing and open_tags:
+                    open_tags.pop()
+                else:
+                    open_tags.append(tag)
+            continue
+        shown += _shown_length(unescape(match.group()))
+        if cut is None and shown > limit - 1:
+            cut = (match.start(), list(open_tags))
+    if cut is None or shown <= limit:
+        return html
+    end, tags = cut
+    return html[:end].rstrip() + "…" + "".join(f"</{tag}>" for tag in reversed(tags))
+
+
+def fitted(render: Callable[P, str]) -> Callable[P, str]:
+    """A renderer whose message always fits Telegram's limit."""
+
+    @functools.wraps(render)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> str:
+        return fit(render(*args, **kwargs))
+
+    return wrapper
+
+
+def plain(html: str, limit: int = ALERT_LIMIT) -> str:
+    """An HTML text as plain text (a callback alert is not parsed), cut to `limit`."""
+    text = unescape(re.sub(r"<[^>]*>", "", html))
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+
 
 ERRORS: dict[str, LazyProxy] = {
     # the operator's input
@@ -221,6 +278,24 @@ ERRORS: dict[str, LazyProxy] = {
         "The bot restarted before Pilot Status confirmed this call, and Pilot Status has no record "
         "of it: no call was placed. Send /call again."
     ),
+    "team_exists_here": __(
+        "Team <b>{team}</b> already posts alerts to this chat. For a new intake token, send "
+        "<code>/team token {team}</code>."
+    ),
+    "team_elsewhere": __(
+        "Team <b>{team}</b> already posts alerts to another chat; nothing was changed. To have "
+        "it post here instead, send <code>/team move {team}</code> in this chat (its token "
+        "stays the same)."
+    ),
+    "team_has_open_incidents": __(
+        "Team <b>{team}</b> has open incidents, whose posts are in its current chat. Move it "
+        "once they are resolved."
+    ),
+    "cannot_message_you": __(
+        "I cannot message you privately, and the intake token is never shown in a group: "
+        "nothing was changed, the current token still works. Open a private chat with "
+        "@{bot}, press Start, then send the command here again."
+    ),
 }
 
 STATUS: dict[CallStatus, LazyProxy] = {
@@ -258,6 +333,7 @@ def status_label(status: str) -> str:
     return str(STATUS[CallStatus.parse(status)])
 
 
+@fitted
 def error_text(error: CallbotError) -> str:
     template = ERRORS.get(error.code, ERRORS["internal"])
     params = {key: escape(value) for key, value in error.params.items()}
@@ -335,6 +411,7 @@ def _clock(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%H:%M UTC")
 
 
+@fitted
 def call_text(record: CallRecord, limits: tuple[Limit, ...] = ()) -> str:
     """The message that follows a call from start to end."""
     icon = ICONS.get(record.status, "📞")
@@ -365,6 +442,7 @@ def call_text(record: CallRecord, limits: tuple[Limit, ...] = ()) -> str:
     return "\n".join(lines) + limits_lines(limits) + _note_line(record.note, record.spoken)
 
 
+@fitted
 def calls_page_text(records: list[CallRecord], *, offset: int, total: int) -> str:
     if not records:
         return _("No calls from this chat yet.")
@@ -387,6 +465,7 @@ def calls_page_text(records: list[CallRecord], *, offset: int, total: int) -> st
     return "\n".join(lines)
 
 
+@fitted
 def permission_text(phone: Phone, probe: PermissionProbe | None, *, masked: bool) -> str:
     number = number_label(phone, masked=masked)
     if probe is None:
@@ -417,6 +496,7 @@ def permission_text(phone: Phone, probe: PermissionProbe | None, *, masked: bool
     return text
 
 
+@fitted
 def permission_answered_text(request: PermissionRequestRecord) -> str:
     number = escape(mask(request.phone_display) if request.masked else request.phone_display)
     if request.status == "granted":
@@ -424,6 +504,7 @@ def permission_answered_text(request: PermissionRequestRecord) -> str:
     return _("🚫 {number} declined WhatsApp calls from this business.").format(number=number)
 
 
+@fitted
 def incident_text(incident: Incident, team: Team) -> str:
     """A team's post of an alert: what fired, and what the escalation did."""
     severity = f"[{escape(incident.severity.upper())}] " if incident.severity else ""
@@ -453,16 +534,34 @@ def incident_text(incident: Incident, team: Team) -> str:
     return "\n".join(lines)
 
 
-def contacts_text(contacts: list[Contact]) -> str:
+@fitted
+def contacts_text(
+    contacts: list[Contact], *, offset: int = 0, total: int | None = None, masked: bool = False
+) -> str:
+    """A page of contacts (from `offset`, of `total`); numbers masked in groups."""
     if not contacts:
         return _("No contacts yet. Admins add them with /contact add &lt;alias&gt; &lt;phone&gt;.")
-    return "\n".join(f"<b>{escape(c.alias)}</b> {escape(c.phone_display)}" for c in contacts)
+    header = _("Contacts {first}-{last} of {total}:").format(
+        first=offset + 1, last=offset + len(contacts), total=total or len(contacts)
+    )
+    lines = [header]
+    for contact in contacts:
+        number = mask(contact.phone_display) if masked else contact.phone_display
+        lines.append(f"<b>{escape(contact.alias)}</b> {escape(number)}")
+    return "\n".join(lines)
 
 
-def teams_text(teams: list[Team], now: datetime) -> str:
+@fitted
+def teams_text(
+    teams: list[Team], now: datetime, *, offset: int = 0, total: int | None = None
+) -> str:
     if not teams:
         return _("No teams yet. Admins add one with /team add &lt;name&gt; in its chat.")
-    lines = []
+    lines = [
+        _("Teams {first}-{last} of {total}:").format(
+            first=offset + 1, last=offset + len(teams), total=total or len(teams)
+        )
+    ]
     for team in teams:
         lines.append(
             _(
@@ -481,6 +580,7 @@ def teams_text(teams: list[Team], now: datetime) -> str:
     return "\n".join(lines)
 
 
+@fitted
 def on_call_text(team: Team, now: datetime) -> str:
     who = on_call_now(team, now)
     if who is None:
@@ -488,6 +588,7 @@ def on_call_text(team: Team, now: datetime) -> str:
     return _("On call for {team}: <b>{who}</b>").format(team=escape(team.name), who=escape(who))
 
 
+@fitted
 def team_created_text(team: Team, token: str) -> str:
     return _(
         "Team <b>{name}</b> posts alerts to this chat. Its alert intake token (shown once):\n"
@@ -495,6 +596,33 @@ def team_created_text(team: Team, token: str) -> str:
         "/alerts/grafana/{name} or /alerts/generic/{name} with the header "
         "<code>Authorization: Bearer &lt;token&gt;</code>."
     ).format(name=escape(team.name), token=escape(token))
+
+
+@fitted
+def team_token_text(name: str, chat_id: int, token: str) -> str:
+    """The intake token, for the admin's private chat only."""
+    return _(
+        "Team <b>{name}</b> posts alerts to chat <code>{chat}</code>. Its alert intake token "
+        "(shown once):\n<code>{token}</code>\nSend alerts to /alerts/alertmanager/{name}, "
+        "/alerts/grafana/{name} or /alerts/generic/{name} with the header "
+        "<code>Authorization: Bearer &lt;token&gt;</code>. Any older token of the team no "
+        "longer works."
+    ).format(name=escape(name), chat=chat_id, token=escape(token))
+
+
+@fitted
+def team_token_sent_text(team: Team) -> str:
+    return _(
+        "Team <b>{name}</b> posts alerts to chat <code>{chat}</code>. I sent its intake token "
+        "to you privately."
+    ).format(name=escape(team.name), chat=team.chat_id)
+
+
+@fitted
+def team_moved_text(team: Team) -> str:
+    return _(
+        "Team <b>{name}</b> now posts alerts to this chat. Its intake token is unchanged."
+    ).format(name=escape(team.name))
 
 
 def done_text() -> str:
@@ -529,6 +657,7 @@ def button_older() -> str:
     return _("Older ▶️")
 
 
+@fitted
 def needs_permission_text(outcome: NeedsPermission, phone: Phone, *, masked: bool) -> str:
     text = _(
         "🔒 {number} has not allowed WhatsApp calls from this business yet. Meta requires "
@@ -539,6 +668,7 @@ def needs_permission_text(outcome: NeedsPermission, phone: Phone, *, masked: boo
     return text + "\n" + _("Meta does not allow another permission request right now.")
 
 
+@fitted
 def confirm_text(
     phone: Phone, note: str | None, *, masked: bool, ttl: int, spoken: bool = False
 ) -> str:
@@ -550,6 +680,7 @@ def confirm_text(
     )
 
 
+@fitted
 def calling_text(phone: Phone, *, masked: bool) -> str:
     return _("Calling {number}…").format(number=number_label(phone, masked=masked))
 
@@ -558,6 +689,7 @@ def cancelled_text() -> str:
     return _("Cancelled. No call was placed.")
 
 
+@fitted
 def permission_sent_text(phone: Phone, *, masked: bool) -> str:
     return _("📨 Permission request sent to {number}. You can call once they accept.").format(
         number=number_label(phone, masked=masked)

@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from dataclasses import dataclass, replace
 from typing import Protocol, TypeVar
 
 from aiogram import Router
+from aiogram.exceptions import TelegramAPIError, TelegramBadRequest
 from aiogram.filters import Command, CommandObject
 from aiogram.filters.callback_data import CallbackData
-from aiogram.types import CallbackQuery, InlineKeyboardMarkup, Message
+from aiogram.types import CallbackQuery, InlineKeyboardMarkup, Message, ReplyParameters
 from aiogram.utils.i18n import I18n
 from aiogram.utils.keyboard import InlineKeyboardBuilder
 
 from bot.access import AccessPolicy
-from bot.calls import CallOutcome, CallRequest, CallService, NeedsPermission, Started
+from bot.calls import CallOutcome, CallRequest, CallService, NeedsPermission, Started, cut_note
 from bot.config import Settings
-from bot.errors import CallbotError
+from bot.errors import CallbotError, describe
 from bot.live import CallNow, call_markup
 from bot.oncall import OnCall
 from bot.pending import PendingStore, Taken
@@ -35,6 +38,9 @@ from bot.texts import (
 )
 from bot.voice.speech import spoken_note
 from handlers.people import operator_name, sender_id
+
+log = logging.getLogger(__name__)
+REPLY_TRIES = 3  # sends of a started call's reply when Telegram fails
 
 
 class ConfirmCall(CallbackData, prefix="call"):
@@ -84,7 +90,7 @@ async def call_command(
     if not command.args:
         raise CallbotError("usage")
     phone, note = await oncall.callee(message.chat.id, command.args, region=settings.default_region)
-    note, speech = spoken_note(note, i18n.current_locale)
+    note, speech = spoken_note(cut_note(note), i18n.current_locale)
     request = CallRequest(
         operator_id=user_id or 0,
         chat_id=message.chat.id,
@@ -104,9 +110,34 @@ async def call_command(
         return
     outcome = await calls.start(request)
     text, markup = _render(outcome, request, pending_permissions=pending_permissions)
-    sent = await message.reply(text, reply_markup=markup)
-    if isinstance(outcome, Started):
+    if not isinstance(outcome, Started):
+        await message.reply(text, reply_markup=markup)
+        return
+    sent = await _reply_started(message, text, markup, outcome)
+    if sent is not None:
         await calls.attach(outcome, sent.message_id)
+
+
+async def _reply_started(
+    message: Message, text: str, markup: InlineKeyboardMarkup | None, started: Started
+) -> Message | None:
+    """The reply to a call that was started must reach the chat: a generic "try again" would
+    invite a second, billed call. Tried a few times, also if the /call message is gone."""
+    reply_to = ReplyParameters(message_id=message.message_id, allow_sending_without_reply=True)
+    for attempt in range(1, REPLY_TRIES + 1):
+        try:
+            return await message.answer(text, reply_markup=markup, reply_parameters=reply_to)
+        except TelegramBadRequest as err:
+            log.error("call %s started; its reply was refused: %s", started.record.id, err.message)
+            return None
+        except TelegramAPIError as err:
+            log.warning(
+                "call %s started; its reply failed (%s), try %d", started.record.id, err, attempt
+            )
+            if attempt < REPLY_TRIES:
+                await asyncio.sleep(attempt)
+    log.error("call %s started; Telegram never took its reply", started.record.id)
+    return None
 
 
 async def confirm_call(
@@ -154,13 +185,23 @@ async def _dial_from(
     calls: CallService,
     pending_permissions: PendingStore[PendingPermission],
 ) -> None:
-    """Start the call and let the pressed message follow it."""
-    access.require_caller(request.operator_id, request.chat_id)
-    request = replace(request, message_id=message.message_id)
-    await message.edit_text(calling_text(request.phone, masked=request.masked))
-    outcome = await calls.start(request)
+    """Start the call and let the pressed message follow it; it shows why if none started."""
+    try:
+        access.require_caller(request.operator_id, request.chat_id)
+        request = replace(request, message_id=message.message_id)
+        await message.edit_text(calling_text(request.phone, masked=request.masked))
+        outcome = await calls.start(request)
+    except Exception as err:
+        # A one-time button, answered already: its message says why no call was started.
+        await message.edit_text(error_text(describe(err)))
+        raise
     text, markup = _render(outcome, request, pending_permissions=pending_permissions)
-    await message.edit_text(text, reply_markup=markup)
+    try:
+        await message.edit_text(text, reply_markup=markup)
+    except TelegramAPIError as err:
+        # The call was started: never a generic error now. The message stays attached to the
+        # call (its id is stored), so the call's next change is edited in with retries.
+        log.warning("message %s of a call attempt was not edited: %s", message.message_id, err)
 
 
 async def ask_permission(
@@ -173,14 +214,19 @@ async def ask_permission(
     if pending is None or not isinstance(query.message, Message):
         return
     await query.answer()
-    await calls.request_permission(
-        pending.phone,
-        pending.note or default_permission_reason(),
-        operator_id=pending.operator_id,
-        chat_id=query.message.chat.id,
-        locale=pending.locale,
-        masked=pending.masked,
-    )
+    try:
+        await calls.request_permission(
+            pending.phone,
+            pending.note or default_permission_reason(),
+            operator_id=pending.operator_id,
+            chat_id=query.message.chat.id,
+            locale=pending.locale,
+            masked=pending.masked,
+        )
+    except Exception as err:
+        # A one-time button: its message says how the request ended.
+        await query.message.edit_text(error_text(describe(err)))
+        raise
     await query.message.edit_text(permission_sent_text(pending.phone, masked=pending.masked))
 
 

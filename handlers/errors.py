@@ -1,4 +1,8 @@
-"""Every error ends here: one reply a person understands, one log line with the update id."""
+"""Every error ends here: one reply a person understands, one log line with the update id.
+
+A press of a button is answered with a short alert; its message and buttons stay as they were
+(the error is the presser's business, and the message may be a call or an incident others follow).
+"""
 
 from __future__ import annotations
 
@@ -7,10 +11,10 @@ from contextlib import suppress
 
 from aiogram import Router
 from aiogram.exceptions import TelegramBadRequest
-from aiogram.types import ErrorEvent, Message
+from aiogram.types import ErrorEvent
 
 from bot.errors import describe
-from bot.texts import error_text
+from bot.texts import error_text, plain
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +36,5 @@ async def on_error(event: ErrorEvent) -> None:
     if update.message is not None:
         await update.message.reply(text)
     elif update.callback_query is not None:
-        query = update.callback_query
         with suppress(TelegramBadRequest):  # the handler may have answered it already
-            await query.answer()
-        if isinstance(query.message, Message):
-            await query.message.edit_text(text)
+            await update.callback_query.answer(plain(text), show_alert=True)

@@ -5,13 +5,13 @@ from __future__ import annotations
 import csv
 import io
 import json
+from dataclasses import replace
 from datetime import timedelta
 
 from aiogram import Router
 from aiogram.filters import Command, CommandObject
 from aiogram.filters.callback_data import CallbackData
 from aiogram.types import BufferedInputFile, CallbackQuery, InlineKeyboardMarkup, Message
-from aiogram.utils.keyboard import InlineKeyboardBuilder
 
 from bot.access import AccessPolicy, Role
 from bot.calls import CallService
@@ -19,10 +19,8 @@ from bot.config import Settings
 from bot.errors import CallbotError
 from bot.live import HangUp, call_markup
 from bot.phones import parse_phone
-from bot.storage.store import Store, utcnow
+from bot.storage.store import CallRecord, Store, utcnow
 from bot.texts import (
-    button_newer,
-    button_older,
     call_text,
     calls_page_text,
     error_text,
@@ -30,6 +28,7 @@ from bot.texts import (
     hung_up_text,
     permission_text,
 )
+from handlers.pages import pager
 from handlers.people import sender_id
 
 PAGE_DEFAULT, PAGE_MAX = 5, 20
@@ -74,7 +73,8 @@ async def status_command(
     access.require_caller(sender_id(message), message.chat.id)
     ref = await _call_ref(message, command, store, "status_usage")
     record = await calls.refresh(ref)
-    await message.reply(call_text(record), reply_markup=call_markup(record))
+    [shown] = _in_chat([record], message)
+    await message.reply(call_text(shown), reply_markup=call_markup(record))
 
 
 async def hangup_command(
@@ -88,7 +88,8 @@ async def hangup_command(
     role = access.require_caller(user_id, message.chat.id)
     ref = await _call_ref(message, command, store, "hangup_usage")
     record = await calls.hang_up(ref, actor_id=user_id or 0, is_admin=role is Role.ADMIN)
-    await message.reply(call_text(record))
+    [shown] = _in_chat([record], message)
+    await message.reply(call_text(shown))
 
 
 async def hangup_button(
@@ -118,7 +119,8 @@ async def calls_command(
         size = max(1, min(PAGE_MAX, int(command.args.strip())))
     records, total = await calls.recent(message.chat.id, limit=size, offset=0)
     await message.reply(
-        calls_page_text(records, offset=0, total=total), reply_markup=_pager(0, size, total)
+        calls_page_text(_in_chat(records, message), offset=0, total=total),
+        reply_markup=_pager(0, size, total),
     )
 
 
@@ -136,22 +138,20 @@ async def calls_page(
     records, total = await calls.recent(query.message.chat.id, limit=size, offset=offset)
     await query.answer()
     await query.message.edit_text(
-        calls_page_text(records, offset=offset, total=total),
+        calls_page_text(_in_chat(records, query.message), offset=offset, total=total),
         reply_markup=_pager(offset, size, total),
     )
 
 
 def _pager(offset: int, size: int, total: int) -> InlineKeyboardMarkup | None:
-    builder = InlineKeyboardBuilder()
-    if offset > 0:
-        builder.button(
-            text=button_newer(), callback_data=CallsPage(offset=max(0, offset - size), size=size)
-        )
-    if offset + size < total:
-        builder.button(
-            text=button_older(), callback_data=CallsPage(offset=offset + size, size=size)
-        )
-    return builder.as_markup() if builder.buttons else None
+    return pager(offset, size, total, lambda start: CallsPage(offset=start, size=size))
+
+
+def _in_chat(records: list[CallRecord], message: Message) -> list[CallRecord]:
+    """Calls as this chat may see them: numbers masked in groups, wherever the call began."""
+    if message.chat.type == "private":
+        return records
+    return [replace(record, masked=True) for record in records]
 
 
 async def permission_command(

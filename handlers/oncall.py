@@ -1,12 +1,19 @@
-"""On-call from chat: /contact, /team, /oncall, and the Acknowledge button of alert posts."""
+"""On-call from chat: /contact, /team, /oncall, and the Acknowledge button of alert posts.
+
+An intake token is a secret: it is only ever shown in the admin's private chat with the bot.
+"""
 
 from __future__ import annotations
 
+import logging
 import secrets
+from contextlib import suppress
 
-from aiogram import Router
+from aiogram import Bot, Router
+from aiogram.exceptions import TelegramAPIError, TelegramBadRequest, TelegramForbiddenError
 from aiogram.filters import Command, CommandObject
-from aiogram.types import CallbackQuery, Message
+from aiogram.filters.callback_data import CallbackData
+from aiogram.types import CallbackQuery, InlineKeyboardMarkup, Message
 
 from bot.access import AccessPolicy, Role
 from bot.config import Settings
@@ -21,10 +28,25 @@ from bot.texts import (
     done_text,
     error_text,
     on_call_text,
-    team_created_text,
+    team_moved_text,
+    team_token_sent_text,
+    team_token_text,
     teams_text,
 )
+from handlers.pages import pager
 from handlers.people import operator_name, sender_id
+
+log = logging.getLogger(__name__)
+CONTACTS_PAGE, TEAMS_PAGE = 20, 10
+
+
+class ContactsPage(CallbackData, prefix="contacts"):
+    offset: int
+
+
+class TeamsPage(CallbackData, prefix="teams"):
+    offset: int
+
 
 POLICY_KEYS = {
     "attempts": ("attempts_per_person", 1, 10),
@@ -39,6 +61,8 @@ def build_router() -> Router:
     router.message.register(team_command, Command("team"))
     router.message.register(oncall_command, Command("oncall"))
     router.callback_query.register(acknowledge_button, Acknowledge.filter())
+    router.callback_query.register(contacts_page, ContactsPage.filter())
+    router.callback_query.register(teams_page, TeamsPage.filter())
     return router
 
 
@@ -59,7 +83,8 @@ async def contact_command(
     action = words[0].lower()
     if action == "list":
         access.require_caller(sender_id(message), message.chat.id)
-        await message.reply(contacts_text(await oncall_store.contacts()))
+        text, markup = await _contacts(oncall_store, 0, private=_private(message))
+        await message.reply(text, reply_markup=markup)
         return
     _require_admin(access, message)
     if action == "add" and len(words) >= 3:
@@ -74,38 +99,105 @@ async def contact_command(
     await message.reply(done_text())
 
 
+def _private(message: Message) -> bool:
+    return message.chat.type == "private"
+
+
+async def _contacts(
+    oncall_store: OnCallStore, offset: int, *, private: bool
+) -> tuple[str, InlineKeyboardMarkup | None]:
+    """A page of contacts; their numbers masked outside private chats."""
+    contacts = await oncall_store.contacts()
+    offset = max(0, min(offset, len(contacts) - 1))
+    page = contacts[offset : offset + CONTACTS_PAGE]
+    text = contacts_text(page, offset=offset, total=len(contacts), masked=not private)
+    return text, pager(offset, CONTACTS_PAGE, len(contacts), lambda o: ContactsPage(offset=o))
+
+
+async def _teams(oncall_store: OnCallStore, offset: int) -> tuple[str, InlineKeyboardMarkup | None]:
+    teams = await oncall_store.teams()
+    offset = max(0, min(offset, len(teams) - 1))
+    page = teams[offset : offset + TEAMS_PAGE]
+    text = teams_text(page, utcnow(), offset=offset, total=len(teams))
+    return text, pager(offset, TEAMS_PAGE, len(teams), lambda o: TeamsPage(offset=o))
+
+
+async def contacts_page(
+    query: CallbackQuery,
+    callback_data: ContactsPage,
+    access: AccessPolicy,
+    oncall_store: OnCallStore,
+) -> None:
+    if (message := await _paged(query, access)) is not None:
+        private = message.chat.type == "private"
+        text, markup = await _contacts(oncall_store, callback_data.offset, private=private)
+        await query.answer()
+        await message.edit_text(text, reply_markup=markup)
+
+
+async def teams_page(
+    query: CallbackQuery, callback_data: TeamsPage, access: AccessPolicy, oncall_store: OnCallStore
+) -> None:
+    if (message := await _paged(query, access)) is not None:
+        text, markup = await _teams(oncall_store, callback_data.offset)
+        await query.answer()
+        await message.edit_text(text, reply_markup=markup)
+
+
+async def _paged(query: CallbackQuery, access: AccessPolicy) -> Message | None:
+    """The list whose ◀️ ▶️ was pressed, if the presser may read it (else the press is answered)."""
+    if not isinstance(query.message, Message):
+        await query.answer()
+        return None
+    if access.role(query.from_user.id) is None:
+        await query.answer(error_text(CallbotError("not_operator")), show_alert=True)
+        return None
+    return query.message
+
+
 async def team_command(
     message: Message,
     command: CommandObject,
     access: AccessPolicy,
     oncall_store: OnCallStore,
+    bot: Bot,
 ) -> None:
     """/team list | add <name> | members <name> <alias…> | policy <name> k=v… |
-    rotation <name> weekly|none | token <name>"""
+    rotation <name> weekly|none | token <name> | move <name>"""
     words = (command.args or "list").split()
     action = words[0].lower()
     if action == "list":
         access.require_caller(sender_id(message), message.chat.id)
-        await message.reply(teams_text(await oncall_store.teams(), utcnow()))
+        text, markup = await _teams(oncall_store, 0)
+        await message.reply(text, reply_markup=markup)
         return
     _require_admin(access, message)
     if len(words) < 2:
         raise CallbotError("team_usage")
     name = valid_alias(words[1])
-    if action in ("add", "token"):
-        existing = await oncall_store.team(name)
-        if action == "token" and existing is None:
-            raise CallbotError("unknown_team", {"team": name})
-        token = secrets.token_urlsafe(24)
-        chat_id = existing.chat_id if existing and action == "token" else message.chat.id
-        saved = await oncall_store.save_team(
-            name, chat_id=chat_id, token_hash=token_hash(token), at=utcnow()
-        )
-        await message.reply(team_created_text(saved, token))
+    existing = await oncall_store.team(name)
+    if action == "add":
+        if existing is not None:
+            here = existing.chat_id == message.chat.id
+            raise CallbotError("team_exists_here" if here else "team_elsewhere", {"team": name})
+        await _new_token(message, bot, oncall_store, name, message.chat.id)
         return
-    team = await oncall_store.team(name)
-    if team is None:
+    if existing is None:
         raise CallbotError("unknown_team", {"team": name})
+    if action == "token":
+        await _new_token(message, bot, oncall_store, name, existing.chat_id)
+        return
+    if action == "move":
+        if existing.chat_id == message.chat.id:
+            raise CallbotError("team_exists_here", {"team": name})
+        if await oncall_store.has_open_incidents(existing.id):
+            raise CallbotError("team_has_open_incidents", {"team": name})
+        moved = await oncall_store.save_team(
+            name, chat_id=message.chat.id, token_hash=None, at=utcnow()
+        )
+        await message.reply(team_moved_text(moved))
+        return
+    team = existing
     fields = _team_fields(action, words[2:])
     if "members" in fields:
         for alias in fields["members"]:  # type: ignore[attr-defined]
@@ -113,6 +205,38 @@ async def team_command(
                 raise CallbotError("unknown_contact", {"alias": alias})
     await oncall_store.save_team(name, chat_id=team.chat_id, token_hash=None, at=utcnow(), **fields)
     await message.reply(done_text())
+
+
+async def _new_token(
+    message: Message, bot: Bot, oncall_store: OnCallStore, name: str, chat_id: int
+) -> None:
+    """A new intake token for the team (made if new), told only in the admin's private chat.
+    From a group, the token is sent privately before it replaces the old one: if the admin
+    cannot be messaged, nothing changes."""
+    token = secrets.token_urlsafe(24)
+    text = team_token_text(name, chat_id, token)
+    admin = sender_id(message)
+    if _private(message) or admin is None:
+        await oncall_store.save_team(
+            name, chat_id=chat_id, token_hash=token_hash(token), at=utcnow()
+        )
+        await message.reply(text)
+        return
+    try:
+        told = await bot.send_message(admin, text)
+    except (TelegramForbiddenError, TelegramBadRequest) as err:
+        log.info("cannot message admin %s privately: %s", admin, err.message)
+        me = await bot.me()
+        raise CallbotError("cannot_message_you", {"bot": me.username or "me"}) from None
+    try:
+        team = await oncall_store.save_team(
+            name, chat_id=chat_id, token_hash=token_hash(token), at=utcnow()
+        )
+    except BaseException:
+        with suppress(TelegramAPIError):  # the token it shows was never saved
+            await bot.delete_message(admin, told.message_id)
+        raise
+    await message.reply(team_token_sent_text(team))
 
 
 def _team_fields(action: str, args: list[str]) -> dict[str, object]:

@@ -244,7 +244,7 @@ async def test_answer_counts_as_acknowledgement_when_the_team_says_so(
     await alert(bot, generic(key="web-down", title="site down"), team="web", token=WEB_TOKEN)
     await bot.app.oncall.run_due()
     await call_event(bot, CAROL, "call.connected", "ACCEPTED")
-    await post_in(bot, WEB_CHAT, "acknowledged by +55 11 99999-0003 (answered)")
+    await post_in(bot, WEB_CHAT, "acknowledged by +55 11 9****-0003 (answered)")
     clock.advance(3600)
     assert await bot.app.oncall.run_due() == 0
 
@@ -348,9 +348,11 @@ async def test_contacts_teams_and_on_call_from_chat(
     assert "calls only its members" in await say("/call carol", user=OPERATOR, chat=INFRA_CHAT)
     confirm = await say("/call dave db down", user=OPERATOR, chat=INFRA_CHAT)
     assert "Call +55 11 9****-0004?" in confirm
+    mark = bot.telegram.mark()
     created = await say("/team add ops", chat=-100400)
-    assert "alert intake token" in created
-    token = created.split("(shown once):")[1].split()[0]
+    assert "sent its intake token to you privately" in created
+    private = await bot.telegram.wait_for_message(chat_id=ADMIN, after=mark)
+    token = private.plain.split("(shown once):")[1].split()[0]
     response = await alert(bot, generic(), team="ops", token=token)
     assert response.status_code == 200
     await bot.app.oncall.run_due()

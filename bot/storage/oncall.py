@@ -325,3 +325,10 @@ class OnCallStore:
                 .order_by(RingRow.at)
             )
             return list((await session.execute(query)).scalars())
+
+    async def has_open_incidents(self, team_id: int) -> bool:
+        async with self._sessions() as session:
+            query = select(IncidentRow.id).where(
+                IncidentRow.team_id == team_id, IncidentRow.status.in_(OPEN)
+            )
+            return (await session.execute(query.limit(1))).first() is not None
