@@ -442,7 +442,7 @@ def incident_text(incident: Incident, team: Team) -> str:
     footer = [room.take(state)]
     notes = _Room(1200)  # the newest notes, as many as fit
     newest = ["• " + _escape_within(note, 300) for note in reversed(incident.notes[-8:])]
-    kept = [line for line in newest if notes.fits(line) and room.fits(line)]
+    kept = [room.take(notes.take(line)) for line in newest if notes.fits(line)]
     footer.extend(reversed(kept))
     body: list[str] = []
     if incident.text:

@@ -1,0 +1,341 @@
+"""Property tests of every parser the web app feeds, and of the incident post they end in.
+
+Whatever arrives — arbitrary JSON, hostile strings, shapes close to the real ones with absurd
+values — a parser returns a value within its documented bounds or raises its own error type
+(AlertError, WebhookError, SDPError), never anything else: anything else would be a 500.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from bot.alerts import (
+    MAX_ITEM_CHARS,
+    MAX_ITEMS,
+    MAX_LABEL_CHARS,
+    MAX_LABELS,
+    MAX_LINKS,
+    MAX_TEXT_CHARS,
+    MAX_TITLE_CHARS,
+    Alert,
+    AlertError,
+    parse_alertmanager,
+    parse_generic,
+    parse_grafana,
+)
+from bot.i18n import build_i18n
+from bot.pilot_status.models import MAX_DURATION_SECONDS, Call
+from bot.pilot_status.webhooks import EARLIEST, LATEST, CallEvent, WebhookError, parse_delivery
+from bot.storage.oncall import Incident, Team
+from bot.texts import POST_LIMIT, incident_text
+from bot.voice.sdp import SDPError, check_answer, check_offer, offer_for_meta
+from tests.fakes.telegram import parse_html
+
+SAMPLES = Path(__file__).parent / "samples"
+FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+# --------------------------------------------------------------------------- strategies
+
+# Text as JSON can carry it: any code point, lone surrogates included (JSON escapes them).
+hostile_text = st.text(
+    st.characters(codec=None, categories=None, exclude_characters=()), max_size=40
+) | st.sampled_from(
+    [
+        "",
+        " ",
+        "\x00",
+        "\ud800",
+        "\u202e",
+        "&<>\"'",
+        "<b>",
+        "a" * 70_000,
+        "0001-01-01T00:00:00Z",
+        "99999-12-31T00:00:00Z",
+        "firing",
+        "resolved",
+        "javascript:alert(1)",
+        "http://user:pw@host/",
+        "https://example.com/" + "x" * 3000,
+    ]
+)
+huge_numbers = st.sampled_from([10**20, -(10**20), 2**31, 2**63, 1e308, -1.5, 0, float("inf")])
+scalars = st.none() | st.booleans() | st.integers() | huge_numbers | st.floats() | hostile_text
+json_values = st.recursive(
+    scalars,
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(hostile_text, children, max_size=4)
+    ),
+    max_leaves=25,
+)
+
+
+def _sample(name: str) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((SAMPLES / name).read_text())
+    return data
+
+
+@st.composite
+def mutated(draw: st.DrawFn, sample: dict[str, Any]) -> object:
+    """A real payload with some of its values (at any depth) replaced by hostile ones."""
+    payload = json.loads(json.dumps(sample))
+    for _ in range(draw(st.integers(1, 4))):
+        node: Any = payload
+        while True:
+            keys = list(node) if isinstance(node, dict) else list(range(len(node)))
+            if not keys:
+                break
+            key = draw(st.sampled_from(keys))
+            child = node[key]
+            if isinstance(child, dict | list) and child and draw(st.booleans()):
+                node = child
+                continue
+            node[key] = draw(json_values)
+            break
+    return payload
+
+
+def alert_payloads(*samples: str) -> st.SearchStrategy[object]:
+    return json_values | st.one_of(*(mutated(_sample(s)) for s in samples))
+
+
+def _assert_bounded(alert: Alert) -> None:
+    assert 0 < len(alert.title) <= MAX_TITLE_CHARS
+    assert len(alert.text) <= MAX_TEXT_CHARS
+    assert len(alert.labels) <= MAX_LABELS
+    assert all(
+        len(k) <= MAX_LABEL_CHARS and len(v) <= MAX_LABEL_CHARS for k, v in alert.labels.items()
+    )
+    assert len(alert.links) <= MAX_LINKS
+    assert all(u.startswith(("http://", "https://")) for u in alert.links)
+    assert len(alert.items) <= MAX_ITEMS and all(len(i) <= MAX_ITEM_CHARS for i in alert.items)
+    assert alert.count >= max(1, len(alert.items))
+    for text in (alert.title, alert.text, alert.dedup_key, *alert.items):
+        text.encode("utf-8")  # storable: no lone surrogates
+
+
+# --------------------------------------------------------------------------- alert payloads
+
+
+@FAST
+@given(alert_payloads("alertmanager_firing.json", "alertmanager_resolved.json"))
+def test_alertmanager_parser_returns_a_bounded_alert_or_an_alert_error(payload: object) -> None:
+    try:
+        alert = parse_alertmanager(payload)
+    except AlertError as err:
+        assert 0 < len(str(err)) <= 300
+        return
+    _assert_bounded(alert)
+
+
+@FAST
+@given(alert_payloads("grafana_firing.json", "grafana_resolved.json"))
+def test_grafana_parser_returns_a_bounded_alert_or_an_alert_error(payload: object) -> None:
+    try:
+        alert = parse_grafana(payload)
+    except AlertError as err:
+        assert 0 < len(str(err)) <= 300
+        return
+    _assert_bounded(alert)
+
+
+@FAST
+@given(alert_payloads("generic_firing.json"))
+def test_generic_parser_returns_a_bounded_alert_or_an_alert_error(payload: object) -> None:
+    try:
+        alert = parse_generic(payload)
+    except AlertError as err:
+        assert 0 < len(str(err)) <= 300
+        return
+    _assert_bounded(alert)
+
+
+# --------------------------------------------------------------------------- webhook events
+
+FLAT = {
+    "event": "call.ended",
+    "callId": "call_01HZX",
+    "externalCallId": "wacid.ABGG",
+    "direction": "OUTBOUND",
+    "status": "COMPLETED",
+    "from": "5511888888888",
+    "to": "5511999999999",
+    "timestamp": "2026-07-03T15:02:05.000Z",
+    "duration": 120,
+}
+META = {
+    "event": "calls",
+    "data": {
+        "object": "whatsapp_business_account",
+        "entry": [
+            {
+                "id": "1",
+                "changes": [
+                    {
+                        "field": "calls",
+                        "value": {
+                            "calls": [
+                                {
+                                    "id": "wacid.ABGG",
+                                    "event": "connect",
+                                    "to": "5511999999999",
+                                    "timestamp": "1764237600",
+                                    "session": {"sdp_type": "answer", "sdp": "v=0\r\n"},
+                                    "duration": 12,
+                                }
+                            ],
+                            "statuses": [
+                                {
+                                    "id": "wacid.ABGG",
+                                    "type": "call",
+                                    "status": "ACCEPTED",
+                                    "timestamp": "1764237601",
+                                    "recipient_id": "5511999999999",
+                                }
+                            ],
+                        },
+                    }
+                ],
+            }
+        ],
+    },
+}
+
+
+def _assert_storable(event: CallEvent) -> None:
+    assert event.duration is None or 0 <= event.duration <= MAX_DURATION_SECONDS
+    assert EARLIEST <= event.at <= max(LATEST, datetime.now(UTC)) and event.at.tzinfo is not None
+    for text in (event.event, event.call_id, event.external_call_id, event.status, event.to):
+        if text is not None:
+            assert "\x00" not in text
+            text.encode("utf-8")
+
+
+@FAST
+@given(json_values | mutated(FLAT) | mutated(META))
+def test_webhook_parser_returns_storable_events_or_a_webhook_error(payload: object) -> None:
+    try:
+        events = parse_delivery(payload)
+    except WebhookError:
+        return
+    for event in events:
+        _assert_storable(event)
+
+
+@FAST
+@given(st.sampled_from([10**20, 2**31, 2**63, -1, 1e300, float("nan")]) | json_values)
+def test_an_absurd_polled_duration_is_dropped_and_the_status_kept(duration: object) -> None:
+    body = {"id": "call_1", "status": "COMPLETED", "durationSeconds": duration}
+    try:
+        call = Call.model_validate(body)
+    except ValueError:  # pydantic's ValidationError: the client's "unexpected body"
+        return
+    assert call.status.value == "COMPLETED"
+    assert call.duration_seconds is None or 0 <= call.duration_seconds <= MAX_DURATION_SECONDS
+
+
+# --------------------------------------------------------------------------- SDP
+
+ANSWER = (
+    "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n"
+    "c=IN IP4 0.0.0.0\r\na=ice-ufrag:abcd\r\na=ice-pwd:efghijklmnopqrstuvwxyz\r\n"
+    "a=fingerprint:sha-256 AB:CD\r\na=setup:passive\r\na=rtpmap:111 opus/48000/2\r\n"
+    "a=candidate:1 1 udp 2130706431 127.0.0.1 5000 typ host\r\n"
+)
+sdp_lines = st.lists(
+    st.sampled_from(ANSWER.split("\r\n")) | hostile_text | st.just("a=setup:active"),
+    max_size=14,
+)
+separators = st.sampled_from(["\r\n", "\n", "\r", "\x85", "\u2028", "\x0b"])
+
+
+@FAST
+@given(sdp_lines, separators)
+def test_sdp_checks_return_or_raise_sdp_error(lines: list[str], sep: str) -> None:
+    sdp = sep.join(lines)
+    for check in (check_answer, check_offer, offer_for_meta):
+        try:
+            check(sdp)
+        except SDPError as err:
+            assert str(err)
+
+
+# --------------------------------------------------------------------------- the post
+
+
+def _incident(**fields: Any) -> Incident:
+    values: dict[str, Any] = {
+        "id": 1,
+        "team_id": 1,
+        "dedup_key": "k",
+        "source": "alertmanager",
+        "title": "t",
+        "text": "",
+        "severity": None,
+        "labels": {},
+        "links": (),
+        "status": "firing",
+        "fired": 1,
+        "step": 0,
+        "call_id": None,
+        "next_action_at": None,
+        "post_message_id": None,
+        "acked_by": None,
+        "acked_at": None,
+        "notes": (),
+        "created_at": datetime(2026, 12, 1, tzinfo=UTC),
+    }
+    return Incident(**(values | fields))
+
+
+TEAM = Team(
+    id=1,
+    name="infra-" + "x" * 26,
+    chat_id=-1,
+    token_hash="",
+    members=(),
+    on_call=None,
+    rotation="none",
+    rotation_start=datetime(2026, 1, 1, tzinfo=UTC),
+    attempts_per_person=1,
+    wait_seconds=60,
+    max_rounds=1,
+    answer_is_ack=False,
+)
+I18N = build_i18n()
+# Worst cases for escaping and for Telegram's UTF-16 count, at each field's stored maximum.
+heavy = st.text(st.sampled_from("&<>\"'a🚨 \n"), max_size=1100) | st.sampled_from(
+    ["&" * 1000, '"' * 1000, "🚨" * 1000, "x" * 1000]
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    title=heavy.map(lambda t: t.replace("\n", " ")[:MAX_TITLE_CHARS]),
+    text=heavy.map(lambda t: t[:MAX_TEXT_CHARS]),
+    severity=st.none() | heavy.map(lambda t: t[:32] or None),
+    labels=st.dictionaries(heavy.map(lambda t: t[:100]), heavy.map(lambda t: t[:100]), max_size=20),
+    links=st.lists(heavy.map(lambda t: "https://e.com/?" + t * 2), max_size=5).map(tuple),
+    notes=st.lists(heavy, max_size=12).map(tuple),
+    items=st.lists(heavy.map(lambda t: t[:MAX_ITEM_CHARS]), max_size=MAX_ITEMS).map(tuple),
+    extra=st.integers(0, 10**6),
+    status=st.sampled_from(["firing", "acknowledged", "resolved", "exhausted"]),
+    acked_by=st.none() | heavy.map(lambda t: t[:128]),
+    fired=st.integers(1, 10**9),
+    locale=st.sampled_from(["en", "pt_BR"]),
+)
+def test_the_incident_post_always_fits_one_telegram_message(**fields: Any) -> None:
+    items, extra, locale = fields.pop("items"), fields.pop("extra"), fields.pop("locale")
+    incident = _incident(**fields, items=items, alert_count=len(items) + extra)
+    with I18N.context(), I18N.use_locale(locale):
+        text = incident_text(incident, TEAM)
+    assert len(text.encode("utf-16-le")) // 2 <= POST_LIMIT  # the HTML itself, so surely its text
+    plain, _entities = parse_html(text)  # Telegram's HTML rules: no broken entity or tag
+    assert "🚨" in plain and plain.strip()
+    if incident.title.strip():
+        assert plain.split("\n")[0].strip() != "🚨"  # the title is always there
