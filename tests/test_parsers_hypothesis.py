@@ -3,15 +3,21 @@
 Whatever arrives — arbitrary JSON, hostile strings, shapes close to the real ones with absurd
 values — a parser returns a value within its documented bounds or raises its own error type
 (AlertError, WebhookError, SDPError), never anything else: anything else would be a 500.
+
+The last test sends such bodies through the real web app: each gets a 2xx or a 4xx, never 5xx.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -35,6 +41,7 @@ from bot.pilot_status.webhooks import EARLIEST, LATEST, CallEvent, WebhookError,
 from bot.storage.oncall import Incident, Team
 from bot.texts import POST_LIMIT, incident_text
 from bot.voice.sdp import SDPError, check_answer, check_offer, offer_for_meta
+from tests.conftest import RunningBot, StartBot
 from tests.fakes.telegram import parse_html
 
 SAMPLES = Path(__file__).parent / "samples"
@@ -339,3 +346,67 @@ def test_the_incident_post_always_fits_one_telegram_message(**fields: Any) -> No
     assert "🚨" in plain and plain.strip()
     if incident.title.strip():
         assert plain.split("\n")[0].strip() != "🚨"  # the title is always there
+
+
+# --------------------------------------------------------------------------- the real web app
+
+HOOK, SECRET, TEAM_TOKEN = "h" * 32, "whsec-property", "infra-" + "p" * 30
+ONCALL = f"""
+[contacts]
+alice = "+5511999990001"
+
+[teams.infra]
+chat_id = -100200
+token = "{TEAM_TOKEN}"
+members = ["alice"]
+"""
+bodies = (
+    json_values.map(lambda v: json.dumps(v).encode("utf-8", "surrogatepass"))
+    | st.one_of(
+        *(
+            mutated(_sample(name)).map(lambda v: json.dumps(v).encode("utf-8", "surrogatepass"))
+            for name in ("alertmanager_firing.json", "grafana_firing.json", "generic_firing.json")
+        )
+    )
+    | mutated(FLAT).map(lambda v: json.dumps(v).encode("utf-8", "surrogatepass"))
+    | mutated(META).map(lambda v: json.dumps(v).encode("utf-8", "surrogatepass"))
+    | st.binary(max_size=200)
+    | st.sampled_from([b"[" * 5000 + b"]" * 5000, b"1" * 5000, b'{"a": NaN}', b"\xff\xfe"])
+)
+
+
+@pytest.fixture
+async def web_bot(start_bot: StartBot, tmp_path: Path) -> RunningBot:
+    config = tmp_path / "oncall.toml"
+    config.write_text(ONCALL)
+    return await start_bot(
+        oncall_file=str(config),
+        oncall_tick_seconds=60,
+        pilot_status_webhook_token=HOOK,
+        pilot_status_webhook_secret=SECRET,
+        pilot_status_number_type="web",
+    )
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(body=bodies, kind=st.sampled_from(["alertmanager", "grafana", "generic"]))
+async def test_any_body_gets_a_2xx_or_4xx_from_the_real_web_app(
+    web_bot: RunningBot, body: bytes, kind: str
+) -> None:
+    base = f"http://127.0.0.1:{web_bot.app.web_port}"
+    signature = hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
+    async with httpx.AsyncClient(base_url=base) as client:
+        hook = await client.post(
+            f"/pilot-status/{HOOK}", content=body, headers={"x-pilot-status-signature": signature}
+        )
+        intake = await client.post(
+            f"/alerts/{kind}/infra", content=body, headers={"Authorization": f"Bearer {TEAM_TOKEN}"}
+        )
+        health = await client.get("/healthz")
+    assert hook.status_code < 500, hook.text
+    assert intake.status_code < 500, intake.text
+    assert health.status_code == 200
