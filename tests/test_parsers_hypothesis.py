@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from bot.alerts import (
@@ -223,8 +223,24 @@ def _assert_storable(event: CallEvent) -> None:
             text.encode("utf-8")
 
 
+def _meta_with(field: str, value: object) -> dict[str, Any]:
+    payload = json.loads(json.dumps(META))
+    payload["data"]["entry"][0]["changes"][0]["value"]["calls"][0][field] = value
+    return payload
+
+
+absurd = huge_numbers | st.integers() | hostile_text | st.sampled_from(["9" * 30, "-1", "1e20"])
+webhook_payloads = (
+    json_values
+    | mutated(FLAT)
+    | mutated(META)
+    | st.builds(lambda f, v: FLAT | {f: v}, st.sampled_from(list(FLAT)), absurd)
+    | st.builds(_meta_with, st.sampled_from(["timestamp", "duration", "id", "to"]), absurd)
+)
+
+
 @FAST
-@given(json_values | mutated(FLAT) | mutated(META))
+@given(webhook_payloads)
 def test_webhook_parser_returns_storable_events_or_a_webhook_error(payload: object) -> None:
     try:
         events = parse_delivery(payload)
@@ -360,6 +376,15 @@ chat_id = -100200
 token = "{TEAM_TOKEN}"
 members = ["alice"]
 """
+HOSTILE_BODIES = [
+    b"[" * 5000 + b"]" * 5000,
+    b'{"event": "calls", "data": {"entry": [{"changes": [{"field": "calls", "value": {"calls": '
+    b'[{"id": "w", "timestamp": 100000000000000000000, "duration": 100000000000000000000}]}}]}]}}',
+    b'{"event": "call.ended", "callId": "\\ud800", "status": "COMPLETED", "duration": 1e400}',
+    b"1" * 5000,
+    b'{"a": NaN}',
+    b"\xff\xfe",
+]
 bodies = (
     json_values.map(lambda v: json.dumps(v).encode("utf-8", "surrogatepass"))
     | st.one_of(
@@ -371,7 +396,7 @@ bodies = (
     | mutated(FLAT).map(lambda v: json.dumps(v).encode("utf-8", "surrogatepass"))
     | mutated(META).map(lambda v: json.dumps(v).encode("utf-8", "surrogatepass"))
     | st.binary(max_size=200)
-    | st.sampled_from([b"[" * 5000 + b"]" * 5000, b"1" * 5000, b'{"a": NaN}', b"\xff\xfe"])
+    | st.sampled_from(HOSTILE_BODIES)
 )
 
 
@@ -394,6 +419,9 @@ async def web_bot(start_bot: StartBot, tmp_path: Path) -> RunningBot:
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(body=bodies, kind=st.sampled_from(["alertmanager", "grafana", "generic"]))
+@example(body=HOSTILE_BODIES[0], kind="generic")
+@example(body=HOSTILE_BODIES[1], kind="alertmanager")
+@example(body=HOSTILE_BODIES[2], kind="grafana")
 async def test_any_body_gets_a_2xx_or_4xx_from_the_real_web_app(
     web_bot: RunningBot, body: bytes, kind: str
 ) -> None:

@@ -322,7 +322,7 @@ async def test_alert_tokens_and_team_names_of_any_bytes_are_401(
     assert bot.telegram.bot_messages(INFRA_CHAT) == []
 
 
-@pytest.mark.parametrize("duration", [10**20, 2**40, 2**31, -1, 1e300])
+@pytest.mark.parametrize("duration", [10**20, 2**40, 2**31, -1])
 async def test_durations_too_big_for_the_column_are_400(
     start_bot: StartBot, db_url: str, duration: object
 ) -> None:
