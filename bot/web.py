@@ -56,7 +56,7 @@ TRANSIENT = (
     InterfaceError,
     DisconnectionError,
     PoolTimeout,
-    OSError,
+    ConnectionError,
     TimeoutError,
 )
 
@@ -234,7 +234,7 @@ def _contain() -> Middleware:
         except web.HTTPException:
             raise
         except TRANSIENT as err:
-            log.warning("%s %s: unavailable (%s)", request.method, request.path, type(err).__name__)
+            log.warning("%s: unavailable (%s)", _route(request), type(err).__name__)
             response = _refuse(503, "temporarily unavailable, retry later")
             response.headers["Retry-After"] = "30"
             return response
@@ -242,11 +242,16 @@ def _contain() -> Middleware:
             raw = request.get(BODY, b"")  # empty when the failure came before the body was read
             digest = hashlib.sha256(request.path.encode() + b"\0" + raw).hexdigest()
             if poison.again(digest):
-                log.error(
-                    "%s %s: the same body failed again; refused", request.method, request.path
-                )
+                log.error("%s: the same body failed again; answered 422", _route(request))
                 return _refuse(422, "this body cannot be processed; see the bot's log")
-            log.exception("%s %s failed", request.method, request.path)
+            log.exception("%s failed", _route(request))
             return _refuse(500, "internal error")
 
     return contain
+
+
+def _route(request: web.Request) -> str:
+    """The request for a log line, without the webhook's secret path token."""
+    if request.path.startswith("/pilot-status/"):
+        return f"{request.method} /pilot-status/<token>"
+    return f"{request.method} {request.path[:200]}"

@@ -281,11 +281,12 @@ class Store:
         and does not fail the others. A failure of the database itself is raised for all.
         """
         when = at or utcnow()
-        try:
-            return list(await self._apply_deliveries(batch, when))
-        except Exception as err:
-            if _transient(err):
-                raise
+        if len(batch) > 1:
+            try:
+                return list(await self._apply_deliveries(batch, when))
+            except Exception as err:
+                if _transient(err):
+                    raise
         return [await self._apply_alone(item, when) for item in batch]
 
     async def _apply_alone(
