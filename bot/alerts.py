@@ -9,7 +9,9 @@ Three shapes are understood:
 
 Pure: no I/O, no web framework. Every user-controlled string comes out as plain text (escaping is
 the renderer's job) with control characters removed and its length bounded. Anything malformed
-raises `AlertError`, whose message is a short reason that is safe to return in a 400 body.
+raises `AlertError`, whose message is a short reason that is safe to return in a 400 body. A group
+of several alerts also comes out as one short line per alert (`items`, the first `MAX_ITEMS`) and
+its size (`count`, truncated alerts included), so that its post can list the first ones.
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ import json
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Annotated, Literal, TypeVar
 from urllib.parse import urlsplit
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -33,6 +37,8 @@ from pydantic import (
 from pydantic_core import ErrorDetails
 
 __all__ = [
+    "MAX_ITEMS",
+    "MAX_ITEM_CHARS",
     "MAX_LABELS",
     "MAX_LABEL_CHARS",
     "MAX_LINKS",
@@ -55,6 +61,9 @@ MAX_SEVERITY_CHARS = 50
 MAX_TEAM_CHARS = 100
 MAX_KEY_CHARS = 256  # longer dedup keys are replaced by their sha256
 MAX_URL_CHARS = 2048
+MAX_ITEMS = 10  # alerts of a group described one per line; the rest are counted
+MAX_ITEM_CHARS = 200
+MAX_ITEM_LABELS = 4
 
 # Input bounds: beyond these a body is nonsense, not an alert, and is refused.
 MAX_INPUT_CHARS = 65_536  # any single string
@@ -83,6 +92,8 @@ class Alert:
     labels: dict[str, str] = field(hash=False)  # <= MAX_LABELS, names/values <= MAX_LABEL_CHARS
     links: tuple[str, ...]  # http(s) only, deduplicated, <= MAX_LINKS
     team: str | None = None
+    items: tuple[str, ...] = ()  # a group's alerts, one line each (<= MAX_ITEMS); () for one
+    count: int = 1  # alerts in the group in its state, truncated ones included
 
 
 # --------------------------------------------------------------------------- incoming shapes
@@ -109,6 +120,23 @@ _LongStr = Annotated[
 ]
 _Map = Annotated[dict[_Str, _Str], BeforeValidator(_none_to_empty), Field(max_length=MAX_MAP_ITEMS)]
 
+# Alertmanager's "not set" (Go's zero time) is year 1; anything else must be a real moment.
+_ZERO_TIME_BEFORE = datetime(1900, 1, 1, tzinfo=UTC)
+_EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
+_LATEST = datetime(2100, 1, 1, tzinfo=UTC)
+
+
+def _moment(value: datetime) -> datetime | None:
+    when = value if value.tzinfo else value.replace(tzinfo=UTC)
+    if when < _ZERO_TIME_BEFORE:
+        return None
+    if not _EARLIEST <= when <= _LATEST:
+        raise ValueError("timestamp out of range (2000 to 2100)")
+    return when
+
+
+_Time = Annotated[datetime, AfterValidator(_moment)]
+
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True, hide_input_in_errors=True)
@@ -120,6 +148,8 @@ class _AlertmanagerAlert(_Model):
     annotations: _Map = Field(default_factory=dict)
     generator_url: _Str | None = Field(None, alias="generatorURL")
     fingerprint: _Str | None = None
+    starts_at: _Time | None = Field(None, alias="startsAt")
+    ends_at: _Time | None = Field(None, alias="endsAt")
 
 
 class _GrafanaAlert(_AlertmanagerAlert):
@@ -180,6 +210,8 @@ def parse_alertmanager(payload: object) -> Alert:
         severity=_severity(body, primary),
         labels=_labels(body.common_labels or primary.labels),
         links=_links(_link_candidates(body, primary, body.alerts)),
+        items=_items(body, body.alerts),
+        count=_count(body, body.alerts),
     )
 
 
@@ -204,6 +236,8 @@ def parse_grafana(payload: object) -> Alert:
         severity=_severity(body, primary),
         labels=_labels(body.common_labels or primary.labels),
         links=_links(_link_candidates(body, primary, body.alerts)),
+        items=_items(body, body.alerts),
+        count=_count(body, body.alerts),
     )
 
 
@@ -290,6 +324,37 @@ def _count_suffix(body: _GroupPayload, alerts: Iterable[_AlertmanagerAlert]) -> 
         return ""
     firing = sum(1 for a in alerts if a.status == "firing") + body.truncated_alerts
     return f" ({firing} alerts)" if firing > 1 else ""
+
+
+def _in_state(body: _GroupPayload, alerts: Iterable[_AlertT]) -> list[_AlertT]:
+    return [a for a in alerts if (a.status or body.status) == body.status]
+
+
+def _count(body: _GroupPayload, alerts: list[_AlertT]) -> int:
+    return max(1, len(_in_state(body, alerts)) + body.truncated_alerts)
+
+
+def _items(body: _GroupPayload, alerts: list[_AlertT]) -> tuple[str, ...]:
+    """The first alerts of a group in its state, one line each: what tells them apart (their
+    own labels, then their own summary or description). Nothing for a single alert."""
+    if _count(body, alerts) < 2:
+        return ()
+    lines = []
+    for alert in _in_state(body, alerts)[:MAX_ITEMS]:
+        own = {k: v for k, v in alert.labels.items() if body.common_labels.get(k) != v}
+        labels = ", ".join(f"{k}={v}" for k, v in list(_labels(own).items())[:MAX_ITEM_LABELS])
+        about = next(
+            (
+                text
+                for name in ("summary", "description")
+                if (text := alert.annotations.get(name))
+                and text != body.common_annotations.get(name)
+            ),
+            None,
+        )
+        line = _line(" — ".join(filter(None, (labels, about))), MAX_ITEM_CHARS)
+        lines.append(line or _line(alert.labels.get("alertname"), MAX_ITEM_CHARS) or "?")
+    return tuple(lines)
 
 
 def _am_title_candidates(body: _GroupPayload, primary: _AlertmanagerAlert) -> list[str | None]:

@@ -212,6 +212,7 @@ class CallbotApp:
             path_token=token.get_secret_value() if token else None,
             secret=secret.get_secret_value() if secret else None,
             max_body=settings.webhook_max_body,
+            alert_max_body=settings.alert_max_body,
             shelf=self.shelf,
         )
         limits = ConnectionLimits(

@@ -22,11 +22,13 @@ from bot.pilot_status.errors import PilotStatusError
 from bot.pilot_status.models import Call
 from bot.pilot_status.webhooks import CallEvent
 from bot.storage.store import (
+    Applied,
     Audit,
     CallRecord,
     PermissionRequestRecord,
     StatusUpdate,
     Store,
+    Unstorable,
     utcnow,
 )
 
@@ -53,12 +55,10 @@ class PollPolicy:
     give_up_after: float = 900.0
 
 
-Applied = list[tuple[CallRecord | None, bool]] | None
-
-
 class GroupCommit:
     """Deliveries arriving together are stored in one transaction: each request still gets its
-    2xx only after its own change is committed, but the commit's cost is shared."""
+    2xx only after its own change is committed, but the commit's cost is shared. A delivery the
+    database refuses fails alone (`Unstorable`); its neighbours are applied."""
 
     def __init__(self, store: Store, max_batch: int = 200) -> None:
         self._store = store
@@ -84,7 +84,11 @@ class GroupCommit:
                         future.set_exception(err)
                 continue
             for (_, _, future), result in zip(batch, results, strict=True):
-                if not future.done():
+                if future.done():
+                    continue
+                if isinstance(result, Unstorable):
+                    future.set_exception(result)
+                else:
                     future.set_result(result)
 
 

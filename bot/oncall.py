@@ -199,7 +199,13 @@ class OnCall:
             return "resolved", incident
         if open_incident is not None:
             incident, _ = await self._store.update_incident(
-                open_incident.id, at=now, fired=open_incident.fired + 1
+                open_incident.id,
+                at=now,
+                fired=open_incident.fired + 1,
+                # a group that grew (or shrank) shows its current alerts
+                title=alert.title,
+                alert_items=list(alert.items),
+                alert_count=alert.count,
             )
             assert incident is not None
             await self._view.show_incident(incident, team)
@@ -214,6 +220,8 @@ class OnCall:
                 severity=alert.severity,
                 labels=alert.labels,
                 links=alert.links,
+                items=alert.items,
+                alert_count=alert.count,
             ),
             at=now,
         )

@@ -504,34 +504,97 @@ def permission_answered_text(request: PermissionRequestRecord) -> str:
     return _("🚫 {number} declined WhatsApp calls from this business.").format(number=number)
 
 
-@fitted
 def incident_text(incident: Incident, team: Team) -> str:
-    """A team's post of an alert: what fired, and what the escalation did."""
-    severity = f"[{escape(incident.severity.upper())}] " if incident.severity else ""
-    lines = [f"🚨 <b>{severity}{escape(incident.title)}</b>"]
-    if incident.text:
-        lines.append(escape(incident.text[:600]))
-    if incident.labels:
-        shown = list(incident.labels.items())[:6]
-        lines.append(", ".join(f"<code>{escape(k)}={escape(v)}</code>" for k, v in shown))
-    for number, url in enumerate(incident.links[:3], start=1):
-        lines.append(
-            f'<a href="{escape(url, quote=True)}">' + _("link {n}").format(n=number) + "</a>"
-        )
+    """A team's post of an alert: what fired, and what the escalation did.
+
+    It always fits in one Telegram message, whatever the alert sent: the HTML itself (escaped,
+    tags included, counted in UTF-16 units as Telegram does) stays within TELEGRAM_TEXT_LIMIT.
+    The title, the state and the newest notes come first; then the text, the group's first
+    alerts ("and N more" for the rest), labels and links, each as far as room is left.
+    """
+    room = _Room(TELEGRAM_TEXT_LIMIT)
+    severity = f"[{incident.severity.upper()}] " if incident.severity else ""
+    header = room.take(f"🚨 <b>{_escape_within(severity + incident.title, 600)}</b>")
     state = {
         "firing": _("🔴 firing, team {team}").format(team=escape(team.name)),
         "acknowledged": _("✅ acknowledged by {who} at {time}").format(
-            who=escape(incident.acked_by or "?"),
+            who=escape((incident.acked_by or "?")[:64]),
             time=_clock(incident.acked_at) if incident.acked_at else "?",
         ),
         "resolved": _("✔️ resolved"),
         "exhausted": _("⚠️ nobody acknowledged; escalation ended"),
-    }.get(incident.status, escape(incident.status))
+    }.get(incident.status, escape(incident.status[:32]))
     if incident.fired > 1:
         state += " " + _("(fired {n} times)").format(n=incident.fired)
-    lines.append(state)
-    lines.extend("• " + escape(note) for note in incident.notes[-8:])
-    return "\n".join(lines)
+    footer = [room.take(state)]
+    notes = _Room(1200)  # the newest notes, as many as fit
+    newest = ["• " + _escape_within(note, 300) for note in reversed(incident.notes[-8:])]
+    kept = [room.take(notes.take(line)) for line in newest if notes.fits(line)]
+    footer.extend(reversed(kept))
+    body: list[str] = []
+    if incident.text:
+        body += [room.take(_escape_within(incident.text[:600], min(900, room.left - 1)))]
+    more = _("…and {n} more")
+    reserve = len(more) + 12  # the "and N more" line, with any count
+    shown = 0
+    for item in incident.items:
+        line = "▸ " + _escape_within(item, 300)
+        if not room.fits(line, reserve=reserve):
+            break
+        body.append(room.take(line))
+        shown += 1
+    if incident.alert_count > shown and shown:
+        body.append(room.take(more.format(n=incident.alert_count - shown)))
+    labels = [
+        f"<code>{escape(k[:100])}={escape(v[:100])}</code>"
+        for k, v in list(incident.labels.items())[:6]
+    ]
+    while labels and not room.fits(", ".join(labels)):
+        labels.pop()
+    if labels:
+        body.append(room.take(", ".join(labels)))
+    for number, url in enumerate(incident.links[:3], start=1):
+        link = f'<a href="{escape(url, quote=True)}">' + _("link {n}").format(n=number) + "</a>"
+        if room.fits(link):
+            body.append(room.take(link))
+    return "\n".join(filter(None, [header, *body, *footer]))
+
+
+def _units(text: str) -> int:
+    return len(text.encode("utf-16-le")) // 2
+
+
+class _Room:
+    """What is left of a message's length, lines joined by newlines."""
+
+    def __init__(self, limit: int) -> None:
+        self.left = limit + 1  # n lines need n - 1 newlines
+
+    def fits(self, line: str, *, reserve: int = 0) -> bool:
+        return _units(line) + 1 + reserve <= self.left
+
+    def take(self, line: str) -> str:
+        cost = _units(line) + 1
+        if cost > self.left:
+            return ""
+        self.left -= cost
+        return line
+
+
+def _escape_within(text: str, limit: int) -> str:
+    """`text` escaped for HTML, cut (with "…") so that the escaped form has at most `limit`
+    UTF-16 units; never cut inside an entity."""
+    escaped = escape(text)
+    if _units(escaped) <= limit:
+        return escaped
+    low, high = 0, len(text)  # the longest prefix whose escaped form fits with the ellipsis
+    while low < high:
+        middle = (low + high + 1) // 2
+        if _units(escape(text[:middle].rstrip()) + "…") <= limit:
+            low = middle
+        else:
+            high = middle - 1
+    return escape(text[:low].rstrip()) + "…" if limit > 0 else ""
 
 
 @fitted

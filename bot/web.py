@@ -5,9 +5,14 @@ intake from monitoring, health.
   signature, API.md D5); when a secret is configured, `x-pilot-status-signature` must be the hex
   HMAC-SHA256 of the raw body. Each delivery is stored before the 2xx; the edit is queued.
 - `POST /alerts/{alertmanager|grafana|generic}/<team>` with `Authorization: Bearer <token>`:
-  401 for a bad token, 400 with a reason for a bad body, nothing stored in either case.
+  401 for a bad token, 413 over `ALERT_MAX_BODY`, 400 with a reason for a bad body, nothing
+  stored in any of these cases.
 - `GET /audio/<signed ref>.wav`: a spoken message for Pilot's `/play`, served once, short-lived.
 - `GET /healthz`.
+
+Each route has its own body limit (Pilot's events are small, an Alertmanager group of a few
+hundred alerts is not), read as a stream and refused with 413 past it. Bad input always gets a
+4xx with a short reason and changes nothing; see `_contain` for what an unexpected error gets.
 """
 
 from __future__ import annotations
@@ -16,14 +21,21 @@ import hashlib
 import hmac
 import json
 import logging
+import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
+from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from bot.alerts import Alert, AlertError, parse_alertmanager, parse_generic, parse_grafana
+from bot.alerts import Alert, parse_alertmanager, parse_generic, parse_grafana
+from bot.errors import CallbotError
 from bot.lifecycle import CallTracker
-from bot.oncall import OnCall
-from bot.pilot_status.webhooks import WebhookError, parse_delivery
+from bot.oncall import OnCall, valid_alias
+from bot.pilot_status.webhooks import parse_delivery
+from bot.storage.store import Unstorable
 from bot.voice.shelf import AudioShelf
 
 log = logging.getLogger(__name__)
@@ -34,7 +46,19 @@ PARSERS: dict[str, Callable[[object], Alert]] = {
     "grafana": parse_grafana,
     "generic": parse_generic,
 }
-Handler = Callable[[web.Request], Awaitable[web.Response]]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+SIGNATURE = "x-pilot-status-signature"
+BODY = web.RequestKey("body", bytes)  # the raw body, once read (for the error middleware)
+MAX_DELIVERY_KEY = 256  # DeliveryRow.key
+# The storage or the network is down for now: the sender's retry is what we want (503).
+TRANSIENT = (
+    OperationalError,
+    InterfaceError,
+    DisconnectionError,
+    PoolTimeout,
+    ConnectionError,
+    TimeoutError,
+)
 
 
 def build_web_app(
@@ -44,63 +68,190 @@ def build_web_app(
     path_token: str | None,
     secret: str | None,
     max_body: int = 64 * 1024,
+    alert_max_body: int = 1024 * 1024,
     shelf: AudioShelf | None = None,
 ) -> web.Application:
-    app = web.Application(client_max_size=max_body)
+    app = web.Application(client_max_size=max_body, middlewares=[_contain()])
     app[TRACKER] = tracker
     app[ONCALL] = oncall
     if path_token:
-        app.router.add_post(f"/pilot-status/{path_token}", _receiver(secret))
-    app.router.add_post("/alerts/{kind}/{team}", _alerts)
+        app.router.add_post(f"/pilot-status/{path_token}", _receiver(secret, max_body))
+    app.router.add_post("/alerts/{kind}/{team}", _intake(alert_max_body))
     app.router.add_get("/healthz", _health)
     if shelf is not None:
         app.router.add_get("/audio/{ref}.wav", shelf.serve)
     return app
 
 
-def _receiver(secret: str | None) -> Handler:
+def _receiver(secret: str | None, max_body: int) -> Handler:
     key = secret.encode() if secret else None
 
-    async def receive(request: web.Request) -> web.Response:
-        raw = await request.read()  # over client_max_size: aiohttp answers 413
-        if key is not None:
-            expected = hmac.new(key, raw, hashlib.sha256).hexdigest()
-            given = request.headers.get("x-pilot-status-signature", "").strip().lower()
-            if not hmac.compare_digest(expected, given):
-                log.warning("webhook refused: bad or missing signature")
-                return web.json_response({"error": "bad signature"}, status=401)
+    async def receive(request: web.Request) -> web.StreamResponse:
+        raw = await _read(request, max_body)
+        if key is not None and not _signed(key, raw, request.headers.get(SIGNATURE)):
+            log.warning("webhook refused: bad or missing signature")
+            return _refuse(401, "bad signature")
         try:
-            events = parse_delivery(json.loads(raw))
-        except (ValueError, WebhookError) as err:
-            return web.json_response({"error": str(err)[:200] or "bad body"}, status=400)
-        delivery = request.headers.get("Idempotency-Key") or hashlib.sha256(raw).hexdigest()
-        if not await request.app[TRACKER].on_delivery(delivery[:256], events):
+            events = parse_delivery(_json(raw))
+        except ValueError as err:  # WebhookError is a ValueError, and so is bad JSON
+            return _refuse(400, str(err) or "bad body")
+        delivery = _delivery_key(request.headers.get("Idempotency-Key"), raw)
+        try:
+            applied = await request.app[TRACKER].on_delivery(delivery, events)
+        except Unstorable as err:
+            log.warning("webhook delivery %s refused by the database: %s", delivery, err)
+            return _refuse(400, str(err))
+        if not applied:
             return web.json_response({"ok": True, "duplicate": True})
         return web.json_response({"ok": True, "events": len(events)})
 
     return receive
 
 
-async def _alerts(request: web.Request) -> web.Response:
-    parser = PARSERS.get(request.match_info["kind"])
-    if parser is None:
-        raise web.HTTPNotFound()
-    oncall = request.app[ONCALL]
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    team = None
-    if scheme.lower() == "bearer" and token.strip():
-        team = await oncall.authorize(request.match_info["team"], token.strip())
-    if team is None:
-        return web.json_response({"error": "unknown team or bad token"}, status=401)
-    raw = await request.read()
-    try:
-        alert = parser(json.loads(raw))
-    except ValueError as err:  # AlertError is a ValueError, and so is bad JSON
-        reason = str(err) if isinstance(err, AlertError) else "body is not JSON"
-        return web.json_response({"error": reason[:300]}, status=400)
-    result, incident = await oncall.intake(team, alert)
-    return web.json_response({"result": result, "incident": incident.id if incident else None})
+def _intake(max_body: int) -> Handler:
+    async def alerts(request: web.Request) -> web.StreamResponse:
+        parser = PARSERS.get(request.match_info["kind"])
+        if parser is None:
+            raise web.HTTPNotFound()
+        oncall = request.app[ONCALL]
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        name, token = _alias_or_none(request.match_info["team"]), token.strip()
+        team = None
+        if scheme.lower() == "bearer" and name and token.isascii() and token.isprintable():
+            team = await oncall.authorize(name, token)
+        if team is None:
+            return _refuse(401, "unknown team or bad token")
+        raw = await _read(request, max_body)
+        try:
+            alert = parser(_json(raw))
+        except ValueError as err:  # AlertError is a ValueError, and so is bad JSON
+            return _refuse(400, str(err) or "bad body")
+        result, incident = await oncall.intake(team, alert)
+        return web.json_response({"result": result, "incident": incident.id if incident else None})
+
+    return alerts
 
 
 async def _health(_request: web.Request) -> web.Response:
     return web.json_response({"ok": True})
+
+
+# --------------------------------------------------------------------------- input hygiene
+
+
+def _refuse(status: int, reason: str) -> web.Response:
+    return web.json_response({"error": reason[:300]}, status=status)
+
+
+async def _read(request: web.Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it is known to pass `limit` (header or stream)."""
+    too_large = web.HTTPRequestEntityTooLarge(
+        max_size=limit,
+        actual_size=request.content_length or limit + 1,
+        text=json.dumps({"error": f"body over {limit} bytes"}),
+        content_type="application/json",
+    )
+    if request.content_length is not None and request.content_length > limit:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.content.iter_chunked(64 * 1024):
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+    request[BODY] = raw = bytes(body)
+    return raw
+
+
+def _json(raw: bytes) -> object:
+    """The parsed body; ValueError with a short reason when it is not JSON we can hold."""
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise ValueError("body is nested too deeply") from None
+    except ValueError:  # UnicodeDecodeError too; also integers too long to convert
+        raise ValueError("body is not JSON") from None
+
+
+def _signed(key: bytes, raw: bytes, given: str | None) -> bool:
+    """Whether `given` is the hex HMAC-SHA256 of the body (any other text simply is not)."""
+    given = (given or "").strip().lower()
+    if not given.isascii():
+        return False
+    expected = hmac.new(key, raw, hashlib.sha256).hexdigest()
+    return hmac.compare_digest(expected.encode(), given.encode())
+
+
+def _delivery_key(header: str | None, raw: bytes) -> str:
+    """Idempotency-Key as sent when it fits the column as plain text, else its digest; without
+    one, the body's digest (a redelivery repeats the body)."""
+    if header is None:
+        return hashlib.sha256(raw).hexdigest()
+    if len(header) <= MAX_DELIVERY_KEY and header.isascii() and header.isprintable():
+        return header
+    return "sha256:" + hashlib.sha256(header.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def _alias_or_none(name: str) -> str | None:
+    try:
+        return valid_alias(name)
+    except CallbotError:
+        return None
+
+
+class _Poison:
+    """Digests of bodies that made a handler fail unexpectedly, for a while (bounded)."""
+
+    def __init__(self, size: int = 1024, ttl: float = 3600.0) -> None:
+        self._seen: OrderedDict[str, float] = OrderedDict()
+        self._size, self._ttl = size, ttl
+
+    def again(self, digest: str) -> bool:
+        """Record a failure; True when the same body failed before, within the ttl."""
+        now = time.monotonic()
+        before = self._seen.pop(digest, None)
+        self._seen[digest] = now
+        while len(self._seen) > self._size:
+            self._seen.popitem(last=False)
+        return before is not None and now - before < self._ttl
+
+
+def _contain() -> Middleware:
+    """What an error no handler expected becomes.
+
+    - The storage or network is down (transient): 503 with Retry-After. Nothing was stored, and
+      the sender's retry is exactly what should happen.
+    - Anything else is a bug this body triggers. The first time, 500 and the traceback in the log
+      (a retry may still succeed). When the same body fails again it is poison: 422 and one log
+      line, so that neither Pilot Status nor Alertmanager redelivers it forever and the log does
+      not fill with the same traceback.
+    """
+    poison = _Poison()
+
+    @web.middleware
+    async def contain(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except web.HTTPException:
+            raise
+        except TRANSIENT as err:
+            log.warning("%s: unavailable (%s)", _route(request), type(err).__name__)
+            response = _refuse(503, "temporarily unavailable, retry later")
+            response.headers["Retry-After"] = "30"
+            return response
+        except Exception:
+            raw = request.get(BODY, b"")  # empty when the failure came before the body was read
+            digest = hashlib.sha256(request.path.encode() + b"\0" + raw).hexdigest()
+            if poison.again(digest):
+                log.error("%s: the same body failed again; answered 422", _route(request))
+                return _refuse(422, "this body cannot be processed; see the bot's log")
+            log.exception("%s failed", _route(request))
+            return _refuse(500, "internal error")
+
+    return contain
+
+
+def _route(request: web.Request) -> str:
+    """The request for a log line, without the webhook's secret path token."""
+    if request.path.startswith("/pilot-status/"):
+        return f"{request.method} /pilot-status/<token>"
+    return f"{request.method} {request.path[:200]}"

@@ -9,6 +9,15 @@ from urllib.parse import quote
 
 from pydantic import AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field
 
+MAX_DURATION_SECONDS = 7 * 24 * 3600  # no WhatsApp call lasts a week; the column is 32-bit
+
+
+def _duration_or_none(value: object) -> object:
+    # An absurd duration from the API is dropped, not stored: the call's status still counts.
+    if isinstance(value, int | float) and not 0 <= value <= MAX_DURATION_SECONDS:
+        return None
+    return value
+
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="ignore", populate_by_name=True, frozen=True)
@@ -65,7 +74,9 @@ class Call(_Model):
     started_at: datetime | None = Field(default=None, alias="startedAt")
     connected_at: datetime | None = Field(default=None, alias="connectedAt")
     ended_at: datetime | None = Field(default=None, alias="endedAt")
-    duration_seconds: int | None = Field(default=None, alias="durationSeconds")
+    duration_seconds: Annotated[int | None, BeforeValidator(_duration_or_none)] = Field(
+        default=None, alias="durationSeconds"
+    )
     error_code: str | None = Field(default=None, alias="errorCode")
     error_message: str | None = Field(default=None, alias="errorMessage")
     sdp_offer: str | None = Field(default=None, alias="sdpOffer")

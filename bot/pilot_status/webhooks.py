@@ -1,15 +1,30 @@
 """Pilot Status webhook payloads → call events (API.md §6).
 
 Tolerant where the docs disagree: `duration` or `durationSeconds` (D10), upper- or lower-case
-statuses, the normalized flat `call.*` events and Meta's raw `calls` envelope (§6.2).
+statuses, the normalized flat `call.*` events and Meta's raw `calls` envelope (§6.2). Strict
+where a value would reach the database: ids are bounded printable text, a timestamp lies between
+2000 and 2100, a duration between 0 and `MAX_DURATION_SECONDS`; anything else is a
+`WebhookError` (answered 400, nothing stored).
 """
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+)
+
+from bot.pilot_status.models import MAX_DURATION_SECONDS
 
 _IMPLIED = {
     "call.ringing": "RINGING",
@@ -33,25 +48,55 @@ class WebhookError(ValueError):
     """A delivery we cannot read (answered 400)."""
 
 
+EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
+LATEST = datetime(2100, 1, 1, tzinfo=UTC)
+MAX_REF_CHARS = 256  # CallRow.external_call_id; Pilot ids are shorter
+
+
+_NOT_TEXT = re.compile("[\x00\ud800-\udfff]")
+
+
+def _text(value: str) -> str:
+    # Lone surrogates (JSON may escape them) and NUL are not text: no database stores them.
+    if _NOT_TEXT.search(value):
+        raise ValueError("not text")
+    return value
+
+
+def _moment(value: datetime) -> datetime:
+    when = value if value.tzinfo else value.replace(tzinfo=UTC)
+    if not EARLIEST <= when <= LATEST:
+        raise ValueError("timestamp out of range")
+    return when.astimezone(UTC)
+
+
+_Ref = Annotated[str, StringConstraints(max_length=MAX_REF_CHARS), AfterValidator(_text)]
+_Short = Annotated[str, StringConstraints(max_length=64), AfterValidator(_text)]
+_Any = Annotated[str, AfterValidator(_text)]
+
+
 class CallEvent(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
-    event: str
-    call_id: str | None = Field(default=None, validation_alias=AliasChoices("callId", "call_id"))
-    external_call_id: str | None = Field(
+    event: _Short
+    call_id: _Ref | None = Field(default=None, validation_alias=AliasChoices("callId", "call_id"))
+    external_call_id: _Ref | None = Field(
         default=None, validation_alias=AliasChoices("externalCallId", "external_call_id")
     )
-    status: str | None = None
-    to: str | None = None
-    timestamp: datetime | None = None
+    status: _Short | None = None
+    to: _Short | None = None
+    timestamp: Annotated[datetime, AfterValidator(_moment)] | None = None
     duration: int | None = Field(
-        default=None, validation_alias=AliasChoices("duration", "durationSeconds")
+        default=None,
+        ge=0,
+        le=MAX_DURATION_SECONDS,
+        validation_alias=AliasChoices("duration", "durationSeconds"),
     )
-    biz_opaque_callback_data: str | None = Field(
+    biz_opaque_callback_data: _Any | None = Field(
         default=None,
         validation_alias=AliasChoices("bizOpaqueCallbackData", "biz_opaque_callback_data"),
     )
-    sdp_answer: str | None = None
+    sdp_answer: _Any | None = None
 
     @field_validator("status", mode="before")
     @classmethod
@@ -75,8 +120,7 @@ class CallEvent(BaseModel):
 
     @property
     def at(self) -> datetime:
-        when = self.timestamp or datetime.now(UTC)
-        return when if when.tzinfo else when.replace(tzinfo=UTC)
+        return self.timestamp or datetime.now(UTC)
 
 
 def parse_delivery(payload: object) -> list[CallEvent]:
@@ -116,10 +160,16 @@ def _meta_envelope(envelope: dict[str, Any]) -> list[CallEvent]:
 
 
 def _meta_time(value: object) -> datetime | None:
-    try:
-        return datetime.fromtimestamp(int(str(value)), UTC)
-    except (TypeError, ValueError):
+    """Meta's timestamps are Unix seconds as a string."""
+    if value is None:
         return None
+    text = str(value)
+    if not (text.isascii() and text.isdigit() and len(text) <= 20):
+        raise WebhookError("bad calls envelope: timestamp is not Unix seconds")
+    seconds = int(text)
+    if not EARLIEST.timestamp() <= seconds <= LATEST.timestamp():
+        raise WebhookError("bad calls envelope: timestamp out of range")
+    return datetime.fromtimestamp(seconds, UTC)
 
 
 def _meta_call(call: dict[str, Any]) -> CallEvent:

@@ -57,6 +57,8 @@ class Incident:
     acked_at: datetime | None
     notes: tuple[str, ...]
     created_at: datetime
+    items: tuple[str, ...] = ()  # a group's first alerts, one line each
+    alert_count: int = 1
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,8 @@ class NewIncident:
     severity: str | None = None
     labels: dict[str, str] = field(default_factory=dict)
     links: tuple[str, ...] = ()
+    items: tuple[str, ...] = ()
+    alert_count: int = 1
 
 
 def _team(row: TeamRow) -> Team:
@@ -109,6 +113,8 @@ def _incident(row: IncidentRow) -> Incident:
         acked_at=row.acked_at,
         notes=tuple(row.notes or ()),
         created_at=row.created_at,
+        items=tuple(row.alert_items or ()),
+        alert_count=row.alert_count,
     )
 
 
@@ -236,6 +242,8 @@ class OnCallStore:
                 notes=[],
                 created_at=at,
                 updated_at=at,
+                alert_items=list(new.items),
+                alert_count=new.alert_count,
             )
             session.add(row)
             await session.flush()

@@ -2,20 +2,35 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from sqlalchemy import func, or_, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import selectinload
 
 from bot import states
 from bot.storage.tables import AuditRow, CallRow, DeliveryRow, PermissionRequestRow, StatusRow
 
+log = logging.getLogger(__name__)
+
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+class Unstorable(ValueError):
+    """The database refused a delivery's values (out of a column's range, say): storing it again
+    cannot succeed. `str(err)` is a short reason without the values."""
+
+
+def _transient(err: Exception) -> bool:
+    """A failure of the database itself (connection, lock, timeout), not of these values."""
+    if isinstance(err, DBAPIError) and err.connection_invalidated:
+        return True
+    return isinstance(err, OperationalError | InterfaceError | ConnectionError | TimeoutError)
 
 
 @dataclass(frozen=True)
@@ -88,6 +103,9 @@ class CallRecord:
     @property
     def terminal(self) -> bool:
         return states.is_terminal(self.status)
+
+
+Applied = list[tuple[CallRecord | None, bool]] | None  # None: a delivery applied before
 
 
 @dataclass(frozen=True)
@@ -249,19 +267,41 @@ class Store:
         """A webhook delivery in one transaction: None when its key was applied before;
         otherwise (record, changed) per update, as apply_status gives."""
         [result] = await self.apply_deliveries([(key, updates)], at=at)
+        if isinstance(result, Unstorable):
+            raise result
         return result
 
     async def apply_deliveries(
         self, batch: list[tuple[str, list[StatusUpdate]]], *, at: datetime | None = None
-    ) -> list[list[tuple[CallRecord | None, bool]] | None]:
-        """Several deliveries in one transaction (group commit), each applied at most once."""
+    ) -> list[Applied | Unstorable]:
+        """Several deliveries in one transaction (group commit), each applied at most once.
+
+        When the transaction fails for anything but the database itself, the deliveries are
+        applied one per transaction: a delivery the database refuses comes back as `Unstorable`
+        and does not fail the others. A failure of the database itself is raised for all.
+        """
+        when = at or utcnow()
+        if len(batch) > 1:
+            try:
+                return list(await self._apply_deliveries(batch, when))
+            except Exception as err:
+                if _transient(err):
+                    raise
+        return [await self._apply_alone(item, when) for item in batch]
+
+    async def _apply_alone(
+        self, item: tuple[str, list[StatusUpdate]], at: datetime
+    ) -> Applied | Unstorable:
         try:
-            return await self._apply_deliveries(batch, at or utcnow())
+            [result] = await self._apply_deliveries([item], at)
         except IntegrityError:
-            if len(batch) == 1:
-                return [None]  # the same delivery, applied concurrently elsewhere
-            # Another process applied one of these meanwhile: settle them one by one.
-            return [(await self._apply_deliveries([item], at or utcnow()))[0] for item in batch]
+            return None  # the same delivery, applied concurrently elsewhere
+        except Exception as err:
+            if _transient(err):
+                raise
+            log.warning("delivery %s cannot be stored: %s", item[0], type(err).__name__)
+            return Unstorable("the database refused a value of this delivery")
+        return result
 
     async def _apply_deliveries(
         self, batch: list[tuple[str, list[StatusUpdate]]], at: datetime

@@ -181,6 +181,9 @@ class IncidentRow(Base):
     notes: Mapped[list[str]] = mapped_column(JSON, default=list)  # what the post tells
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    # a group of alerts: its first alerts, one line each, and how many it holds
+    alert_items: Mapped[list[str]] = mapped_column(JSON, default=list, server_default="[]")
+    alert_count: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
 
     __table_args__ = (
         Index("ix_incidents_team_key", "team_id", "dedup_key"),
