@@ -310,9 +310,7 @@ class CallbotApp:
         self.oncall.stop()
         seconds = self.settings.shutdown_drain_seconds
         if self.in_flight.count:
-            log.info(
-                "shutdown: letting %d calls and updates in flight finish", self.in_flight.count
-            )
+            log.info("shutdown: letting calls in flight finish (%d tasks)", self.in_flight.count)
         if not await self.in_flight.wait_idle(seconds):
             log.warning(
                 "shutdown: %d still in flight after %.0f s (SHUTDOWN_DRAIN_SECONDS); cut off, "

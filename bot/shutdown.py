@@ -34,6 +34,8 @@ class InFlight:
 
     async def wait_idle(self, timeout: float) -> bool:  # noqa: ASYNC109
         """True once nothing is in flight; False when `timeout` seconds passed first."""
+        if self._count == 0:
+            return True
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
         except TimeoutError:
