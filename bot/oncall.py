@@ -5,6 +5,10 @@ each `attempts_per_person` times, for `max_rounds` rounds. Each step rings one p
 step comes after `wait_seconds`, or at once when the call ends unanswered. Timers are stored
 (`next_action_at`), so they survive a restart; acknowledging or resolving clears them, and a
 step re-checks that under a row lock, so a stopped escalation never rings anyone afterwards.
+A ring is placed once: a step is claimed with a lease (renewed while it runs) and a new
+attempt, its fence; its call is stored on the incident right before `POST /v1/calls` (write
+ahead), and whoever takes the step next settles that ring from the call record (placed, never
+sent, or unknown even to the API's list) rather than ringing the person again.
 Per-destination throttles hold a ring back rather than flood a phone (4 unanswered calls in a
 row revoke a WhatsApp call permission). Nothing here knows aiogram.
 """
@@ -567,6 +571,8 @@ class OnCall:
         if record.status == "ACCEPTED":
             await self._update(incident, team, note=f"{_hm(now)} answered; waiting for Acknowledge")
             return
+        if record.status == states.NOT_STARTED and incident.ring_call_id == record.id:
+            return  # its ring never went out: the step settles it and rings after all
         if record.terminal and record.connected_at is None:
             label = record.status.lower() if record.status != states.NOT_STARTED else "not placed"
             # Its ring may still be in flight (the end outran the POST's answer): the next
