@@ -41,6 +41,7 @@ async def ring_bot(
     config = tmp_path / "oncall.toml"
     config.write_text(ONCALL_FILE)
     overrides.setdefault("oncall_tick_seconds", 0)
+    overrides.setdefault("pilot_status_read_timeout", 10.0)  # slow answers are not timeouts
     overrides.setdefault("data_dir", str(tmp_path / "data"))
     bot = await start_bot(
         oncall_file=str(config),
@@ -94,6 +95,16 @@ async def incident_of(bot: RunningBot, response_incident: int) -> Incident:
     return incident
 
 
+async def settled(bot: RunningBot, incident_id: int) -> Incident:
+    """The incident once its first ring is recorded (step 1, nothing in flight)."""
+    for _ in range(500):
+        incident = await incident_of(bot, incident_id)
+        if incident.step >= 1 and incident.ring_call_id is None:
+            return incident
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"the ring of incident {incident_id} was never recorded")
+
+
 async def recovered(bot: RunningBot) -> None:
     await asyncio.wait_for(bot.app.oncall.calls_recovered.wait(), 10)
 
@@ -111,8 +122,8 @@ async def test_a_ring_slower_than_the_lease_is_placed_once_and_the_next_person_w
     await asyncio.sleep(1.0)  # the lease ran out three times over while the POST is pending
     assert len(posts_to(bot.pilot, ALICE)) == 1 and posts_to(bot.pilot, BOB) == []
     created_by_pilot(bot.pilot, "call_slow", post)
-    await asyncio.sleep(1.0)  # answered, recorded; the timer keeps ticking
-    incident = await incident_of(bot, created.json()["incident"])
+    incident = await settled(bot, created.json()["incident"])  # answered and recorded
+    await asyncio.sleep(0.5)  # the timer keeps ticking
     assert incident.step == 1 and incident.ring_call_id is None
     assert incident.call_id == post.json["bizOpaqueCallbackData"]
     assert not any("call_in_flight" in note or "failed" in note for note in incident.notes)
@@ -128,7 +139,7 @@ async def test_an_end_event_that_outruns_the_post_answer_rings_the_next_person_a
 ) -> None:
     bot = await ring_bot(start_bot, tmp_path, clock)
     bot.pilot.webhooks_to(f"http://127.0.0.1:{bot.app.web_port}/pilot-status/{HOOK}")
-    slow_post(bot.pilot, "call_early", delay=0.5)
+    slow_post(bot.pilot, "call_early", delay=2.0)
     await alert(bot, generic())
     step = asyncio.create_task(bot.app.oncall.run_due())
     post = await posted(bot.pilot, ALICE)
