@@ -13,6 +13,8 @@ from typing import Any
 
 import pytest
 
+from bot.calls import CallService
+from bot.oncall import OnCall
 from bot.storage.oncall import Incident
 from tests.conftest import RunningBot, StartBot
 from tests.fakes.pilot_status import FakePilotStatus, RecordedRequest
@@ -271,3 +273,29 @@ async def test_a_ring_of_unknown_outcome_is_not_rung_again_and_counts_for_the_th
     assert incident.step == 1 and incident.ring_call_id is None
     assert await bot.app.oncall.run_due() == 1  # the next step is due at once: bob
     assert len(posts_to(bot.pilot, ALICE)) == 1 and len(posts_to(bot.pilot, BOB)) == 1
+
+
+async def test_a_stale_worker_cannot_commit_over_the_attempt_that_replaced_it(
+    start_bot: StartBot, tmp_path: Path, clock: Clock
+) -> None:
+    bot = await ring_bot(start_bot, tmp_path, clock)
+    app = bot.app
+    # A second worker on the same database (another process), whose clock says the first
+    # one's lease ran out long ago: it takes the step over while the first is still in its POST.
+    later = Clock()
+    later.advance(3600)
+    other_calls = CallService(app.pilot, app.number_types, app.store, app.tracker)
+    other = OnCall(app.oncall_store, other_calls, app.live, clock=later)
+    other.calls_recovered.set()
+    slow_post(bot.pilot, "call_stale", delay=2.0)
+    created = await alert(bot, generic())
+    stale = asyncio.create_task(app.oncall.run_due())
+    await posted(bot.pilot, ALICE)
+    assert await other.run_due() == 1  # alice's ring: maybe placed, never placed again
+    assert await other.run_due() == 1  # so the next step goes on: bob
+    assert await stale == 1  # the first worker's POST answers now; its result is refused
+    incident = await incident_of(bot, created.json()["incident"])
+    [bob] = posts_to(bot.pilot, BOB)
+    assert incident.step == 2 and incident.call_id == bob.json["bizOpaqueCallbackData"]
+    assert len(posts_to(bot.pilot, ALICE)) == 1
+    assert await other.run_due() == 0 and await app.oncall.run_due() == 0
