@@ -7,6 +7,7 @@ import logging
 import tomllib
 from collections.abc import Callable, Coroutine
 from contextlib import suppress
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +28,17 @@ from bot.i18n import LOCALES, LocaleMiddleware, build_i18n
 from bot.lifecycle import CallTracker, PollPolicy
 from bot.live import LiveMessages
 from bot.media import MediaEndpoint
-from bot.middlewares import DedupUpdatesMiddleware, RetryAfterMiddleware
+from bot.middlewares import (
+    DedupUpdatesMiddleware,
+    InFlightUpdatesMiddleware,
+    RetryAfterMiddleware,
+)
 from bot.numbers import NumberTypes
 from bot.oncall import OnCall, Throttle
 from bot.pending import PendingStore, SeenUpdates
 from bot.pilot_status import PilotStatusClient, RetryPolicy, build_http_client
 from bot.pilot_status.errors import PilotStatusError
+from bot.shutdown import InFlight
 from bot.storage.db import create_engine, database_url, migrate, sessionmaker
 from bot.storage.oncall import OnCallStore
 from bot.storage.store import Store, utcnow
@@ -136,8 +142,14 @@ class CallbotApp:
             shelf=self.shelf,
             default_text=self._say(spoken_default),
         )
+        self.in_flight = InFlight()  # what a shutdown lets finish
         self.calls = CallService(
-            self.pilot, self.number_types, self.store, self.tracker, self.voice
+            self.pilot,
+            self.number_types,
+            self.store,
+            self.tracker,
+            self.voice,
+            drain=self.in_flight,
         )
         self.oncall_store = OnCallStore(sessionmaker(self.engine))
         self.oncall = OnCall(
@@ -147,6 +159,8 @@ class CallbotApp:
             throttles=Throttle.parse_many(settings.oncall_throttle),
             locale=settings.default_locale,
             speech=self._alert_speech,
+            lease=timedelta(seconds=settings.oncall_lease_seconds),
+            drain=self.in_flight,
         )
         self.tracker.subscribe(self.oncall.call_changed)
         self.dp = self._dispatcher()
@@ -192,6 +206,7 @@ class CallbotApp:
             i18n=self.i18n,
         )
         dp.update.outer_middleware(DedupUpdatesMiddleware(SeenUpdates()))
+        dp.update.outer_middleware(InFlightUpdatesMiddleware(self.in_flight))
         LocaleMiddleware(self.i18n).setup(dp)
         dp.include_router(build_router())
         dp.startup.register(on_startup)
@@ -261,6 +276,11 @@ class CallbotApp:
     async def _recover(self) -> None:
         try:
             await self.tracker.recover()
+        except Exception:
+            log.exception("recovery after restart failed; it runs again at the next start")
+        finally:
+            self.oncall.calls_recovered.set()
+        try:
             await self.voice.end_orphans(started_before=self._started_at)
         except Exception:
             log.exception("recovery after restart failed; it runs again at the next start")
@@ -280,6 +300,7 @@ class CallbotApp:
         )
 
     async def close(self) -> None:
+        await self.drain()
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
@@ -293,6 +314,20 @@ class CallbotApp:
         await self.pilot.aclose()
         await self.engine.dispose()
         await self.bot.session.close()
+
+    async def drain(self) -> None:
+        """No new escalation step; let rings and /call replies in flight finish (bounded)."""
+        self.oncall.stop()
+        seconds = self.settings.shutdown_drain_seconds
+        if self.in_flight.count:
+            log.info("shutdown: letting calls in flight finish (%d tasks)", self.in_flight.count)
+        if not await self.in_flight.wait_idle(seconds):
+            log.warning(
+                "shutdown: %d still in flight after %.0f s (SHUTDOWN_DRAIN_SECONDS); cut off, "
+                "they are reconciled at the next start",
+                self.in_flight.count,
+                seconds,
+            )
 
 
 async def on_startup(bot: Bot, dispatcher: Dispatcher, number_types: NumberTypes) -> None:

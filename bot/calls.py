@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from bot import states
@@ -22,6 +23,7 @@ from bot.pilot_status.models import (
     PermissionRequested,
     StartCall,
 )
+from bot.shutdown import InFlight
 from bot.storage.store import Audit, CallRecord, NewCall, Store, utcnow
 from bot.voice.speech import Speech
 
@@ -69,6 +71,7 @@ class NeedsPermission:
 
 
 CallOutcome = Started | NeedsPermission
+BeforePost = Callable[[CallRecord], Awaitable[None]]
 
 
 def start_limits(probe: PermissionProbe) -> tuple[Limit, ...]:
@@ -89,6 +92,8 @@ class CallService:
         store: Store,
         tracker: CallTracker,
         voice: VoiceSide | None = None,
+        *,
+        drain: InFlight | None = None,
     ) -> None:
         self._client = client
         self._types = number_types
@@ -96,19 +101,27 @@ class CallService:
         self._tracker = tracker
         self._voice = voice
         self._in_flight: set[str] = set()
+        self._drain = drain or InFlight()  # a shutdown waits for calls being started
 
-    async def start(self, request: CallRequest) -> CallOutcome:
-        """Run the checks and start the call; one attempt per number at a time."""
+    async def start(
+        self, request: CallRequest, *, before_post: BeforePost | None = None
+    ) -> CallOutcome:
+        """Run the checks and start the call; one attempt per number at a time.
+
+        `before_post` is given the written-ahead attempt right before `POST /v1/calls`; if it
+        raises, nothing is sent (the attempt is settled as not started) and the error goes on.
+        """
         key = request.phone.e164
         if key in self._in_flight:
             raise CallbotError("call_in_flight")
         self._in_flight.add(key)
         try:
-            return await self._start(request)
+            async with self._drain.track():
+                return await self._start(request, before_post)
         finally:
             self._in_flight.discard(key)
 
-    async def _start(self, request: CallRequest) -> CallOutcome:
+    async def _start(self, request: CallRequest, before_post: BeforePost | None) -> CallOutcome:
         number_type = await self._types.get()
         correlation_id = new_correlation_id()
         limits: tuple[Limit, ...] = ()
@@ -126,6 +139,8 @@ class CallService:
             raise CallbotError("speech_unavailable")
         try:
             record = await self._write_ahead(request, correlation_id, number_type)
+            if before_post is not None:
+                await self._before_post(record, before_post)
             call = await self._post(record, leg)
             record = await self._store.call_started(
                 record.id,
@@ -166,6 +181,17 @@ class CallService:
             return await self._client.start_call(body)
         except PilotStatusError as err:
             await self._failed(record, err)
+            raise
+
+    async def _before_post(self, record: CallRecord, before_post: BeforePost) -> None:
+        try:
+            await before_post(record)
+        except Exception:
+            await self._store.call_failed(
+                record.id,
+                error_code="not_sent",
+                audit=Audit("call.not_started", record.operator_id, {"reason": "not_sent"}),
+            )
             raise
 
     async def _write_ahead(
@@ -252,6 +278,9 @@ class CallService:
         return sent
 
     # following and ending calls
+
+    async def record(self, call_id: str) -> CallRecord | None:
+        return await self._store.get_call(call_id)
 
     async def find(self, ref: str) -> CallRecord:
         record = await self._store.get_call(ref.strip())

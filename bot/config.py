@@ -82,6 +82,10 @@ class Settings(BaseSettings):
     oncall_throttle: str = "1/60,3/900"
     # how often due escalation steps are looked for (0 turns the timer off)
     oncall_tick_seconds: float = Field(default=1.0, ge=0, le=60)
+    # a step taken is reserved this long, renewed while it runs: it is retaken after a crash
+    oncall_lease_seconds: float = Field(default=15.0, ge=0.1, le=600)
+    # on SIGTERM/SIGINT, seconds to let calls being started (and their replies) finish
+    shutdown_drain_seconds: float = Field(default=30.0, ge=0, le=600)
 
     # voice: the bot's own WebRTC endpoint for Meta numbers, and spoken messages on any call
     stun_servers: UrlList = ("stun:stun.l.google.com:19302",)  # `none` for no STUN

@@ -18,8 +18,26 @@ from aiogram.methods.base import TelegramType
 from aiogram.types import TelegramObject, Update
 
 from bot.pending import SeenUpdates
+from bot.shutdown import InFlight
 
 log = logging.getLogger(__name__)
+
+
+class InFlightUpdatesMiddleware(BaseMiddleware):
+    """Each update being handled counts as in flight: a shutdown lets it finish (a /call's
+    POST and the reply that follows it), within SHUTDOWN_DRAIN_SECONDS."""
+
+    def __init__(self, in_flight: InFlight) -> None:
+        self._in_flight = in_flight
+
+    async def __call__(
+        self,
+        handler: Callable[[TelegramObject, dict[str, Any]], Awaitable[Any]],
+        event: TelegramObject,
+        data: dict[str, Any],
+    ) -> Any:
+        async with self._in_flight.track():
+            return await handler(event, data)
 
 
 class DedupUpdatesMiddleware(BaseMiddleware):

@@ -5,6 +5,10 @@ each `attempts_per_person` times, for `max_rounds` rounds. Each step rings one p
 step comes after `wait_seconds`, or at once when the call ends unanswered. Timers are stored
 (`next_action_at`), so they survive a restart; acknowledging or resolving clears them, and a
 step re-checks that under a row lock, so a stopped escalation never rings anyone afterwards.
+A ring is placed once: a step is claimed with a lease (renewed while it runs) and a new
+attempt, its fence; its call is stored on the incident right before `POST /v1/calls` (write
+ahead), and whoever takes the step next settles that ring from the call record (placed, never
+sent, or unknown even to the API's list) rather than ringing the person again.
 Per-destination throttles hold a ring back rather than flood a phone (4 unanswered calls in a
 row revoke a WhatsApp call permission). Nothing here knows aiogram.
 """
@@ -27,13 +31,14 @@ from bot.alerts import Alert
 from bot.calls import CallRequest, CallService, NeedsPermission, Started
 from bot.errors import CallbotError, describe
 from bot.phones import Phone, mask, parse_phone, split_phone_and_note
-from bot.pilot_status.errors import PilotStatusError
+from bot.pilot_status.errors import APIConnectionError, PilotStatusError
+from bot.shutdown import InFlight
 from bot.storage.oncall import Contact, Incident, NewIncident, OnCallStore, Team
 from bot.storage.store import CallRecord, utcnow
 from bot.voice.speech import Speech
 
 log = logging.getLogger(__name__)
-LEASE = timedelta(seconds=60)
+LEASE = timedelta(seconds=15)
 SYSTEM = 0  # the "operator" of the calls the escalation places
 
 
@@ -113,8 +118,17 @@ class OnCall:
         locale: str = "en",
         clock: Callable[[], datetime] = utcnow,
         speech: Callable[[str, str], Speech | None] = lambda _team, _title: None,
+        lease: timedelta = LEASE,
+        drain: InFlight | None = None,
     ) -> None:
         self._store = store
+        self.lease = lease  # a claimed step is renewed every third of it while it runs
+        self._drain = drain or InFlight()
+        self._running: set[int] = set()  # incidents whose step this process is running
+        self._stopping = False
+        # Set once the calls' recovery after a start has asked the API about attempts a crash
+        # left half-done: only then does a ring of unknown outcome count as "maybe rung".
+        self.calls_recovered = asyncio.Event()
         self._speech = speech  # what a ring says: (team, alert title) → speech, or None
         self._calls = calls
         self._view = view
@@ -254,13 +268,15 @@ class OnCall:
 
     async def run_due(self, parallel: int = 16) -> int:
         """Take every step that is due now, several at once; returns how many were taken."""
+        if self._stopping:
+            return 0
         gate = asyncio.Semaphore(parallel)
 
         async def step(incident_id: int) -> bool:
             async with gate:
                 return await self._step(incident_id)
 
-        due = await self._store.due(self.clock())
+        due = [i for i in await self._store.due(self.clock()) if i not in self._running]
         results = await asyncio.gather(*(step(i) for i in due), return_exceptions=True)
         for incident_id, result in zip(due, results, strict=True):
             if isinstance(result, BaseException):
@@ -270,8 +286,8 @@ class OnCall:
 
     async def run_forever(self, tick: float) -> None:
         """Take due steps, then sleep until the next timer (at most `tick`), or until a new
-        incident wakes it."""
-        while True:
+        incident wakes it. Ends after `stop()`."""
+        while not self._stopping:
             delay = tick
             self._wake.clear()  # before looking: an incident arriving meanwhile wakes the wait
             try:
@@ -284,52 +300,102 @@ class OnCall:
             with suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), delay)
 
+    def stop(self) -> None:
+        """Shutting down: take no new step (the ones running finish: see InFlight)."""
+        self._stopping = True
+        self._wake.set()
+
     async def _step(self, incident_id: int) -> bool:
+        if incident_id in self._running or self._stopping:
+            return False  # this process runs it already: its lease is renewed meanwhile
+        self._running.add(incident_id)
+        try:
+            async with self._drain.track():
+                return await self._claimed_step(incident_id)
+        finally:
+            self._running.discard(incident_id)
+
+    async def _claimed_step(self, incident_id: int) -> bool:
         now = self.clock()
-        incident = await self._store.claim(incident_id, now, LEASE)
+        incident = await self._store.claim(incident_id, now, self.lease)
         if incident is None:
             return False
+        renewing = asyncio.create_task(self._renew(incident), name=f"lease {incident_id}")
+        try:
+            await self._run_step(incident, now)
+        finally:
+            renewing.cancel()
+            with suppress(asyncio.CancelledError):
+                await renewing
+        return True
+
+    async def _renew(self, incident: Incident) -> None:
+        """Keep the claim while the step runs (a POST may take longer than the lease)."""
+        period = max(0.05, self.lease.total_seconds() / 3)
+        while True:
+            await asyncio.sleep(period)
+            try:
+                if not await self._store.renew(
+                    incident.id, incident.attempt, self.clock() + self.lease
+                ):
+                    return
+            except Exception:
+                log.exception("cannot renew the lease of incident %s", incident.id)
+
+    async def _run_step(self, incident: Incident, now: datetime) -> None:
         team = await self._store.team_by_id(incident.team_id)
         assert team is not None
         steps = plan(team, now)
+        fence = incident.attempt
+        if incident.ring_call_id is not None:
+            # A ring of this step was written ahead by an attempt that did not settle it
+            # (a crash, a kill): settle it from its call record instead of ringing again.
+            pending = await self._settle_earlier_ring(incident, team, steps, now)
+            if pending is None:
+                return
+            incident = pending
         if not steps:
             await self._update(
                 incident,
                 team,
+                fence=fence,
                 status="exhausted",
                 next_action_at=None,
                 note=f"{_hm(now)} team {team.name} has nobody on its list",
             )
-            return True
+            return
         if incident.step >= len(steps):
             await self._update(
                 incident,
                 team,
+                fence=fence,
                 status="exhausted",
                 next_action_at=None,
                 note=f"{_hm(now)} nobody acknowledged: escalation ended",
             )
-            return True
+            return
         alias = steps[incident.step]
         contact = await self._store.contact(alias)
         if contact is None:
             await self._update(
                 incident,
                 team,
+                fence=fence,
                 step=incident.step + 1,
                 next_action_at=now,
                 note=f"{_hm(now)} {alias}: no such contact, skipped",
             )
-            return True
+            return
         held_until = await self._held(contact.phone, now)
         if held_until is not None:
             await self._update(
                 incident,
                 team,
+                fence=fence,
                 next_action_at=held_until,
                 note=f"{_hm(now)} throttle held the call to {alias} until {_hm(held_until)}",
             )
-            return True
+            return
         request = CallRequest(
             operator_id=SYSTEM,
             chat_id=team.chat_id,
@@ -340,17 +406,50 @@ class OnCall:
             masked=True,
             speech=self._speech(team.name, incident.title),
         )
-        try:
-            outcome = await self._calls.start(request)
-        except (CallbotError, PilotStatusError) as err:
-            await self._update(
-                incident,
-                team,
-                step=incident.step + 1,
-                next_action_at=now,
-                note=f"{_hm(now)} call to {alias} failed: {describe(err).code}",
+        written: list[str] = []
+        phone = contact.phone
+
+        async def write_ahead(record: CallRecord) -> None:
+            """Right before the POST: the ring is stored on the step, if it is still ours."""
+            ringing = await self._store.begin_ring(
+                incident.id,
+                fence=fence,
+                call_id=record.id,
+                phone=phone,
+                at=now,
+                note=f"{_hm(now)} calling {alias}",
             )
-            return True
+            if ringing is None:
+                raise _Superseded
+            written.append(record.id)
+            await self._view.show_incident(ringing, team)
+
+        try:
+            outcome = await self._calls.start(request, before_post=write_ahead)
+        except _Superseded:
+            return  # acknowledged, resolved or taken by another attempt meanwhile
+        except (CallbotError, PilotStatusError) as err:
+            code = describe(err).code
+            if not written:
+                await self._update(
+                    incident,
+                    team,
+                    fence=fence,
+                    step=incident.step + 1,
+                    next_action_at=now,
+                    note=f"{_hm(now)} call to {alias} failed: {code}",
+                )
+                return
+            [call_id] = written
+            if isinstance(err, APIConnectionError) and err.maybe_sent:
+                note = f"{_hm(now)} call to {alias}: outcome unknown ({code}), not rung again"
+            else:
+                note = f"{_hm(now)} call to {alias} failed: {code}"
+                await self._store.drop_ring(call_id)
+            await self._end_ring(
+                incident, team, call_id, note, step=incident.step + 1, next_action_at=now
+            )
+            return
         next_person = _next_person(steps, incident.step)
         if isinstance(outcome, NeedsPermission):
             note = f"{_hm(now)} {alias} has not allowed WhatsApp calls"
@@ -368,21 +467,68 @@ class OnCall:
                 except (CallbotError, PilotStatusError) as err:
                     note += f": permission request failed ({describe(err).code})"
             await self._update(
-                incident, team, step=next_person, next_action_at=now, note=note + "; next person"
+                incident,
+                team,
+                fence=fence,
+                step=next_person,
+                next_action_at=now,
+                note=note + "; next person",
             )
-            return True
-        await self._store.add_ring(contact.phone, now)
-        note = f"{_hm(now)} calling {alias}"
+            return
         quota = _quota_note(outcome)
-        await self._update(
+        # Applied only if no end event settled this ring first (then the next step is due).
+        await self._end_ring(
             incident,
             team,
+            outcome.record.id,
+            f"{_hm(now)} {quota}" if quota else None,
             step=incident.step + 1,
             call_id=outcome.record.id,
             next_action_at=now + timedelta(seconds=team.wait_seconds),
-            note=note + (f" ({quota})" if quota else ""),
         )
-        return True
+
+    async def _settle_earlier_ring(
+        self, incident: Incident, team: Team, steps: list[str], now: datetime
+    ) -> Incident | None:
+        """What became of a ring written ahead but never settled. Returns the incident when
+        the step is still to be rung (its call provably never went out), else None."""
+        call_id = incident.ring_call_id
+        assert call_id is not None
+        alias = steps[incident.step] if incident.step < len(steps) else "?"
+        record = await self._calls.record(call_id)
+        if record is None or record.status == states.NOT_STARTED:
+            # Its POST never went out (or was refused): the step rings now after all.
+            return await self._store.forget_ring(incident.id, call_id, fence=incident.attempt)
+        if record.status in (states.PENDING, states.UNKNOWN_OUTCOME):
+            if not self.calls_recovered.is_set():
+                return None  # the calls' recovery (which asks the API) runs first; lease waits
+            # Not even the API's list of calls could tell: maybe rung. Never ring it twice.
+            note = f"{_hm(now)} call to {alias}: outcome unknown, not rung again"
+            await self._end_ring(
+                incident, team, call_id, note, step=incident.step + 1, next_action_at=now
+            )
+            return None
+        unanswered = record.terminal and record.connected_at is None
+        await self._end_ring(
+            incident,
+            team,
+            call_id,
+            f"{_hm(now)} call to {alias} was placed before a restart",
+            step=incident.step + 1,
+            call_id=call_id,
+            next_action_at=now if unanswered else now + timedelta(seconds=team.wait_seconds),
+        )
+        return None
+
+    async def _end_ring(
+        self, incident: Incident, team: Team, ring: str, note: str | None, **fields: object
+    ) -> None:
+        updated, changed = await self._store.end_ring(
+            incident.id, ring, at=self.clock(), note=note, **fields
+        )
+        if updated is not None and changed:
+            await self._view.show_incident(updated, team)
+            self._wake.set()
 
     async def _held(self, phone: str, now: datetime) -> datetime | None:
         """When the throttles allow the next ring of this number (None: now)."""
@@ -398,11 +544,14 @@ class OnCall:
                 until = max(until, free) if until else free
         return until
 
-    async def _update(self, incident: Incident, team: Team, **fields: object) -> None:
+    async def _update(
+        self, incident: Incident, team: Team, *, fence: int | None = None, **fields: object
+    ) -> None:
         updated, changed = await self._store.update_incident(
             incident.id,
             at=self.clock(),
             only_if_firing=True,
+            fence=fence,
             **fields,  # type: ignore[arg-type]
         )
         if updated is not None and changed:
@@ -430,11 +579,22 @@ class OnCall:
         if record.status == "ACCEPTED":
             await self._update(incident, team, note=f"{_hm(now)} answered; waiting for Acknowledge")
             return
+        if record.status == states.NOT_STARTED and incident.ring_call_id == record.id:
+            return  # its ring never went out: the step settles it and rings after all
         if record.terminal and record.connected_at is None:
             label = record.status.lower() if record.status != states.NOT_STARTED else "not placed"
-            await self._update(
-                incident, team, next_action_at=now, note=f"{_hm(now)} not answered ({label})"
+            # Its ring may still be in flight (the end outran the POST's answer): the next
+            # step is due now all the same.
+            updated, changed = await self._store.ring_ended(
+                incident.id, record.id, at=now, note=f"{_hm(now)} not answered ({label})"
             )
+            if updated is not None and changed:
+                await self._view.show_incident(updated, team)
+                self._wake.set()
+
+
+class _Superseded(Exception):
+    """The step is not this attempt's any more: its ring must not be placed."""
 
 
 def _next_person(steps: list[str], step: int) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from bot.storage.tables import ContactRow, IncidentRow, RingRow, TeamRow
@@ -59,6 +59,8 @@ class Incident:
     created_at: datetime
     items: tuple[str, ...] = ()  # a group's first alerts, one line each
     alert_count: int = 1
+    attempt: int = 0  # the fence of its step (see IncidentRow.attempt)
+    ring_call_id: str | None = None  # the step's call, written ahead of its POST
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,8 @@ def _incident(row: IncidentRow) -> Incident:
         created_at=row.created_at,
         items=tuple(row.alert_items or ()),
         alert_count=row.alert_count,
+        attempt=row.attempt or 0,
+        ring_call_id=row.ring_call_id,
     )
 
 
@@ -256,7 +260,8 @@ class OnCallStore:
 
     async def incident_of_call(self, call_id: str) -> Incident | None:
         async with self._sessions() as session:
-            query = select(IncidentRow).where(IncidentRow.call_id == call_id)
+            match = or_(IncidentRow.call_id == call_id, IncidentRow.ring_call_id == call_id)
+            query = select(IncidentRow).where(match)
             row = (await session.execute(query)).scalars().first()
             return _incident(row) if row else None
 
@@ -282,7 +287,8 @@ class OnCallStore:
 
     async def claim(self, incident_id: int, now: datetime, lease: timedelta) -> Incident | None:
         """Take a due step: locked, still firing and due. Its timer moves to now + lease, so
-        nobody else takes it meanwhile (and a crash mid-step retries it after the lease)."""
+        nobody else takes it meanwhile (and a crash mid-step retries it after the lease), and
+        it gets a new attempt: the fence its result is committed with."""
         async with self._sessions.begin() as session:
             query = select(IncidentRow).where(IncidentRow.id == incident_id).with_for_update()
             row = (await session.execute(query)).scalars().first()
@@ -290,9 +296,19 @@ class OnCallStore:
                 return None
             if row.next_action_at > now:
                 return None
+            row.attempt = (row.attempt or 0) + 1
             claimed = _incident(row)  # carries the time the step was due
             row.next_action_at = now + lease
             return claimed
+
+    async def renew(self, incident_id: int, attempt: int, until: datetime) -> bool:
+        """Extend the lease of a step still held by `attempt` (False: it is not any more)."""
+        async with self._sessions.begin() as session:
+            row = await self._locked(session, incident_id)
+            if row is None or row.status != "firing" or row.attempt != attempt:
+                return False
+            row.next_action_at = until
+            return True
 
     async def update_incident(
         self,
@@ -301,10 +317,13 @@ class OnCallStore:
         at: datetime,
         note: str | None = None,
         only_if_firing: bool = False,
+        fence: int | None = None,
         **fields: object,
     ) -> tuple[Incident | None, bool]:
         """Change an incident (and add a note). With only_if_firing, an incident that was
-        acknowledged or resolved meanwhile is left alone: a stopped escalation stays stopped."""
+        acknowledged or resolved meanwhile is left alone: a stopped escalation stays stopped.
+        With a fence, only the attempt that claimed the step may commit its result, and the
+        commit ends that claim."""
         async with self._sessions.begin() as session:
             query = select(IncidentRow).where(IncidentRow.id == incident_id).with_for_update()
             row = (await session.execute(query)).scalars().first()
@@ -312,6 +331,10 @@ class OnCallStore:
                 return None, False
             if only_if_firing and row.status != "firing":
                 return _incident(row), False
+            if fence is not None:
+                if row.attempt != fence:
+                    return _incident(row), False
+                row.attempt += 1
             for key, value in fields.items():
                 setattr(row, key, value)
             if note:
@@ -319,11 +342,99 @@ class OnCallStore:
             row.updated_at = at
             return _incident(row), True
 
+    # a step's ring, written ahead of its POST
+
+    async def begin_ring(
+        self, incident_id: int, *, fence: int, call_id: str, phone: str, at: datetime, note: str
+    ) -> Incident | None:
+        """Before the POST: the step's call is stored on the incident and counted as a ring
+        (its outcome unknown until the POST answers). None when the step is not this
+        attempt's any more (taken again, acknowledged, resolved): then nothing may be rung."""
+        async with self._sessions.begin() as session:
+            row = await self._locked(session, incident_id)
+            if row is None or row.status != "firing" or row.attempt != fence:
+                return None
+            row.ring_call_id = call_id
+            row.notes = [*(row.notes or []), note][-12:]
+            row.updated_at = at
+            session.add(RingRow(phone=phone, at=at, call_id=call_id))
+            return _incident(row)
+
+    async def end_ring(
+        self, incident_id: int, ring: str, *, at: datetime, note: str | None, **fields: object
+    ) -> tuple[Incident | None, bool]:
+        """The written-ahead ring (its call id) is settled (placed, refused, or its outcome
+        unknown): `fields` are applied once, only while it is still the incident's ring in
+        flight and the incident still fires. Ends the claim of its step."""
+        async with self._sessions.begin() as session:
+            row = await self._locked(session, incident_id)
+            if row is None:
+                return None, False
+            if row.status != "firing" or row.ring_call_id != ring:
+                return _incident(row), False
+            self._settle(row, at, note, fields)
+            return _incident(row), True
+
+    async def forget_ring(self, incident_id: int, call_id: str, *, fence: int) -> Incident | None:
+        """The written-ahead ring `call_id` was never placed: the step (still claimed by
+        `fence`) is to be rung after all. None when the step is not that attempt's."""
+        async with self._sessions.begin() as session:
+            row = await self._locked(session, incident_id)
+            if row is None or row.status != "firing" or row.attempt != fence:
+                return None
+            if row.ring_call_id == call_id:
+                row.ring_call_id = None
+            await session.execute(delete(RingRow).where(RingRow.call_id == call_id))
+            return _incident(row)
+
+    async def ring_ended(
+        self, incident_id: int, call_id: str, *, at: datetime, note: str
+    ) -> tuple[Incident | None, bool]:
+        """Call `call_id` ended unanswered: the next step is due at once, whether the step
+        that rang was settled already or its ring is still in flight (an end event can
+        outrun the answer to the POST)."""
+        async with self._sessions.begin() as session:
+            row = await self._locked(session, incident_id)
+            if row is None:
+                return None, False
+            if row.status != "firing":
+                return _incident(row), False
+            if row.ring_call_id == call_id:
+                fields = {"step": row.step + 1, "call_id": call_id, "next_action_at": at}
+            elif row.call_id == call_id:
+                fields = {"next_action_at": at}
+            else:
+                return _incident(row), False  # a call of an earlier step
+            self._settle(row, at, note, fields)
+            return _incident(row), True
+
+    @staticmethod
+    def _settle(
+        row: IncidentRow, at: datetime, note: str | None, fields: dict[str, object]
+    ) -> None:
+        for key, value in fields.items():
+            setattr(row, key, value)
+        row.ring_call_id = None
+        row.attempt = (row.attempt or 0) + 1  # whoever held the step holds it no longer
+        if note:
+            row.notes = [*(row.notes or []), note][-12:]
+        row.updated_at = at
+
+    @staticmethod
+    async def _locked(session: AsyncSession, incident_id: int) -> IncidentRow | None:
+        query = select(IncidentRow).where(IncidentRow.id == incident_id).with_for_update()
+        return (await session.execute(query)).scalars().first()
+
     # rings (throttles)
 
     async def add_ring(self, phone: str, at: datetime) -> None:
         async with self._sessions.begin() as session:
             session.add(RingRow(phone=phone, at=at))
+
+    async def drop_ring(self, call_id: str) -> None:
+        """A ring that was never placed does not count against the throttles."""
+        async with self._sessions.begin() as session:
+            await session.execute(delete(RingRow).where(RingRow.call_id == call_id))
 
     async def rings_since(self, phone: str, since: datetime) -> list[datetime]:
         async with self._sessions() as session:

@@ -184,10 +184,17 @@ class IncidentRow(Base):
     # a group of alerts: its first alerts, one line each, and how many it holds
     alert_items: Mapped[list[str]] = mapped_column(JSON, default=list, server_default="[]")
     alert_count: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    # The fence of a step: each claim takes a new attempt, and a step's result is applied only
+    # by the attempt that holds it (a stale worker's result is dropped).
+    attempt: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # The call of the current step, stored before its POST /v1/calls (write ahead): set, the
+    # step's ring may have been placed, and the call record says whether it was.
+    ring_call_id: Mapped[str | None] = mapped_column(String(32))
 
     __table_args__ = (
         Index("ix_incidents_team_key", "team_id", "dedup_key"),
         Index("ix_incidents_call", "call_id"),
+        Index("ix_incidents_ring_call", "ring_call_id"),
     )
 
 
@@ -199,5 +206,9 @@ class RingRow(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     phone: Mapped[str] = mapped_column(String(20))
     at: Mapped[datetime] = mapped_column(UTCDateTime())
+    call_id: Mapped[str | None] = mapped_column(String(32))  # dropped if it was never placed
 
-    __table_args__ = (Index("ix_rings_phone_at", "phone", "at"),)
+    __table_args__ = (
+        Index("ix_rings_phone_at", "phone", "at"),
+        Index("ix_rings_call", "call_id"),
+    )

@@ -1,0 +1,211 @@
+"""`python -m bot` stopped mid-call: SIGTERM lets the POST (and what records it) finish; after
+kill -9 the next start reconciles. For `/call` and for an escalation's ring, each asserts the
+POSTs the fake Pilot Status received and what the chat shows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import API_KEY, OPERATOR, TOKEN
+from tests.fakes.pilot_status import FakePilotStatus
+from tests.fakes.telegram import FakeTelegram, SentMessage
+from tests.test_oncall import ALICE, BOB, HOOK, INFRA_CHAT, INFRA_TOKEN, ONCALL_FILE, generic
+from tests.test_oncall_ring import created_by_pilot, posted, posts_to, slow_post
+
+ROOT = Path(__file__).resolve().parent.parent
+PHONE = "+5511999999999"
+
+
+class Bot:
+    """One `python -m bot` process; its log is read as it runs."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+        self.log: list[str] = []
+        self.port: int | None = None
+        self._listening = asyncio.Event()
+        self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        assert self.process.stderr is not None
+        while line := await self.process.stderr.readline():
+            text = line.decode(errors="replace")
+            self.log.append(text)
+            if found := re.search(r"web app listening on port (\d+)", text):
+                self.port = int(found.group(1))
+                self._listening.set()
+
+    async def listening(self) -> int:
+        await asyncio.wait_for(self._listening.wait(), 20)
+        assert self.port is not None
+        return self.port
+
+    async def started(self) -> None:
+        for _ in range(400):
+            if any("callbot started as" in line for line in self.log):
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError("the bot did not start:\n" + "".join(self.log))
+
+    async def signal(self, sig: signal.Signals, timeout: float = 20) -> int:  # noqa: ASYNC109
+        self.process.send_signal(sig)
+        return await self.exited(timeout)
+
+    async def exited(self, timeout: float = 20) -> int:  # noqa: ASYNC109
+        code = await asyncio.wait_for(self.process.wait(), timeout)
+        await self._reader
+        return code
+
+    @property
+    def text(self) -> str:
+        return "".join(self.log)
+
+
+@pytest.fixture
+async def run_bot(
+    tmp_path: Path, telegram: FakeTelegram, pilot: FakePilotStatus
+) -> AsyncIterator[object]:
+    """Start `python -m bot` in tmp_path (the same data each time), on-call file and all."""
+    (tmp_path / "oncall.toml").write_text(ONCALL_FILE)
+    started: list[Bot] = []
+
+    async def start() -> Bot:
+        (tmp_path / ".env").write_text(
+            f"BOT_TOKEN={TOKEN}\n"
+            f"TELEGRAM_API_URL={telegram.url}\n"
+            f"PILOT_STATUS_API_KEY={API_KEY}\n"
+            f"PILOT_STATUS_BASE_URL={pilot.url}\n"
+            "PILOT_STATUS_NUMBER_TYPE=web\n"
+            "PILOT_STATUS_RETRY_BACKOFF=0.01\n"
+            f"OPERATOR_IDS={OPERATOR}\n"
+            f"PILOT_STATUS_WEBHOOK_TOKEN={HOOK}\n"
+            "WEB_PORT=0\n"
+            f"ONCALL_FILE={tmp_path / 'oncall.toml'}\n"
+            "ONCALL_TICK_SECONDS=0.1\n"
+            "ONCALL_LEASE_SECONDS=1\n"
+            "SHUTDOWN_DRAIN_SECONDS=15\n"
+        )
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "bot",
+            cwd=tmp_path,
+            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)},
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        bot = Bot(process)
+        started.append(bot)
+        await bot.listening()
+        await bot.started()
+        return bot
+
+    yield start
+    for bot in started:
+        if bot.process.returncode is None:
+            bot.process.kill()
+            with contextlib.suppress(TimeoutError):
+                await bot.exited(10)
+
+
+async def page(bot: Bot) -> None:
+    url = f"http://127.0.0.1:{bot.port}/alerts/generic/infra"
+    headers = {"Authorization": f"Bearer {INFRA_TOKEN}"}
+    async with httpx.AsyncClient() as client:
+        response = await client.post(url, json=generic(), headers=headers)
+    assert response.json()["result"] == "created"
+
+
+def messages(telegram: FakeTelegram, chat_id: int) -> list[SentMessage]:
+    return telegram.bot_messages(chat_id)
+
+
+async def test_sigterm_mid_call_finishes_the_post_and_sends_its_reply_before_exit(
+    run_bot: object, telegram: FakeTelegram, pilot: FakePilotStatus
+) -> None:
+    first = await run_bot()  # type: ignore[operator]
+    slow_post(pilot, "call_term", delay=1.5)
+    telegram.send_command(f"/call {PHONE} db down", user_id=OPERATOR)
+    post = await posted(pilot, PHONE)
+    created_by_pilot(pilot, "call_term", post)
+    assert await first.signal(signal.SIGTERM) == 0
+    # Before the process ended: the POST was answered, and the chat got its one reply.
+    assert post.status == 201
+    [reply] = messages(telegram, OPERATOR)
+    assert "Call to" in reply.plain and "call_term" in reply.plain
+    assert "letting calls in flight finish" in first.text and "Traceback" not in first.text
+
+    second = await run_bot()  # type: ignore[operator]
+    await asyncio.sleep(1.5)  # recovery ran: nothing was half done
+    assert len(messages(telegram, OPERATOR)) == 1
+    assert posts_to(pilot, PHONE) == [post]
+    assert await second.signal(signal.SIGTERM) == 0
+
+
+async def test_kill_mid_call_is_settled_at_the_next_start_with_one_message_and_one_post(
+    run_bot: object, telegram: FakeTelegram, pilot: FakePilotStatus
+) -> None:
+    first = await run_bot()  # type: ignore[operator]
+    slow_post(pilot, "call_kill", delay=30)
+    telegram.send_command(f"/call {PHONE} db down", user_id=OPERATOR)
+    post = await posted(pilot, PHONE)
+    created_by_pilot(pilot, "call_kill", post)  # the API placed it; its answer never arrives
+    assert await first.signal(signal.SIGKILL) == -signal.SIGKILL
+    assert messages(telegram, OPERATOR) == []
+
+    second = await run_bot()  # type: ignore[operator]
+    told = await telegram.wait_for_message(
+        lambda m: "call_kill" in m.plain, chat_id=OPERATOR, timeout=15
+    )
+    assert ": ringing" in told.plain
+    await asyncio.sleep(1.0)
+    assert len(messages(telegram, OPERATOR)) == 1
+    assert posts_to(pilot, PHONE) == [post]
+    assert await second.signal(signal.SIGTERM) == 0
+
+
+async def test_sigterm_mid_ring_records_the_ring_and_the_next_start_rings_nobody_again(
+    run_bot: object, telegram: FakeTelegram, pilot: FakePilotStatus
+) -> None:
+    first = await run_bot()  # type: ignore[operator]
+    slow_post(pilot, "call_ring", delay=2.0)  # longer than the 1 s lease
+    await page(first)
+    post = await posted(pilot, ALICE)
+    created_by_pilot(pilot, "call_ring", post)
+    assert await first.signal(signal.SIGTERM) == 0
+    assert post.status == 201  # answered before the exit, not cut off
+
+    second = await run_bot()  # type: ignore[operator]
+    await asyncio.sleep(3.0)  # three leases: a step left unrecorded would be taken again
+    assert posts_to(pilot, ALICE) == [post] and posts_to(pilot, BOB) == []
+    [incident_post] = [m for m in messages(telegram, INFRA_CHAT) if m.plain.startswith("🚨")]
+    assert "calling alice" in incident_post.plain and "bob" not in incident_post.plain
+    assert await second.signal(signal.SIGTERM) == 0
+
+
+async def test_kill_after_the_ring_was_sent_is_reconciled_and_nobody_is_rung_twice(
+    run_bot: object, telegram: FakeTelegram, pilot: FakePilotStatus
+) -> None:
+    first = await run_bot()  # type: ignore[operator]
+    slow_post(pilot, "call_lost_answer", delay=30)
+    await page(first)
+    post = await posted(pilot, ALICE)
+    created_by_pilot(pilot, "call_lost_answer", post)  # placed; the 201 never reaches us
+    assert await first.signal(signal.SIGKILL) == -signal.SIGKILL
+
+    second = await run_bot()  # type: ignore[operator]
+    await asyncio.sleep(3.0)  # recovery, then three leases: the step is taken again
+    assert posts_to(pilot, ALICE) == [post] and posts_to(pilot, BOB) == []
+    [incident_post] = [m for m in messages(telegram, INFRA_CHAT) if m.plain.startswith("🚨")]
+    assert "call to alice was placed before a restart" in incident_post.plain
+    assert await second.signal(signal.SIGTERM) == 0
