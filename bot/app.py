@@ -143,6 +143,7 @@ class CallbotApp:
             throttles=Throttle.parse_many(settings.oncall_throttle),
             locale=settings.default_locale,
             speech=self._alert_speech,
+            admins=tuple(sorted(settings.admin_ids)),
         )
         self.tracker.subscribe(self.oncall.call_changed)
         self.dp = self._dispatcher()

@@ -16,7 +16,7 @@ from babel.support import LazyProxy
 from bot import states
 from bot.calls import NeedsPermission
 from bot.errors import CallbotError
-from bot.oncall import on_call_now
+from bot.oncall import duration_text, on_call_now
 from bot.phones import Phone, mask
 from bot.pilot_status.models import CallStatus, Limit, NumberType, PermissionProbe
 from bot.storage.oncall import Contact, Incident, Team
@@ -200,13 +200,20 @@ ERRORS: dict[str, LazyProxy] = {
     "team_usage": __(
         "Usage: <code>/team add &lt;name&gt;</code> (in its chat), "
         "<code>/team members &lt;name&gt; &lt;contact…&gt;</code>, "
-        "<code>/team policy &lt;name&gt; attempts=2 wait=300 rounds=2 ack_on_answer=no</code>, "
+        "<code>/team policy &lt;name&gt; attempts=2 wait=300 rounds=2 ack_on_answer=no "
+        "ack_timeout=4h repage_after=off</code>, "
         "<code>/team rotation &lt;name&gt; weekly|none</code>, "
         "<code>/team token &lt;name&gt;</code> or <code>/team list</code>."
     ),
     "oncall_usage": __(
         "Usage: <code>/oncall [team]</code> or <code>/oncall set &lt;name&gt; [team]</code>."
     ),
+    "ack_wrong_chat": __(
+        "This alert belongs to another team's chat: acknowledge it there (admins can also use "
+        "/ack in a private chat with me)."
+    ),
+    "unknown_incident": __("I know no incident <b>{id}</b>."),
+    "ack_usage": __("Usage: <code>/ack &lt;incident id&gt;</code>, e.g. <code>/ack 12</code>."),
     "interrupted": __(
         "The bot restarted before Pilot Status confirmed this call, and Pilot Status has no record "
         "of it: no call was placed. Send /call again."
@@ -467,8 +474,18 @@ def teams_text(teams: list[Team], now: datetime) -> str:
                 wait=team.wait_seconds,
                 rounds=team.max_rounds,
             )
+            + "; "
+            + team_policy_text(team)
         )
     return "\n".join(lines)
+
+
+def team_policy_text(team: Team) -> str:
+    never = _("never")
+    return _("acknowledgement holds {ack}; pages again after exhaustion: {repage}").format(
+        ack=duration_text(team.ack_timeout) if team.ack_timeout else never,
+        repage=duration_text(team.repage_after) if team.repage_after else never,
+    )
 
 
 def on_call_text(team: Team, now: datetime) -> str:
@@ -489,6 +506,15 @@ def team_created_text(team: Team, token: str) -> str:
 
 def done_text() -> str:
     return _("Done.")
+
+
+def incident_unposted_text(incident: Incident, team: Team, reason: str) -> str:
+    """To the admins in private: the team's chat cannot be reached, so acknowledge here."""
+    return _(
+        "⚠️ I cannot post to the chat of team <b>{team}</b> (Telegram: {reason}). Incident "
+        "<b>{id}</b> pages people all the same: acknowledge it here with the button or "
+        "<code>/ack {id}</code>."
+    ).format(team=escape(team.name), reason=escape(reason[:200]), id=incident.id)
 
 
 def button_acknowledge() -> str:
@@ -615,6 +641,7 @@ COMMANDS: tuple[tuple[str, LazyProxy], ...] = (
     ("oncall", __("Who is on call")),
     ("contact", __("Contacts: /contact list")),
     ("team", __("Teams: /team list")),
+    ("ack", __("Acknowledge an incident: /ack <incident id>")),
     ("whoami", __("Show your Telegram id and this chat's id")),
     ("help", __("How to use the bot")),
 )

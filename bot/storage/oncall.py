@@ -10,7 +10,9 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from bot.storage.tables import ContactRow, IncidentRow, RingRow, TeamRow
 
-OPEN = ("firing", "acknowledged")
+# Open: a repeat of its alert updates it. An exhausted escalation stays open (its alert is still
+# firing, nobody acknowledged): a repeat says so rather than opening a new incident.
+OPEN = ("firing", "acknowledged", "exhausted")
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,8 @@ class Team:
     wait_seconds: int
     max_rounds: int
     answer_is_ack: bool
+    ack_timeout: int = 4 * 3600  # seconds; 0: an acknowledgement holds for ever
+    repage_after: int = 0  # seconds after exhaustion a repeat pages again; 0: never
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,15 @@ class Incident:
     acked_at: datetime | None
     notes: tuple[str, ...]
     created_at: datetime
+    post_status: str = "posted"  # pending: the post (or its refresh) is still to be made
+    post_attempts: int = 0
+    post_next_at: datetime | None = None
+    admins_told_at: datetime | None = None
+    exhausted_at: datetime | None = None
+
+    def shown(self) -> tuple[object, ...]:
+        """What the post shows (to tell whether it changed while being posted)."""
+        return (self.status, self.fired, self.notes, self.acked_by, self.acked_at)
 
 
 @dataclass(frozen=True)
@@ -85,6 +98,8 @@ def _team(row: TeamRow) -> Team:
         wait_seconds=row.wait_seconds,
         max_rounds=row.max_rounds,
         answer_is_ack=row.answer_is_ack,
+        ack_timeout=row.ack_timeout,
+        repage_after=row.repage_after,
     )
 
 
@@ -109,6 +124,11 @@ def _incident(row: IncidentRow) -> Incident:
         acked_at=row.acked_at,
         notes=tuple(row.notes or ()),
         created_at=row.created_at,
+        post_status=row.post_status,
+        post_attempts=row.post_attempts,
+        post_next_at=row.post_next_at,
+        admins_told_at=row.admins_told_at,
+        exhausted_at=row.exhausted_at,
     )
 
 
@@ -167,6 +187,8 @@ class OnCallStore:
                     max_rounds=2,
                     answer_is_ack=False,
                     members="",
+                    ack_timeout=4 * 3600,
+                    repage_after=0,
                 )
                 session.add(row)
             row.chat_id = chat_id
@@ -236,6 +258,9 @@ class OnCallStore:
                 notes=[],
                 created_at=at,
                 updated_at=at,
+                post_status="pending",
+                post_attempts=0,
+                post_next_at=at,
             )
             session.add(row)
             await session.flush()
@@ -263,14 +288,114 @@ class OnCallStore:
             return list((await session.execute(query)).scalars())
 
     async def next_due_at(self) -> datetime | None:
+        """The earliest timer: a step, an acknowledgement running out, or a post to retry."""
         async with self._sessions() as session:
             query = (
                 select(IncidentRow.next_action_at)
-                .where(IncidentRow.status == "firing", IncidentRow.next_action_at.is_not(None))
+                .where(
+                    IncidentRow.status.in_(("firing", "acknowledged")),
+                    IncidentRow.next_action_at.is_not(None),
+                )
                 .order_by(IncidentRow.next_action_at)
                 .limit(1)
             )
-            return (await session.execute(query)).scalars().first()
+            step = (await session.execute(query)).scalars().first()
+            query = (
+                select(IncidentRow.post_next_at)
+                .where(IncidentRow.post_status == "pending", IncidentRow.post_next_at.is_not(None))
+                .order_by(IncidentRow.post_next_at)
+                .limit(1)
+            )
+            post = (await session.execute(query)).scalars().first()
+            return min((t for t in (step, post) if t is not None), default=None)
+
+    async def acks_expired(self, now: datetime, limit: int = 100) -> list[int]:
+        """Acknowledged incidents whose acknowledgement ran out (their timer is due)."""
+        async with self._sessions() as session:
+            query = (
+                select(IncidentRow.id)
+                .where(IncidentRow.status == "acknowledged", IncidentRow.next_action_at <= now)
+                .order_by(IncidentRow.next_action_at)
+                .limit(limit)
+            )
+            return list((await session.execute(query)).scalars())
+
+    async def restart_escalation(
+        self, incident_id: int, *, at: datetime, expected: str, note: str, **fields: object
+    ) -> Incident | None:
+        """Fire again from the first step: only if the incident is still `expected` (and, when
+        acknowledged, its acknowledgement ran out). The post is to be refreshed."""
+        async with self._sessions.begin() as session:
+            query = select(IncidentRow).where(IncidentRow.id == incident_id).with_for_update()
+            row = (await session.execute(query)).scalars().first()
+            if row is None or row.status != expected:
+                return None
+            if expected == "acknowledged" and (
+                row.next_action_at is None or row.next_action_at > at
+            ):
+                return None
+            row.status, row.step, row.call_id, row.next_action_at = "firing", 0, None, at
+            row.acked_by = row.acked_at = row.exhausted_at = None
+            row.post_status, row.post_next_at = "pending", at
+            for key, value in fields.items():
+                setattr(row, key, value)
+            row.notes = [*(row.notes or []), note][-12:]
+            row.updated_at = at
+            return _incident(row)
+
+    # the post (an outbox step of its own)
+
+    async def posts_due(self, now: datetime, limit: int = 100) -> list[int]:
+        async with self._sessions() as session:
+            query = (
+                select(IncidentRow.id)
+                .where(IncidentRow.post_status == "pending", IncidentRow.post_next_at <= now)
+                .order_by(IncidentRow.post_next_at)
+                .limit(limit)
+            )
+            return list((await session.execute(query)).scalars())
+
+    async def claim_post(
+        self, incident_id: int, now: datetime, lease: timedelta
+    ) -> Incident | None:
+        """Take a due post: its retry moves to now + lease meanwhile (a crash retries it)."""
+        async with self._sessions.begin() as session:
+            query = select(IncidentRow).where(IncidentRow.id == incident_id).with_for_update()
+            row = (await session.execute(query)).scalars().first()
+            if row is None or row.post_status != "pending" or row.post_next_at is None:
+                return None
+            if row.post_next_at > now:
+                return None
+            claimed = _incident(row)
+            row.post_next_at = now + lease
+            return claimed
+
+    async def post_done(self, incident_id: int, message_id: int) -> Incident | None:
+        async with self._sessions.begin() as session:
+            row = await session.get(IncidentRow, incident_id, with_for_update=True)
+            if row is None:
+                return None
+            row.post_message_id, row.post_status = message_id, "posted"
+            row.post_attempts, row.post_next_at = 0, None
+            return _incident(row)
+
+    async def post_failed(
+        self, incident_id: int, *, attempts: int, retry_at: datetime | None
+    ) -> None:
+        """Count a failed post; `retry_at` None: given up (it stays pending, never due)."""
+        async with self._sessions.begin() as session:
+            row = await session.get(IncidentRow, incident_id, with_for_update=True)
+            if row is not None and row.post_status == "pending":
+                row.post_attempts, row.post_next_at = attempts, retry_at
+
+    async def mark_admins_told(self, incident_id: int, at: datetime) -> bool:
+        """True once per incident: the caller tells the admins that its chat is unreachable."""
+        async with self._sessions.begin() as session:
+            row = await session.get(IncidentRow, incident_id, with_for_update=True)
+            if row is None or row.admins_told_at is not None:
+                return False
+            row.admins_told_at = at
+            return True
 
     async def claim(self, incident_id: int, now: datetime, lease: timedelta) -> Incident | None:
         """Take a due step: locked, still firing and due. Its timer moves to now + lease, so
