@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 LEASE = timedelta(seconds=60)
 SYSTEM = 0  # the "operator" of the calls the escalation places
 POST_LEASE = timedelta(seconds=30)
-POST_WAIT = 10.0  # seconds one post attempt may take before it counts as failed
+POST_WAIT = 5.0  # seconds one post attempt may take (intake waits for the first one)
 POST_GIVE_UP = timedelta(days=1)  # after that an unposted incident is only logged
 TELL_ADMINS_AFTER = 3  # failed posts in a row (Telegram down) before the admins are told
 _DURATION = re.compile(r"(\d+)\s*([smhd]?)")
@@ -71,6 +71,12 @@ def parse_duration(value: object) -> int:
     if match is None:
         raise ValueError(f"{str(value)[:32]!r} is not a duration (e.g. 4h, 30m, 900, off)")
     return int(match.group(1)) * _UNIT[match.group(2)]
+
+
+def policy_duration(value: object) -> int:
+    """A team's `ack_timeout` or `repage_after`: off (0), or 1 minute to 7 days."""
+    seconds = parse_duration(value)
+    return seconds and max(60, min(7 * 86400, seconds))
 
 
 def duration_text(seconds: int) -> str:
@@ -205,7 +211,7 @@ class OnCall:
             for key in DURATION_FIELDS:
                 if key in fields:
                     try:
-                        fields[key] = parse_duration(fields[key])
+                        fields[key] = policy_duration(fields[key])
                     except ValueError as err:
                         raise ValueError(f"team {name}: {key}: {err}") from None
             await self._store.save_team(

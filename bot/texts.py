@@ -612,6 +612,10 @@ def help_text(*, is_caller: bool, is_admin: bool, number_type: NumberType | None
         _("/hangup &lt;call id&gt; — end a call (or press Hang up on its message)."),
         _("/permission &lt;phone&gt; — whether a number allows calls from us (Meta numbers)."),
         _("/oncall [team] — who is on call; /contact list and /team list — contacts and teams."),
+        _(
+            "/ack &lt;incident id&gt; — acknowledge an alert: in its team's chat, or an admin in "
+            "private (when the team's chat cannot be reached)."
+        ),
         _("/whoami — your Telegram id and this chat's id, for the admins' configuration."),
         _("/help — this message."),
     ]

@@ -14,7 +14,7 @@ from bot.access import AccessPolicy, Role
 from bot.config import Settings
 from bot.errors import CallbotError
 from bot.live import Acknowledge
-from bot.oncall import DURATION_FIELDS, OnCall, parse_duration, token_hash, valid_alias
+from bot.oncall import DURATION_FIELDS, OnCall, policy_duration, token_hash, valid_alias
 from bot.phones import parse_phone
 from bot.storage.oncall import Contact, OnCallStore, Team
 from bot.storage.store import utcnow
@@ -33,7 +33,6 @@ POLICY_KEYS = {
     "wait": ("wait_seconds", 30, 3600),
     "rounds": ("max_rounds", 1, 10),
 }
-DURATION_LIMITS = (60, 7 * 24 * 3600)  # ack_timeout and repage_after: 1 min to 7 days, or off
 
 
 def build_router() -> Router:
@@ -133,10 +132,9 @@ def _team_fields(action: str, args: list[str]) -> dict[str, object]:
                 continue
             if key in DURATION_FIELDS:
                 try:
-                    seconds = parse_duration(value)
+                    fields[key] = policy_duration(value)  # 4h, 30m, 900, off
                 except ValueError:
                     raise CallbotError("team_usage") from None
-                fields[key] = seconds and max(DURATION_LIMITS[0], min(DURATION_LIMITS[1], seconds))
                 continue
             if key not in POLICY_KEYS or not value.isdigit():
                 raise CallbotError("team_usage")

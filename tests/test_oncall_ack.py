@@ -4,6 +4,7 @@ exhausted is not new."""
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -261,3 +262,21 @@ async def test_repage_after_pages_an_exhausted_incident_again(
     assert [r.json["to"] for r in bot.pilot.calls_started()] == [ALICE, BOB, ALICE]
     post = await post_in(bot, INFRA_CHAT, "escalation ended: paging again")
     assert [label for label, _ in post.buttons()] == ["✋ Acknowledge"]
+
+
+async def test_ack_timeout_and_exhaustion_on_both_backends(
+    start_bot: StartBot, tmp_path: Path, clock: Clock, db_url: str
+) -> None:
+    bot = await oncall_bot(start_bot, tmp_path, clock, database_url=db_url)
+    message_id, data = await rung(bot)
+    assert (await press(bot, INFRA_CHAT, message_id, data))["text"] == "Done."
+    assert len(terminated(bot)) == 1
+    assert await bot.app.oncall_store.next_due_at() == clock.now + timedelta(hours=4)
+    clock.advance(4 * 3600)
+    assert await bot.app.oncall.run_due() == 1
+    for _ in range(3):
+        clock.advance(301)
+        await bot.app.oncall.run_due()
+    await post_in(bot, INFRA_CHAT, "nobody acknowledged: escalation ended")
+    assert (await alert(bot, generic())).json()["result"] == "updated"
+    await post_in(bot, INFRA_CHAT, "still firing, escalation exhausted at 16:")

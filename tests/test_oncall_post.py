@@ -7,6 +7,7 @@ one in private.
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -172,11 +173,47 @@ async def test_the_admins_are_told_when_telegram_keeps_failing(
     bot = await oncall_bot(start_bot, tmp_path, clock)
     bot.telegram.fail_next("sendMessage", chat_id=INFRA_CHAT, drop=True, times=None)
     await alert(bot, generic())
-    for _ in range(2):
-        clock.advance(60)
-        await bot.app.oncall.run_due()
+    clock.advance(60)
+    await bot.app.oncall.run_due()
+    assert bot.telegram.bot_messages(ADMIN) == []  # two failures may be a blip
+    clock.advance(60)
+    await bot.app.oncall.run_due()
     told = await post_in(bot, ADMIN, "cannot post to the chat of team infra")
     assert told.buttons()
     clock.advance(600)
     await bot.app.oncall.run_due()
     assert len(bot.telegram.bot_messages(ADMIN)) == 1
+
+
+async def test_the_outbox_and_the_admins_message_on_both_backends(
+    start_bot: StartBot, tmp_path: Path, clock: Clock, db_url: str
+) -> None:
+    bot = await oncall_bot(start_bot, tmp_path, clock, database_url=db_url)
+    bot.telegram.fail_next(
+        "sendMessage", chat_id=INFRA_CHAT, error_code=403, description=KICKED, times=None
+    )
+    await alert(bot, generic())
+    await post_in(bot, ADMIN, "cannot post to the chat of team infra")
+    assert await bot.app.oncall.run_due() == 1
+    # the timer wakes for the post's retry (5 s), before the ring's wait (300 s) runs out
+    assert await bot.app.oncall_store.next_due_at() == clock.now + timedelta(seconds=5)
+    bot.telegram.clear_failures()
+    clock.advance(6)
+    await bot.app.oncall.run_due()
+    await post_in(bot, INFRA_CHAT, "calling alice")
+
+
+async def test_a_chat_that_is_gone_is_told_to_the_admins_at_once(
+    start_bot: StartBot, tmp_path: Path, clock: Clock
+) -> None:
+    bot = await oncall_bot(start_bot, tmp_path, clock)
+    bot.telegram.fail_next(
+        "sendMessage",
+        chat_id=INFRA_CHAT,
+        error_code=400,
+        description="Bad Request: chat not found",
+        times=None,
+    )
+    assert (await alert(bot, generic())).status_code == 200
+    told = await post_in(bot, ADMIN, "chat not found")
+    assert "cannot post to the chat of team infra" in told.plain and told.buttons()

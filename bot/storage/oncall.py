@@ -237,7 +237,8 @@ class OnCallStore:
                 IncidentRow.dedup_key == dedup_key,
                 IncidentRow.status.in_(OPEN),
             )
-            row = (await session.execute(query)).scalars().first()
+            # the newest: an exhausted one may be older than a firing one of the same key
+            row = (await session.execute(query.order_by(IncidentRow.id.desc()))).scalars().first()
             return _incident(row) if row else None
 
     async def create_incident(self, new: NewIncident, *, at: datetime) -> Incident:
