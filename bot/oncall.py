@@ -436,10 +436,15 @@ class OnCall:
             self._wake.set()  # the timer sleeps until the retry at most
 
     async def _tell_admins(self, incident: Incident, team: Team, reason: str) -> None:
-        if not self._admins or not await self._store.mark_admins_told(incident.id, self.clock()):
+        """Once per incident (the post is claimed meanwhile, so nobody else tells them); tried
+        again with the next failed post until at least one admin was told."""
+        if not self._admins or incident.admins_told_at is not None:
             return
         current = await self._store.incident(incident.id) or incident
-        told = await self._view.tell_admins(current, team, self._admins, reason)
+        told = 0
+        with suppress(TimeoutError):
+            async with asyncio.timeout(POST_WAIT):
+                told = await self._view.tell_admins(current, team, self._admins, reason)
         log.warning(
             "chat %s of team %s unreachable; %d admins told about incident %s",
             team.chat_id,
@@ -447,6 +452,8 @@ class OnCall:
             told,
             incident.id,
         )
+        if told:
+            await self._store.mark_admins_told(incident.id, self.clock())
 
     async def _refresh(self, incident: Incident, team: Team) -> None:
         """Show a change: on the post, or by making the post if it is still to be made."""
@@ -472,9 +479,8 @@ class OnCall:
                 note=f"{_hm(now)} acknowledged by {incident.acked_by or '?'} {held} ago and not "
                 "resolved: firing again",
             )
-            if reopened is not None:
+            if reopened is not None:  # its post is refreshed alongside its first step
                 log.info("incident %s: acknowledgement timed out; firing again", incident_id)
-                await self._publish(reopened.id)
 
     # the timer
 

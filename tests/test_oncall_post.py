@@ -217,3 +217,20 @@ async def test_a_chat_that_is_gone_is_told_to_the_admins_at_once(
     assert (await alert(bot, generic())).status_code == 200
     told = await post_in(bot, ADMIN, "chat not found")
     assert "cannot post to the chat of team infra" in told.plain and told.buttons()
+
+
+async def test_the_admins_message_is_retried_until_it_reaches_them(
+    start_bot: StartBot, tmp_path: Path, clock: Clock
+) -> None:
+    bot = await oncall_bot(start_bot, tmp_path, clock)
+    bot.telegram.fail_next(
+        "sendMessage", chat_id=INFRA_CHAT, error_code=403, description=KICKED, times=None
+    )
+    bot.telegram.fail_next("sendMessage", chat_id=ADMIN, error_code=502, times=1)
+    await alert(bot, generic())
+    assert sends_to(bot, ADMIN) == 1 and bot.telegram.bot_messages(ADMIN) == []
+    for _ in range(3):
+        clock.advance(60)
+        await bot.app.oncall.run_due()
+    await post_in(bot, ADMIN, "cannot post to the chat of team infra")
+    assert sends_to(bot, ADMIN) == 2 and len(bot.telegram.bot_messages(ADMIN)) == 1

@@ -389,14 +389,12 @@ class OnCallStore:
             if row is not None and row.post_status == "pending":
                 row.post_attempts, row.post_next_at = attempts, retry_at
 
-    async def mark_admins_told(self, incident_id: int, at: datetime) -> bool:
-        """True once per incident: the caller tells the admins that its chat is unreachable."""
+    async def mark_admins_told(self, incident_id: int, at: datetime) -> None:
+        """The admins were told that the incident's chat is unreachable (once per incident)."""
         async with self._sessions.begin() as session:
             row = await session.get(IncidentRow, incident_id, with_for_update=True)
-            if row is None or row.admins_told_at is not None:
-                return False
-            row.admins_told_at = at
-            return True
+            if row is not None and row.admins_told_at is None:
+                row.admins_told_at = at
 
     async def claim(self, incident_id: int, now: datetime, lease: timedelta) -> Incident | None:
         """Take a due step: locked, still firing and due. Its timer moves to now + lease, so
