@@ -221,9 +221,10 @@ async def ack_command(
     access: AccessPolicy,
     oncall: OnCall,
 ) -> None:
-    """/ack <incident id>: in the team's chat, or an admin in private."""
+    """/ack <incident id>: in the team's chat, or an admin in private (as the button)."""
     user_id = sender_id(message)
-    access.require_caller(user_id, message.chat.id)
+    if access.role(user_id) is None:
+        raise CallbotError("not_operator")
     ref = (command.args or "").strip().lstrip("#")
     if not ref.isdigit() or len(ref) > 12:
         raise CallbotError("ack_usage")

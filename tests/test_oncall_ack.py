@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 import tests.test_oncall as base
-from tests.conftest import ADMIN, OPERATOR, RunningBot, StartBot
+from tests.conftest import ADMIN, OPERATOR, STRANGER, RunningBot, StartBot
 from tests.test_oncall import (
     ALICE,
     BOB,
@@ -143,6 +143,7 @@ async def test_ack_command_works_in_the_teams_chat_and_for_an_admin_in_private(
     assert "another team's chat" in await say(bot, f"/ack {incident}", user=OPERATOR, chat=WEB_CHAT)
     assert "another team's chat" in await say(bot, f"/ack {incident}", user=OPERATOR, chat=OPERATOR)
     assert "Usage" in await say(bot, "/ack", user=OPERATOR, chat=INFRA_CHAT)
+    assert "not allowed" in await say(bot, f"/ack {incident}", user=STRANGER, chat=INFRA_CHAT)
     assert "no incident" in await say(bot, "/ack 999", user=OPERATOR, chat=INFRA_CHAT)
     assert terminated(bot) == []
     assert "Done" in await say(bot, f"/ack #{incident}", user=OPERATOR, chat=INFRA_CHAT)
