@@ -226,7 +226,7 @@ async def ack_command(
     if access.role(user_id) is None:
         raise CallbotError("not_operator")
     ref = (command.args or "").strip().lstrip("#")
-    if not ref.isdigit() or len(ref) > 12:
+    if not (ref.isascii() and ref.isdigit()) or len(ref) > 12:
         raise CallbotError("ack_usage")
     admin = user_id is not None and _admin_in_private(access, user_id, message.chat)
     incident = await oncall.acknowledge(
