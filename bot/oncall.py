@@ -263,9 +263,10 @@ class OnCall:
                 status="resolved",
                 next_action_at=None,
                 note=f"{_hm(now)} resolved",
+                repost=True,
             )
             assert incident is not None
-            await self._refresh(incident, team)
+            await self._publish(incident.id)
             return "resolved", incident
         if open_incident is not None and open_incident.status == "exhausted":
             return await self._still_firing(open_incident, team)
@@ -277,7 +278,7 @@ class OnCall:
                 at=now,
                 fired=open_incident.fired + 1,
                 post_status="pending",
-                post_next_at=now,
+                post_next_at=now,  # at once, even if a retry was waiting
             )
             assert incident is not None
             await self._publish(incident.id)
@@ -359,12 +360,13 @@ class OnCall:
             next_action_at=now + holds if holds else None,  # the acknowledgement's timeout
             acked_by=by,
             acked_at=now,
+            repost=True,
         )
         if incident is None or not changed:
             return None
         if incident.call_id is not None:
             await self._end_ring(incident.call_id)
-        await self._refresh(incident, team)
+        await self._publish(incident.id)
         return incident
 
     async def _end_ring(self, call_id: str) -> None:
@@ -401,11 +403,8 @@ class OnCall:
                 failure = err
             else:
                 posted = await self._store.post_done(incident.id, message_id)
-                if posted is not None and (
-                    posted.shown() != incident.shown() or incident.post_message_id is not None
-                ):
-                    # Changed while it was posted, or an older edit may still be queued: the
-                    # newest state is shown last.
+                if posted is not None and posted.shown() != incident.shown():
+                    # changed while it was being posted: the newest state is shown last
                     await self._view.show_incident(posted, team)
                 return True
             await self._post_failed(incident, team, failure)
@@ -454,13 +453,6 @@ class OnCall:
         )
         if told:
             await self._store.mark_admins_told(incident.id, self.clock())
-
-    async def _refresh(self, incident: Incident, team: Team) -> None:
-        """Show a change: on the post, or by making the post if it is still to be made."""
-        if incident.post_status == "pending":
-            await self._publish(incident.id)
-        else:
-            await self._view.show_incident(incident, team)
 
     async def _expire_acks(self) -> None:
         """Acknowledged incidents that were not resolved within the team's `ack_timeout`
@@ -649,18 +641,14 @@ class OnCall:
             incident.id,
             at=self.clock(),
             only_if_firing=True,
+            repost=True,  # every change is shown through the post's outbox step
             **fields,  # type: ignore[arg-type]
         )
         if updated is not None and changed:
-            await self._view.show_incident(updated, team)
+            await self._publish(updated.id)
         elif fields.get("call_id"):
             # Acknowledged (or resolved) while this ring was being placed: it must not ring on.
             await self._end_ring(str(fields["call_id"]))
-
-    async def _show(self, incident: Incident) -> None:
-        team = await self._store.team_by_id(incident.team_id)
-        if team is not None:
-            await self._view.show_incident(incident, team)
 
     # call outcomes (from the lifecycle)
 

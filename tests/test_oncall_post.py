@@ -234,3 +234,17 @@ async def test_the_admins_message_is_retried_until_it_reaches_them(
         await bot.app.oncall.run_due()
     await post_in(bot, ADMIN, "cannot post to the chat of team infra")
     assert sends_to(bot, ADMIN) == 2 and len(bot.telegram.bot_messages(ADMIN)) == 1
+
+
+async def test_a_post_deleted_mid_escalation_comes_back_with_the_next_step(
+    start_bot: StartBot, tmp_path: Path, clock: Clock
+) -> None:
+    bot = await oncall_bot(start_bot, tmp_path, clock)
+    await alert(bot, generic())
+    old = await post_in(bot, INFRA_CHAT, "disk full on db-1")
+    await bot.app.bot.delete_message(INFRA_CHAT, old.message_id)
+    assert await bot.app.oncall.run_due() == 1
+    new = await post_in(bot, INFRA_CHAT, "calling alice")
+    assert new.message_id != old.message_id and new.method == "sendMessage"
+    assert [label for label, _ in new.buttons()] == ["✋ Acknowledge"]
+    assert [m.message_id for m in bot.telegram.bot_messages(INFRA_CHAT)] == [new.message_id]

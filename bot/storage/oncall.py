@@ -417,10 +417,12 @@ class OnCallStore:
         at: datetime,
         note: str | None = None,
         only_if_firing: bool = False,
+        repost: bool = False,
         **fields: object,
     ) -> tuple[Incident | None, bool]:
         """Change an incident (and add a note). With only_if_firing, an incident that was
-        acknowledged or resolved meanwhile is left alone: a stopped escalation stays stopped."""
+        acknowledged or resolved meanwhile is left alone: a stopped escalation stays stopped.
+        With repost, its post is to be refreshed (due now, unless a retry is already due)."""
         async with self._sessions.begin() as session:
             query = select(IncidentRow).where(IncidentRow.id == incident_id).with_for_update()
             row = (await session.execute(query)).scalars().first()
@@ -432,6 +434,9 @@ class OnCallStore:
                 setattr(row, key, value)
             if note:
                 row.notes = [*(row.notes or []), note][-12:]
+            if repost:
+                row.post_status = "pending"
+                row.post_next_at = row.post_next_at or at
             row.updated_at = at
             return _incident(row), True
 
