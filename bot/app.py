@@ -276,6 +276,7 @@ class CallbotApp:
         await asyncio.gather(*self._background, return_exceptions=True)
         await self.voice.stop()
         await self.tracker.stop()
+        await self.oncall.stop()
         with suppress(TimeoutError):
             await asyncio.wait_for(self.live.wait_idle(), 5)
         await self.live.stop()

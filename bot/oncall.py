@@ -24,6 +24,7 @@ import hashlib
 import hmac
 import logging
 import re
+import weakref
 from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
@@ -185,7 +186,11 @@ class OnCall:
         self.clock = clock
         self._wake = asyncio.Event()
         self._admins = admins  # told in private when a team's chat cannot be reached
-        self._posting: set[int] = set()  # incidents whose post is being made right now
+        # one post attempt per incident at a time; the lock lives while someone holds it
+        self._post_locks: weakref.WeakValueDictionary[int, asyncio.Lock] = (
+            weakref.WeakValueDictionary()
+        )
+        self._post_tasks: set[asyncio.Task[bool]] = set()  # refreshes off the hot path
 
     # configuration
 
@@ -366,7 +371,7 @@ class OnCall:
             return None
         if incident.call_id is not None:
             await self._end_ring(incident.call_id)
-        await self._publish(incident.id)
+        self._publish_soon(incident.id)
         return incident
 
     async def _end_ring(self, call_id: str) -> None:
@@ -382,12 +387,30 @@ class OnCall:
 
     # the post (an outbox step)
 
+    def _publish_soon(self, incident_id: int) -> None:
+        """The post's refresh without making the caller wait for Telegram (a webhook, a step):
+        a task, awaited by `stop`; if it is lost, the timer makes the pending post."""
+        task = asyncio.create_task(self._publish(incident_id), name=f"post {incident_id}")
+        self._post_tasks.add(task)
+        task.add_done_callback(self._post_done)
+
+    def _post_done(self, task: asyncio.Task[bool]) -> None:
+        self._post_tasks.discard(task)
+        if not task.cancelled() and (error := task.exception()) is not None:
+            log.error("post refresh failed; the timer retries it", exc_info=error)
+
+    async def stop(self) -> None:
+        """Let post refreshes in flight finish (bounded), then cancel what is left."""
+        if self._post_tasks:
+            await asyncio.wait(list(self._post_tasks), timeout=POST_WAIT)
+        for task in list(self._post_tasks):
+            task.cancel()
+        await asyncio.gather(*self._post_tasks, return_exceptions=True)
+
     async def _publish(self, incident_id: int) -> bool:
         """One attempt at the incident's post, if it is due; a failure is retried later."""
-        if incident_id in self._posting:
-            return False  # being made right now; it shows the newest state when done
-        self._posting.add(incident_id)
-        try:
+        lock = self._post_locks.setdefault(incident_id, asyncio.Lock())
+        async with lock:  # a second caller then finds the post made, or makes the newer state
             now = self.clock()
             incident = await self._store.claim_post(incident_id, now, POST_LEASE)
             if incident is None:
@@ -409,8 +432,6 @@ class OnCall:
                 return True
             await self._post_failed(incident, team, failure)
             return False
-        finally:
-            self._posting.discard(incident_id)
 
     async def _post_failed(self, incident: Incident, team: Team, failure: PostFailed) -> None:
         now = self.clock()
@@ -645,7 +666,7 @@ class OnCall:
             **fields,  # type: ignore[arg-type]
         )
         if updated is not None and changed:
-            await self._publish(updated.id)
+            self._publish_soon(updated.id)
         elif fields.get("call_id"):
             # Acknowledged (or resolved) while this ring was being placed: it must not ring on.
             await self._end_ring(str(fields["call_id"]))
