@@ -682,7 +682,7 @@ class OnCall:
         team = await self._store.team_by_id(incident.team_id)
         assert team is not None
         now = self.clock()
-        if record.status == "ACCEPTED" and team.answer_is_ack:
+        if record.status == "ACCEPTED" and (team.answer_is_ack or _no_button(incident)):
             await self.acknowledge(incident.id, f"{record.phone_display} (answered)")
             return
         if record.status == "ACCEPTED":
@@ -693,6 +693,13 @@ class OnCall:
             await self._update(
                 incident, team, next_action_at=now, note=f"{_hm(now)} not answered ({label})"
             )
+
+
+def _no_button(incident: Incident) -> bool:
+    """The team has no Acknowledge to press: its post was never made, or its chat cannot be
+    reached. Then answering the ring acknowledges."""
+    unposted = incident.post_status == "pending"
+    return unposted and (incident.post_message_id is None or incident.admins_told_at is not None)
 
 
 def _next_person(steps: list[str], step: int) -> int:

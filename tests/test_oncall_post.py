@@ -16,9 +16,11 @@ import pytest
 from tests.conftest import ADMIN, OPERATOR, StartBot
 from tests.test_oncall import (
     ALICE,
+    BOB,
     INFRA_CHAT,
     Clock,
     alert,
+    call_event,
     calls_to,
     generic,
     oncall_bot,
@@ -248,3 +250,34 @@ async def test_a_post_deleted_mid_escalation_comes_back_with_the_next_step(
     assert new.message_id != old.message_id and new.method == "sendMessage"
     assert [label for label, _ in new.buttons()] == ["✋ Acknowledge"]
     assert [m.message_id for m in bot.telegram.bot_messages(INFRA_CHAT)] == [new.message_id]
+
+
+async def test_without_a_post_answering_the_ring_acknowledges(
+    start_bot: StartBot, tmp_path: Path, clock: Clock
+) -> None:
+    bot = await oncall_bot(start_bot, tmp_path, clock)
+    bot.telegram.fail_next(
+        "sendMessage", chat_id=INFRA_CHAT, error_code=403, description=KICKED, times=None
+    )
+    await alert(bot, generic())
+    await bot.app.oncall.run_due()
+    await call_event(bot, ALICE, "call.connected", "ACCEPTED")  # nothing to press: answered
+    clock.advance(3600)
+    assert await bot.app.oncall.run_due() == 0
+    assert calls_to(bot, BOB) == []
+    bot.telegram.clear_failures()
+    clock.advance(600)
+    await bot.app.oncall.run_due()
+    post = await post_in(bot, INFRA_CHAT, "acknowledged by +55 11 99999-0001 (answered)")
+    assert post.buttons() == []
+
+
+async def test_with_a_post_answering_still_waits_for_acknowledge(
+    start_bot: StartBot, tmp_path: Path, clock: Clock
+) -> None:
+    bot = await oncall_bot(start_bot, tmp_path, clock)
+    await alert(bot, generic())
+    await bot.app.oncall.run_due()
+    await post_in(bot, INFRA_CHAT, "calling alice")
+    await call_event(bot, ALICE, "call.connected", "ACCEPTED")
+    await post_in(bot, INFRA_CHAT, "answered; waiting for Acknowledge")
