@@ -271,13 +271,3 @@ async def test_without_a_post_answering_the_ring_acknowledges(
     post = await post_in(bot, INFRA_CHAT, "acknowledged by +55 11 99999-0001 (answered)")
     assert post.buttons() == []
 
-
-async def test_with_a_post_answering_still_waits_for_acknowledge(
-    start_bot: StartBot, tmp_path: Path, clock: Clock
-) -> None:
-    bot = await oncall_bot(start_bot, tmp_path, clock)
-    await alert(bot, generic())
-    await bot.app.oncall.run_due()
-    await post_in(bot, INFRA_CHAT, "calling alice")
-    await call_event(bot, ALICE, "call.connected", "ACCEPTED")
-    await post_in(bot, INFRA_CHAT, "answered; waiting for Acknowledge")
