@@ -270,4 +270,3 @@ async def test_without_a_post_answering_the_ring_acknowledges(
     await bot.app.oncall.run_due()
     post = await post_in(bot, INFRA_CHAT, "acknowledged by +55 11 99999-0001 (answered)")
     assert post.buttons() == []
-
