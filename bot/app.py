@@ -161,6 +161,7 @@ class CallbotApp:
             speech=self._alert_speech,
             lease=timedelta(seconds=settings.oncall_lease_seconds),
             drain=self.in_flight,
+            admins=tuple(sorted(settings.admin_ids)),
         )
         self.tracker.subscribe(self.oncall.call_changed)
         self.dp = self._dispatcher()
@@ -306,6 +307,7 @@ class CallbotApp:
         await asyncio.gather(*self._background, return_exceptions=True)
         await self.voice.stop()
         await self.tracker.stop()
+        await self.oncall.close()
         with suppress(TimeoutError):
             await asyncio.wait_for(self.live.wait_idle(), 5)
         await self.live.stop()

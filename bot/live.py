@@ -20,6 +20,7 @@ from contextlib import suppress
 
 from aiogram import Bot
 from aiogram.exceptions import (
+    TelegramAPIError,
     TelegramBadRequest,
     TelegramForbiddenError,
     TelegramNetworkError,
@@ -32,6 +33,7 @@ from aiogram.utils.i18n import I18n
 from aiogram.utils.keyboard import InlineKeyboardBuilder
 
 from bot.calls import CallRequest
+from bot.oncall import PostFailed
 from bot.pending import PendingStore
 from bot.phones import Phone
 from bot.storage.oncall import Incident, Team
@@ -42,6 +44,7 @@ from bot.texts import (
     button_hang_up,
     call_text,
     incident_text,
+    incident_unposted_text,
     permission_answered_text,
 )
 
@@ -50,6 +53,8 @@ LIVE = frozenset({"INITIATED", "RINGING", "ACCEPTED"})
 MAX_BACKOFF = 60.0  # seconds between two tries of a failing edit, at most
 # Telegram errors that pass: the same edit may succeed later
 PASSING = (TelegramServerError, TelegramNetworkError, TelegramRetryAfter)
+# An edit that fails like this has no message left to edit: a new post replaces it.
+_GONE = ("message to edit not found", "message can't be edited", "message_id_invalid")
 
 
 class HangUp(CallbackData, prefix="hang"):
@@ -121,17 +126,51 @@ class LiveMessages:
             lambda: (incident_text(incident, team), incident_markup(incident)),
         )
 
-    async def post_incident(self, incident: Incident, team: Team) -> int | None:
+    async def post_incident(self, incident: Incident, team: Team) -> int:
+        """The post shows this state: edited in, or sent anew when there is none or it is gone.
+        Telegram's refusals and failures become PostFailed (the outbox retries)."""
         with self._i18n.context(), self._i18n.use_locale(self._i18n.default_locale):
             text, markup = incident_text(incident, team), incident_markup(incident)
         try:
+            if incident.post_message_id is not None:
+                try:
+                    await self._bot.edit_message_text(
+                        text=text,
+                        chat_id=team.chat_id,
+                        message_id=incident.post_message_id,
+                        reply_markup=markup,
+                    )
+                    return incident.post_message_id
+                except TelegramBadRequest as err:
+                    if "message is not modified" in err.message:
+                        return incident.post_message_id
+                    if not any(gone in err.message.lower() for gone in _GONE):
+                        raise
+                    log.info("post of incident %s is gone; posting it anew", incident.id)
             sent = await self._bot.send_message(team.chat_id, text, reply_markup=markup)
-        except (TelegramBadRequest, TelegramForbiddenError) as err:
-            log.warning(
-                "cannot post incident %s to chat %s: %s", incident.id, team.chat_id, err.message
-            )
-            return None
+        except TelegramRetryAfter as err:
+            raise PostFailed(err.message, unreachable=False, retry_after=err.retry_after) from err
+        except (TelegramServerError, TelegramNetworkError) as err:
+            raise PostFailed(err.message, unreachable=False) from err
+        except TelegramAPIError as err:  # 403 removed from the chat, 400 chat not found, …
+            raise PostFailed(err.message, unreachable=True) from err
         return sent.message_id
+
+    async def tell_admins(
+        self, incident: Incident, team: Team, admins: tuple[int, ...], reason: str
+    ) -> int:
+        with self._i18n.context(), self._i18n.use_locale(self._i18n.default_locale):
+            text = incident_unposted_text(incident, team, reason) + "\n\n"
+            text += incident_text(incident, team)
+            markup = incident_markup(incident)
+        told = 0
+        for admin in admins:
+            try:
+                await self._bot.send_message(admin, text, reply_markup=markup)
+                told += 1
+            except TelegramAPIError as err:  # e.g. the admin never started the bot
+                log.warning("cannot tell admin %s about incident %s: %s", admin, incident.id, err)
+        return told
 
     def _queue(self, key: tuple[int, int], locale: str, render: Render) -> None:
         self._latest[key] = (locale, render)

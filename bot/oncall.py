@@ -11,6 +11,14 @@ ahead), and whoever takes the step next settles that ring from the call record (
 sent, or unknown even to the API's list) rather than ringing the person again.
 Per-destination throttles hold a ring back rather than flood a phone (4 unanswered calls in a
 row revoke a WhatsApp call permission). Nothing here knows aiogram.
+
+The post to the team's chat is an outbox step: stored as pending with the incident, tried at
+once, and retried with backoff until Telegram takes it (an old post that is gone is replaced by
+a new one). Ringing does not wait for it; when the chat cannot be reached, the admins are told
+in private, with an Acknowledge button that works there. Acknowledging ends the ring in
+progress and holds for the team's `ack_timeout`, then the incident fires again. An exhausted
+escalation stays open: a repeat of its alert updates it, and pages again only after the team's
+`repage_after`.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import hashlib
 import hmac
 import logging
 import re
+import weakref
 from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
@@ -40,6 +49,47 @@ from bot.voice.speech import Speech
 log = logging.getLogger(__name__)
 LEASE = timedelta(seconds=15)
 SYSTEM = 0  # the "operator" of the calls the escalation places
+POST_LEASE = timedelta(seconds=30)
+POST_WAIT = 5.0  # seconds one post attempt may take (intake waits for the first one)
+POST_GIVE_UP = timedelta(days=1)  # after that an unposted incident is only logged
+TELL_ADMINS_AFTER = 3  # failed posts in a row (Telegram down) before the admins are told
+_DURATION = re.compile(r"(\d+)\s*([smhd]?)")
+_UNIT = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+class PostFailed(Exception):
+    """The post to a team's chat was not made. `unreachable`: Telegram refused it for good (the
+    bot was removed, the chat is gone); otherwise it may work later (5xx, network, 429)."""
+
+    def __init__(self, reason: str, *, unreachable: bool, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.unreachable = unreachable
+        self.retry_after = retry_after
+
+
+def parse_duration(value: object) -> int:
+    """'4h', '30m', '90s', '2d', 900 or '900' → seconds; 'off' (or 0) → 0."""
+    text = str(value).strip().lower()
+    if text in ("off", "no", "never"):
+        return 0
+    match = _DURATION.fullmatch(text)
+    if match is None:
+        raise ValueError(f"{str(value)[:32]!r} is not a duration (e.g. 4h, 30m, 900, off)")
+    return int(match.group(1)) * _UNIT[match.group(2)]
+
+
+def policy_duration(value: object) -> int:
+    """A team's `ack_timeout` or `repage_after`: off (0), or 1 minute to 7 days."""
+    seconds = parse_duration(value)
+    return seconds and max(60, min(7 * 86400, seconds))
+
+
+def duration_text(seconds: int) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds // size} {unit}"
+    return f"{seconds} s"
 
 
 @dataclass(frozen=True)
@@ -60,9 +110,18 @@ class Throttle:
 class IncidentView(Protocol):
     """Where incidents show (the team's chat; implemented with aiogram in bot/live.py)."""
 
-    async def post_incident(self, incident: Incident, team: Team) -> int | None: ...
+    async def post_incident(self, incident: Incident, team: Team) -> int:
+        """Make the post show this state: edit it, or send a new one when there is none (or it
+        is gone). Returns its message id; raises PostFailed."""
+        ...
 
     async def show_incident(self, incident: Incident, team: Team) -> None: ...
+
+    async def tell_admins(
+        self, incident: Incident, team: Team, admins: tuple[int, ...], reason: str
+    ) -> int:
+        """Tell the admins in private that the team's chat is unreachable; how many were told."""
+        ...
 
 
 TEAM_FIELDS = (
@@ -73,7 +132,10 @@ TEAM_FIELDS = (
     "wait_seconds",
     "max_rounds",
     "answer_is_ack",
+    "ack_timeout",
+    "repage_after",
 )
+DURATION_FIELDS = ("ack_timeout", "repage_after")
 _ALIAS = re.compile(r"[a-z][a-z0-9_.-]{0,31}")
 
 
@@ -120,6 +182,7 @@ class OnCall:
         speech: Callable[[str, str], Speech | None] = lambda _team, _title: None,
         lease: timedelta = LEASE,
         drain: InFlight | None = None,
+        admins: tuple[int, ...] = (),
     ) -> None:
         self._store = store
         self.lease = lease  # a claimed step is renewed every third of it while it runs
@@ -136,6 +199,12 @@ class OnCall:
         self._locale = locale
         self.clock = clock
         self._wake = asyncio.Event()
+        self._admins = admins  # told in private when a team's chat cannot be reached
+        # one post attempt per incident at a time; the lock lives while someone holds it
+        self._post_locks: weakref.WeakValueDictionary[int, asyncio.Lock] = (
+            weakref.WeakValueDictionary()
+        )
+        self._post_tasks: set[asyncio.Task[bool]] = set()  # refreshes off the hot path
 
     # configuration
 
@@ -158,6 +227,12 @@ class OnCall:
             fields = {k: team[k] for k in TEAM_FIELDS if k in team}
             if "members" in fields:
                 fields["members"] = [valid_alias(a) for a in fields["members"]]
+            for key in DURATION_FIELDS:
+                if key in fields:
+                    try:
+                        fields[key] = policy_duration(fields[key])
+                    except ValueError as err:
+                        raise ValueError(f"team {name}: {key}: {err}") from None
             await self._store.save_team(
                 valid_alias(name),
                 chat_id=int(team["chat_id"]),
@@ -207,11 +282,16 @@ class OnCall:
                 status="resolved",
                 next_action_at=None,
                 note=f"{_hm(now)} resolved",
+                repost=True,
             )
             assert incident is not None
-            await self._view.show_incident(incident, team)
+            await self._publish(incident.id)
             return "resolved", incident
+        if open_incident is not None and open_incident.status == "exhausted":
+            return await self._still_firing(open_incident, team)
         if open_incident is not None:
+            # The monitoring's repeat (or its retry after an error) refreshes the post, and
+            # makes it if it was never made.
             incident, _ = await self._store.update_incident(
                 open_incident.id,
                 at=now,
@@ -220,9 +300,11 @@ class OnCall:
                 title=alert.title,
                 alert_items=list(alert.items),
                 alert_count=alert.count,
+                post_status="pending",
+                post_next_at=now,  # at once, even if a retry was waiting
             )
             assert incident is not None
-            await self._view.show_incident(incident, team)
+            await self._publish(incident.id)
             return "updated", incident
         incident = await self._store.create_incident(
             NewIncident(
@@ -239,30 +321,201 @@ class OnCall:
             ),
             at=now,
         )
-        message_id = await self._view.post_incident(incident, team)
-        if message_id is not None:
-            incident, _ = await self._store.update_incident(
-                incident.id, at=now, post_message_id=message_id
-            )
-        assert incident is not None
-        self._wake.set()  # its first step is due now (after the post, so the post shows it)
+        self._wake.set()  # its first step is due now: a page does not wait for Telegram
         log.info("incident %s for team %s: %s", incident.id, team.name, alert.source)
-        return "created", incident
+        await self._publish(incident.id)
+        return "created", await self._store.incident(incident.id) or incident
 
-    async def acknowledge(self, incident_id: int, by: str) -> Incident | None:
+    async def _still_firing(self, incident: Incident, team: Team) -> tuple[str, Incident]:
+        """A repeat of an alert whose escalation ran out: the same incident, paged again only
+        once the team's `repage_after` has passed since."""
         now = self.clock()
+        ended = incident.exhausted_at or incident.created_at
+        if team.repage_after and now - ended >= timedelta(seconds=team.repage_after):
+            reopened = await self._store.restart_escalation(
+                incident.id,
+                at=now,
+                expected="exhausted",
+                fired=incident.fired + 1,
+                note=f"{_hm(now)} still firing {duration_text(team.repage_after)} after the "
+                "escalation ended: paging again",
+            )
+            if reopened is not None:
+                self._wake.set()
+                log.info("incident %s of team %s pages again", incident.id, team.name)
+                await self._publish(reopened.id)
+                return "repaged", reopened
+        tail = f"still firing, escalation exhausted at {_hm(ended)}"
+        said = bool(incident.notes) and incident.notes[-1].endswith(tail)
+        updated, _ = await self._store.update_incident(
+            incident.id,
+            at=now,
+            note=None if said else f"{_hm(now)} {tail}",
+            fired=incident.fired + 1,
+            post_status="pending",
+            post_next_at=now,
+        )
+        assert updated is not None
+        await self._publish(updated.id)
+        return "updated", updated
+
+    async def acknowledge(
+        self, incident_id: int, by: str, *, chat_id: int | None = None, admin: bool = False
+    ) -> Incident | None:
+        """Stop the escalation and end the ring in progress; None when it was not firing.
+
+        From a chat (`chat_id`), only the team's own chat may acknowledge, or an admin in
+        private (`admin`): a button's data can be forged anywhere. Without `chat_id` (the rung
+        person answered, on a team that counts that), there is nothing to check."""
+        incident = await self._store.incident(incident_id)
+        if incident is None:
+            raise CallbotError("unknown_incident", {"id": str(incident_id)})
+        team = await self._store.team_by_id(incident.team_id)
+        assert team is not None
+        if chat_id is not None and chat_id != team.chat_id and not admin:
+            log.warning("acknowledge of incident %s refused from chat %s", incident_id, chat_id)
+            raise CallbotError("ack_wrong_chat")
+        now = self.clock()
+        holds = timedelta(seconds=team.ack_timeout) if team.ack_timeout else None
         incident, changed = await self._store.update_incident(
             incident_id,
             at=now,
             only_if_firing=True,
             status="acknowledged",
-            next_action_at=None,
+            next_action_at=now + holds if holds else None,  # the acknowledgement's timeout
             acked_by=by,
             acked_at=now,
+            repost=True,
         )
-        if incident is not None and changed:
-            await self._show(incident)
-        return incident if changed else None
+        if incident is None or not changed:
+            return None
+        # the ring in progress: written ahead (its POST maybe unanswered yet), or placed
+        ring = incident.ring_call_id or incident.call_id
+        if ring is not None:
+            await self._hang_up_ring(ring)
+        self._publish_soon(incident.id)
+        return incident
+
+    async def _hang_up_ring(self, call_id: str) -> None:
+        """Hang up an escalation's call that still rings (an answered one ends by itself)."""
+        try:
+            record = await self._calls.find(call_id)
+            if record.terminal or record.connected_at is not None or not record.pilot_call_id:
+                return
+            await self._calls.hang_up(call_id, actor_id=SYSTEM, is_admin=True)
+            log.info("ring %s ended: its incident was acknowledged", call_id)
+        except (CallbotError, PilotStatusError) as err:
+            log.warning("cannot end ring %s: %s", call_id, describe(err).code)
+
+    # the post (an outbox step)
+
+    def _publish_soon(self, incident_id: int) -> None:
+        """The post's refresh without making the caller wait for Telegram (a webhook, a step):
+        a task, awaited by `stop`; if it is lost, the timer makes the pending post."""
+        task = asyncio.create_task(self._publish(incident_id), name=f"post {incident_id}")
+        self._post_tasks.add(task)
+        task.add_done_callback(self._post_done)
+
+    def _post_done(self, task: asyncio.Task[bool]) -> None:
+        self._post_tasks.discard(task)
+        if not task.cancelled() and (error := task.exception()) is not None:
+            log.error("post refresh failed; the timer retries it", exc_info=error)
+
+    async def close(self) -> None:
+        """Let post refreshes in flight finish (bounded), then cancel what is left."""
+        if self._post_tasks:
+            await asyncio.wait(list(self._post_tasks), timeout=POST_WAIT)
+        for task in list(self._post_tasks):
+            task.cancel()
+        await asyncio.gather(*self._post_tasks, return_exceptions=True)
+
+    async def _publish(self, incident_id: int) -> bool:
+        """One attempt at the incident's post, if it is due; a failure is retried later."""
+        lock = self._post_locks.setdefault(incident_id, asyncio.Lock())
+        async with lock:  # a second caller then finds the post made, or makes the newer state
+            now = self.clock()
+            incident = await self._store.claim_post(incident_id, now, POST_LEASE)
+            if incident is None:
+                return False
+            team = await self._store.team_by_id(incident.team_id)
+            assert team is not None
+            try:
+                async with asyncio.timeout(POST_WAIT):
+                    message_id = await self._view.post_incident(incident, team)
+            except TimeoutError:
+                failure = PostFailed("no answer from Telegram", unreachable=False)
+            except PostFailed as err:
+                failure = err
+            else:
+                posted = await self._store.post_done(incident.id, message_id)
+                if posted is not None and posted.shown() != incident.shown():
+                    # changed while it was being posted: the newest state is shown last
+                    await self._view.show_incident(posted, team)
+                return True
+            await self._post_failed(incident, team, failure)
+            return False
+
+    async def _post_failed(self, incident: Incident, team: Team, failure: PostFailed) -> None:
+        now = self.clock()
+        attempts = incident.post_attempts + 1
+        retry_at: datetime | None = now + timedelta(
+            seconds=max(min(600, 5 * 2 ** min(attempts - 1, 10)), failure.retry_after or 0)
+        )
+        if now - incident.created_at > POST_GIVE_UP:
+            retry_at = None
+            log.error("incident %s never reached chat %s; giving up", incident.id, team.chat_id)
+        await self._store.post_failed(incident.id, attempts=attempts, retry_at=retry_at)
+        log.warning(
+            "post of incident %s to chat %s failed (attempt %d): %s",
+            incident.id,
+            team.chat_id,
+            attempts,
+            failure.reason,
+        )
+        if failure.unreachable or attempts >= TELL_ADMINS_AFTER:
+            await self._tell_admins(incident, team, failure.reason)
+        if retry_at is not None:
+            self._wake.set()  # the timer sleeps until the retry at most
+
+    async def _tell_admins(self, incident: Incident, team: Team, reason: str) -> None:
+        """Once per incident (the post is claimed meanwhile, so nobody else tells them); tried
+        again with the next failed post until at least one admin was told."""
+        if not self._admins or incident.admins_told_at is not None:
+            return
+        current = await self._store.incident(incident.id) or incident
+        told = 0
+        with suppress(TimeoutError):
+            async with asyncio.timeout(POST_WAIT):
+                told = await self._view.tell_admins(current, team, self._admins, reason)
+        log.warning(
+            "chat %s of team %s unreachable; %d admins told about incident %s",
+            team.chat_id,
+            team.name,
+            told,
+            incident.id,
+        )
+        if told:
+            await self._store.mark_admins_told(incident.id, self.clock())
+
+    async def _expire_acks(self) -> None:
+        """Acknowledged incidents that were not resolved within the team's `ack_timeout`
+        fire again: from the person on call, with a note and the post refreshed."""
+        now = self.clock()
+        for incident_id in await self._store.acks_expired(now):
+            incident = await self._store.incident(incident_id)
+            team = await self._store.team_by_id(incident.team_id) if incident else None
+            if incident is None or team is None:
+                continue
+            held = duration_text(team.ack_timeout)
+            reopened = await self._store.restart_escalation(
+                incident_id,
+                at=now,
+                expected="acknowledged",
+                note=f"{_hm(now)} acknowledged by {incident.acked_by or '?'} {held} ago and not "
+                "resolved: firing again",
+            )
+            if reopened is not None:  # its post is refreshed alongside its first step
+                log.info("incident %s: acknowledgement timed out; firing again", incident_id)
 
     # the timer
 
@@ -276,8 +529,20 @@ class OnCall:
             async with gate:
                 return await self._step(incident_id)
 
+        async def post(incident_id: int) -> bool:
+            async with gate:
+                return await self._publish(incident_id)
+
+        await self._expire_acks()
         due = [i for i in await self._store.due(self.clock()) if i not in self._running]
-        results = await asyncio.gather(*(step(i) for i in due), return_exceptions=True)
+        posts = await self._store.posts_due(self.clock())  # alongside: a ring never waits
+        results = await asyncio.gather(
+            *(step(i) for i in due), *(post(i) for i in posts), return_exceptions=True
+        )
+        for incident_id, result in zip(posts, results[len(due) :], strict=True):
+            if isinstance(result, BaseException):  # its lease runs out and it is tried again
+                log.error("post of incident %s failed", incident_id, exc_info=result)
+        results = results[: len(due)]
         for incident_id, result in zip(due, results, strict=True):
             if isinstance(result, BaseException):
                 # Its lease runs out and the step is taken again later.
@@ -361,6 +626,7 @@ class OnCall:
                 fence=fence,
                 status="exhausted",
                 next_action_at=None,
+                exhausted_at=now,
                 note=f"{_hm(now)} team {team.name} has nobody on its list",
             )
             return
@@ -371,6 +637,7 @@ class OnCall:
                 fence=fence,
                 status="exhausted",
                 next_action_at=None,
+                exhausted_at=now,
                 note=f"{_hm(now)} nobody acknowledged: escalation ended",
             )
             return
@@ -422,7 +689,7 @@ class OnCall:
             if ringing is None:
                 raise _Superseded
             written.append(record.id)
-            await self._view.show_incident(ringing, team)
+            self._publish_soon(ringing.id)
 
         try:
             outcome = await self._calls.start(request, before_post=write_ahead)
@@ -527,8 +794,11 @@ class OnCall:
             incident.id, ring, at=self.clock(), note=note, **fields
         )
         if updated is not None and changed:
-            await self._view.show_incident(updated, team)
+            self._publish_soon(updated.id)
             self._wake.set()
+        elif updated is not None and updated.status != "firing" and fields.get("call_id"):
+            # Acknowledged (or resolved) while this ring was being placed: it must not ring on.
+            await self._hang_up_ring(ring)
 
     async def _held(self, phone: str, now: datetime) -> datetime | None:
         """When the throttles allow the next ring of this number (None: now)."""
@@ -552,15 +822,14 @@ class OnCall:
             at=self.clock(),
             only_if_firing=True,
             fence=fence,
+            repost=True,  # every change is shown through the post's outbox step
             **fields,  # type: ignore[arg-type]
         )
         if updated is not None and changed:
-            await self._view.show_incident(updated, team)
-
-    async def _show(self, incident: Incident) -> None:
-        team = await self._store.team_by_id(incident.team_id)
-        if team is not None:
-            await self._view.show_incident(incident, team)
+            self._publish_soon(updated.id)
+        elif fields.get("call_id"):
+            # Acknowledged (or resolved) while this ring was being placed: it must not ring on.
+            await self._hang_up_ring(str(fields["call_id"]))
 
     # call outcomes (from the lifecycle)
 
@@ -573,7 +842,7 @@ class OnCall:
         team = await self._store.team_by_id(incident.team_id)
         assert team is not None
         now = self.clock()
-        if record.status == "ACCEPTED" and team.answer_is_ack:
+        if record.status == "ACCEPTED" and (team.answer_is_ack or _no_button(incident)):
             await self.acknowledge(incident.id, f"{mask(record.phone_display)} (answered)")
             return
         if record.status == "ACCEPTED":
@@ -589,12 +858,19 @@ class OnCall:
                 incident.id, record.id, at=now, note=f"{_hm(now)} not answered ({label})"
             )
             if updated is not None and changed:
-                await self._view.show_incident(updated, team)
+                self._publish_soon(updated.id)
                 self._wake.set()
 
 
 class _Superseded(Exception):
     """The step is not this attempt's any more: its ring must not be placed."""
+
+
+def _no_button(incident: Incident) -> bool:
+    """The team has no Acknowledge to press: its post was never made, or its chat cannot be
+    reached. Then answering the ring acknowledges."""
+    unposted = incident.post_status == "pending"
+    return unposted and (incident.post_message_id is None or incident.admins_told_at is not None)
 
 
 def _next_person(steps: list[str], step: int) -> int:

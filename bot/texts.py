@@ -20,7 +20,7 @@ from babel.support import LazyProxy
 from bot import states
 from bot.calls import NeedsPermission
 from bot.errors import CallbotError
-from bot.oncall import on_call_now
+from bot.oncall import duration_text, on_call_now
 from bot.phones import Phone, mask
 from bot.pilot_status.models import CallStatus, Limit, NumberType, PermissionProbe
 from bot.storage.oncall import Contact, Incident, Team
@@ -267,13 +267,20 @@ ERRORS: dict[str, LazyProxy] = {
     "team_usage": __(
         "Usage: <code>/team add &lt;name&gt;</code> (in its chat), "
         "<code>/team members &lt;name&gt; &lt;contact…&gt;</code>, "
-        "<code>/team policy &lt;name&gt; attempts=2 wait=300 rounds=2 ack_on_answer=no</code>, "
+        "<code>/team policy &lt;name&gt; attempts=2 wait=300 rounds=2 ack_on_answer=no "
+        "ack_timeout=4h repage_after=off</code>, "
         "<code>/team rotation &lt;name&gt; weekly|none</code>, "
         "<code>/team token &lt;name&gt;</code> or <code>/team list</code>."
     ),
     "oncall_usage": __(
         "Usage: <code>/oncall [team]</code> or <code>/oncall set &lt;name&gt; [team]</code>."
     ),
+    "ack_wrong_chat": __(
+        "This alert belongs to another team's chat: acknowledge it there (admins can also use "
+        "/ack in a private chat with me)."
+    ),
+    "unknown_incident": __("I know no incident <b>{id}</b>."),
+    "ack_usage": __("Usage: <code>/ack &lt;incident id&gt;</code>, e.g. <code>/ack 12</code>."),
     "interrupted": __(
         "The bot restarted before Pilot Status confirmed this call, and Pilot Status has no record "
         "of it: no call was placed. Send /call again."
@@ -639,8 +646,18 @@ def teams_text(
                 wait=team.wait_seconds,
                 rounds=team.max_rounds,
             )
+            + "; "
+            + team_policy_text(team)
         )
     return "\n".join(lines)
+
+
+def team_policy_text(team: Team) -> str:
+    never = _("never")
+    return _("acknowledgement holds {ack}; pages again after exhaustion: {repage}").format(
+        ack=duration_text(team.ack_timeout) if team.ack_timeout else never,
+        repage=duration_text(team.repage_after) if team.repage_after else never,
+    )
 
 
 @fitted
@@ -690,6 +707,15 @@ def team_moved_text(team: Team) -> str:
 
 def done_text() -> str:
     return _("Done.")
+
+
+def incident_unposted_text(incident: Incident, team: Team, reason: str) -> str:
+    """To the admins in private: the team's chat cannot be reached, so acknowledge here."""
+    return _(
+        "⚠️ I cannot post to the chat of team <b>{team}</b> (Telegram: {reason}). Incident "
+        "<b>{id}</b> pages people all the same: acknowledge it here with the button or "
+        "<code>/ack {id}</code>."
+    ).format(team=escape(team.name), reason=escape(reason[:200]), id=incident.id)
 
 
 def button_acknowledge() -> str:
@@ -791,6 +817,10 @@ def help_text(*, is_caller: bool, is_admin: bool, number_type: NumberType | None
         _("/hangup &lt;call id&gt; — end a call (or press Hang up on its message)."),
         _("/permission &lt;phone&gt; — whether a number allows calls from us (Meta numbers)."),
         _("/oncall [team] — who is on call; /contact list and /team list — contacts and teams."),
+        _(
+            "/ack &lt;incident id&gt; — acknowledge an alert: in its team's chat, or an admin in "
+            "private (when the team's chat cannot be reached)."
+        ),
         _("/whoami — your Telegram id and this chat's id, for the admins' configuration."),
         _("/help — this message."),
     ]
@@ -820,6 +850,7 @@ COMMANDS: tuple[tuple[str, LazyProxy], ...] = (
     ("oncall", __("Who is on call")),
     ("contact", __("Contacts: /contact list")),
     ("team", __("Teams: /team list")),
+    ("ack", __("Acknowledge an incident: /ack <incident id>")),
     ("whoami", __("Show your Telegram id and this chat's id")),
     ("help", __("How to use the bot")),
 )

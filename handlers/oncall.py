@@ -1,4 +1,4 @@
-"""On-call from chat: /contact, /team, /oncall, and the Acknowledge button of alert posts.
+"""On-call from chat: /contact, /team, /oncall, /ack and the Acknowledge button of alert posts.
 
 An intake token is a secret: it is only ever shown in the admin's private chat with the bot.
 """
@@ -13,13 +13,13 @@ from aiogram import Bot, Router
 from aiogram.exceptions import TelegramAPIError, TelegramBadRequest, TelegramForbiddenError
 from aiogram.filters import Command, CommandObject
 from aiogram.filters.callback_data import CallbackData
-from aiogram.types import CallbackQuery, InlineKeyboardMarkup, Message
+from aiogram.types import CallbackQuery, Chat, InlineKeyboardMarkup, Message
 
 from bot.access import AccessPolicy, Role
 from bot.config import Settings
 from bot.errors import CallbotError
 from bot.live import Acknowledge
-from bot.oncall import OnCall, token_hash, valid_alias
+from bot.oncall import DURATION_FIELDS, OnCall, policy_duration, token_hash, valid_alias
 from bot.phones import parse_phone
 from bot.storage.oncall import Contact, OnCallStore, Team
 from bot.storage.store import utcnow
@@ -60,6 +60,7 @@ def build_router() -> Router:
     router.message.register(contact_command, Command("contact"))
     router.message.register(team_command, Command("team"))
     router.message.register(oncall_command, Command("oncall"))
+    router.message.register(ack_command, Command("ack"))
     router.callback_query.register(acknowledge_button, Acknowledge.filter())
     router.callback_query.register(contacts_page, ContactsPage.filter())
     router.callback_query.register(teams_page, TeamsPage.filter())
@@ -251,6 +252,12 @@ def _team_fields(action: str, args: list[str]) -> dict[str, object]:
             if key == "ack_on_answer" and value in ("yes", "no"):
                 fields["answer_is_ack"] = value == "yes"
                 continue
+            if key in DURATION_FIELDS:
+                try:
+                    fields[key] = policy_duration(value)  # 4h, 30m, 900, off
+                except ValueError:
+                    raise CallbotError("team_usage") from None
+                continue
             if key not in POLICY_KEYS or not value.isdigit():
                 raise CallbotError("team_usage")
             column, low, high = POLICY_KEYS[key]
@@ -294,16 +301,57 @@ async def oncall_command(
     await message.reply(on_call_text(team, utcnow()))
 
 
+def _admin_in_private(access: AccessPolicy, user_id: int, chat: Chat) -> bool:
+    return chat.type == "private" and chat.id == user_id and access.role(user_id) is Role.ADMIN
+
+
 async def acknowledge_button(
     query: CallbackQuery,
     callback_data: Acknowledge,
     access: AccessPolicy,
     oncall: OnCall,
 ) -> None:
-    if access.role(query.from_user.id) is None:
+    """Accepted in the team's own chat, or from an admin's private chat (the message the bot
+    sent when the team's chat could not be reached); refused anywhere else."""
+    user = query.from_user
+    if access.role(user.id) is None:
         await query.answer(error_text(CallbotError("not_operator")), show_alert=True)
         return
-    incident = await oncall.acknowledge(
-        callback_data.incident, operator_name(query.from_user) or "?"
-    )
+    if query.message is None:  # an inline message: no chat to check
+        await query.answer(error_text(CallbotError("ack_wrong_chat")), show_alert=True)
+        return
+    chat = query.message.chat
+    try:
+        incident = await oncall.acknowledge(
+            callback_data.incident,
+            operator_name(user) or "?",
+            chat_id=chat.id,
+            admin=_admin_in_private(access, user.id, chat),
+        )
+    except CallbotError as err:
+        await query.answer(error_text(err), show_alert=True)
+        return
     await query.answer(done_text() if incident else error_text(CallbotError("already_handled")))
+    if chat.type == "private" and isinstance(query.message, Message):
+        with suppress(TelegramAPIError):  # the team's post shows the state; this is a copy
+            await query.message.edit_reply_markup(reply_markup=None)
+
+
+async def ack_command(
+    message: Message,
+    command: CommandObject,
+    access: AccessPolicy,
+    oncall: OnCall,
+) -> None:
+    """/ack <incident id>: in the team's chat, or an admin in private (as the button)."""
+    user_id = sender_id(message)
+    if access.role(user_id) is None:
+        raise CallbotError("not_operator")
+    ref = (command.args or "").strip().lstrip("#")
+    if not (ref.isascii() and ref.isdigit()) or len(ref) > 12:
+        raise CallbotError("ack_usage")
+    admin = user_id is not None and _admin_in_private(access, user_id, message.chat)
+    incident = await oncall.acknowledge(
+        int(ref), operator_name(message.from_user) or "?", chat_id=message.chat.id, admin=admin
+    )
+    await message.reply(done_text() if incident else error_text(CallbotError("already_handled")))

@@ -10,7 +10,9 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from bot.storage.tables import ContactRow, IncidentRow, RingRow, TeamRow
 
-OPEN = ("firing", "acknowledged")
+# Open: a repeat of its alert updates it. An exhausted escalation stays open (its alert is still
+# firing, nobody acknowledged): a repeat says so rather than opening a new incident.
+OPEN = ("firing", "acknowledged", "exhausted")
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,8 @@ class Team:
     wait_seconds: int
     max_rounds: int
     answer_is_ack: bool
+    ack_timeout: int = 4 * 3600  # seconds; 0: an acknowledgement holds for ever
+    repage_after: int = 0  # seconds after exhaustion a repeat pages again; 0: never
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,15 @@ class Incident:
     alert_count: int = 1
     attempt: int = 0  # the fence of its step (see IncidentRow.attempt)
     ring_call_id: str | None = None  # the step's call, written ahead of its POST
+    post_status: str = "posted"  # pending: the post (or its refresh) is still to be made
+    post_attempts: int = 0
+    post_next_at: datetime | None = None
+    admins_told_at: datetime | None = None
+    exhausted_at: datetime | None = None
+
+    def shown(self) -> tuple[object, ...]:
+        """What the post shows (to tell whether it changed while being posted)."""
+        return (self.status, self.fired, self.notes, self.acked_by, self.acked_at)
 
 
 @dataclass(frozen=True)
@@ -91,6 +104,8 @@ def _team(row: TeamRow) -> Team:
         wait_seconds=row.wait_seconds,
         max_rounds=row.max_rounds,
         answer_is_ack=row.answer_is_ack,
+        ack_timeout=row.ack_timeout,
+        repage_after=row.repage_after,
     )
 
 
@@ -119,6 +134,11 @@ def _incident(row: IncidentRow) -> Incident:
         alert_count=row.alert_count,
         attempt=row.attempt or 0,
         ring_call_id=row.ring_call_id,
+        post_status=row.post_status,
+        post_attempts=row.post_attempts,
+        post_next_at=row.post_next_at,
+        admins_told_at=row.admins_told_at,
+        exhausted_at=row.exhausted_at,
     )
 
 
@@ -177,6 +197,8 @@ class OnCallStore:
                     max_rounds=2,
                     answer_is_ack=False,
                     members="",
+                    ack_timeout=4 * 3600,
+                    repage_after=0,
                 )
                 session.add(row)
             row.chat_id = chat_id
@@ -225,7 +247,8 @@ class OnCallStore:
                 IncidentRow.dedup_key == dedup_key,
                 IncidentRow.status.in_(OPEN),
             )
-            row = (await session.execute(query)).scalars().first()
+            # the newest: an exhausted one may be older than a firing one of the same key
+            row = (await session.execute(query.order_by(IncidentRow.id.desc()))).scalars().first()
             return _incident(row) if row else None
 
     async def create_incident(self, new: NewIncident, *, at: datetime) -> Incident:
@@ -248,6 +271,9 @@ class OnCallStore:
                 updated_at=at,
                 alert_items=list(new.items),
                 alert_count=new.alert_count,
+                post_status="pending",
+                post_attempts=0,
+                post_next_at=at,
             )
             session.add(row)
             await session.flush()
@@ -276,14 +302,116 @@ class OnCallStore:
             return list((await session.execute(query)).scalars())
 
     async def next_due_at(self) -> datetime | None:
+        """The earliest timer: a step, an acknowledgement running out, or a post to retry."""
         async with self._sessions() as session:
             query = (
                 select(IncidentRow.next_action_at)
-                .where(IncidentRow.status == "firing", IncidentRow.next_action_at.is_not(None))
+                .where(
+                    IncidentRow.status.in_(("firing", "acknowledged")),
+                    IncidentRow.next_action_at.is_not(None),
+                )
                 .order_by(IncidentRow.next_action_at)
                 .limit(1)
             )
-            return (await session.execute(query)).scalars().first()
+            step = (await session.execute(query)).scalars().first()
+            query = (
+                select(IncidentRow.post_next_at)
+                .where(IncidentRow.post_status == "pending", IncidentRow.post_next_at.is_not(None))
+                .order_by(IncidentRow.post_next_at)
+                .limit(1)
+            )
+            post = (await session.execute(query)).scalars().first()
+            return min((t for t in (step, post) if t is not None), default=None)
+
+    async def acks_expired(self, now: datetime, limit: int = 100) -> list[int]:
+        """Acknowledged incidents whose acknowledgement ran out (their timer is due)."""
+        async with self._sessions() as session:
+            query = (
+                select(IncidentRow.id)
+                .where(IncidentRow.status == "acknowledged", IncidentRow.next_action_at <= now)
+                .order_by(IncidentRow.next_action_at)
+                .limit(limit)
+            )
+            return list((await session.execute(query)).scalars())
+
+    async def restart_escalation(
+        self, incident_id: int, *, at: datetime, expected: str, note: str, **fields: object
+    ) -> Incident | None:
+        """Fire again from the first step: only if the incident is still `expected` (and, when
+        acknowledged, its acknowledgement ran out). The post is to be refreshed."""
+        async with self._sessions.begin() as session:
+            query = select(IncidentRow).where(IncidentRow.id == incident_id).with_for_update()
+            row = (await session.execute(query)).scalars().first()
+            if row is None or row.status != expected:
+                return None
+            if expected == "acknowledged" and (
+                row.next_action_at is None or row.next_action_at > at
+            ):
+                return None
+            row.status, row.step, row.call_id, row.next_action_at = "firing", 0, None, at
+            row.acked_by = row.acked_at = row.exhausted_at = None
+            # a ring left from before the acknowledgement is not this escalation's: a new one
+            # starts, with a new fence
+            row.ring_call_id = None
+            row.attempt = (row.attempt or 0) + 1
+            row.post_status, row.post_next_at = "pending", at
+            for key, value in fields.items():
+                setattr(row, key, value)
+            row.notes = [*(row.notes or []), note][-12:]
+            row.updated_at = at
+            return _incident(row)
+
+    # the post (an outbox step of its own)
+
+    async def posts_due(self, now: datetime, limit: int = 100) -> list[int]:
+        async with self._sessions() as session:
+            query = (
+                select(IncidentRow.id)
+                .where(IncidentRow.post_status == "pending", IncidentRow.post_next_at <= now)
+                .order_by(IncidentRow.post_next_at)
+                .limit(limit)
+            )
+            return list((await session.execute(query)).scalars())
+
+    async def claim_post(
+        self, incident_id: int, now: datetime, lease: timedelta
+    ) -> Incident | None:
+        """Take a due post: its retry moves to now + lease meanwhile (a crash retries it)."""
+        async with self._sessions.begin() as session:
+            query = select(IncidentRow).where(IncidentRow.id == incident_id).with_for_update()
+            row = (await session.execute(query)).scalars().first()
+            if row is None or row.post_status != "pending" or row.post_next_at is None:
+                return None
+            if row.post_next_at > now:
+                return None
+            claimed = _incident(row)
+            row.post_next_at = now + lease
+            return claimed
+
+    async def post_done(self, incident_id: int, message_id: int) -> Incident | None:
+        async with self._sessions.begin() as session:
+            row = await session.get(IncidentRow, incident_id, with_for_update=True)
+            if row is None:
+                return None
+            row.post_message_id, row.post_status = message_id, "posted"
+            row.post_attempts, row.post_next_at = 0, None
+            return _incident(row)
+
+    async def post_failed(
+        self, incident_id: int, *, attempts: int, retry_at: datetime | None
+    ) -> None:
+        """Count a failed post; `retry_at` None: given up (it stays pending, never due)."""
+        async with self._sessions.begin() as session:
+            row = await session.get(IncidentRow, incident_id, with_for_update=True)
+            if row is not None and row.post_status == "pending":
+                row.post_attempts, row.post_next_at = attempts, retry_at
+
+    async def mark_admins_told(self, incident_id: int, at: datetime) -> None:
+        """The admins were told that the incident's chat is unreachable (once per incident)."""
+        async with self._sessions.begin() as session:
+            row = await session.get(IncidentRow, incident_id, with_for_update=True)
+            if row is not None and row.admins_told_at is None:
+                row.admins_told_at = at
 
     async def claim(self, incident_id: int, now: datetime, lease: timedelta) -> Incident | None:
         """Take a due step: locked, still firing and due. Its timer moves to now + lease, so
@@ -318,12 +446,14 @@ class OnCallStore:
         note: str | None = None,
         only_if_firing: bool = False,
         fence: int | None = None,
+        repost: bool = False,
         **fields: object,
     ) -> tuple[Incident | None, bool]:
         """Change an incident (and add a note). With only_if_firing, an incident that was
         acknowledged or resolved meanwhile is left alone: a stopped escalation stays stopped.
         With a fence, only the attempt that claimed the step may commit its result, and the
-        commit ends that claim."""
+        commit ends that claim. With repost, its post is to be refreshed (due now, unless a
+        retry is already due)."""
         async with self._sessions.begin() as session:
             query = select(IncidentRow).where(IncidentRow.id == incident_id).with_for_update()
             row = (await session.execute(query)).scalars().first()
@@ -339,6 +469,8 @@ class OnCallStore:
                 setattr(row, key, value)
             if note:
                 row.notes = [*(row.notes or []), note][-12:]
+            if repost:
+                _repost(row, at)
             row.updated_at = at
             return _incident(row), True
 
@@ -356,6 +488,7 @@ class OnCallStore:
                 return None
             row.ring_call_id = call_id
             row.notes = [*(row.notes or []), note][-12:]
+            _repost(row, at)
             row.updated_at = at
             session.add(RingRow(phone=phone, at=at, call_id=call_id))
             return _incident(row)
@@ -418,6 +551,7 @@ class OnCallStore:
         row.attempt = (row.attempt or 0) + 1  # whoever held the step holds it no longer
         if note:
             row.notes = [*(row.notes or []), note][-12:]
+        _repost(row, at)
         row.updated_at = at
 
     @staticmethod
@@ -451,3 +585,9 @@ class OnCallStore:
                 IncidentRow.team_id == team_id, IncidentRow.status.in_(OPEN)
             )
             return (await session.execute(query.limit(1))).first() is not None
+
+
+def _repost(row: IncidentRow, at: datetime) -> None:
+    """The incident changed: its post is to be refreshed (due now, unless a retry is due)."""
+    row.post_status = "pending"
+    row.post_next_at = row.post_next_at or at

@@ -153,11 +153,17 @@ class TeamRow(Base):
     max_rounds: Mapped[int] = mapped_column(Integer, default=2)
     answer_is_ack: Mapped[bool] = mapped_column(default=False)
     members: Mapped[str] = mapped_column(Text, default="")  # aliases in escalation order
+    # seconds an acknowledgement holds before the incident fires again (0: for ever)
+    ack_timeout: Mapped[int] = mapped_column(Integer, default=14400, server_default="14400")
+    # seconds after an exhausted escalation when a repeat of its alert pages again (0: never)
+    repage_after: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class IncidentRow(Base):
     """An alert being escalated. `next_action_at` is its timer: stored, so it survives a
-    restart; None once acknowledged, resolved or exhausted."""
+    restart. Firing: the next step; acknowledged: when the acknowledgement times out; None once
+    resolved or exhausted. The post to the team's chat is an outbox step of its own:
+    `post_status` pending until Telegram took it, retried at `post_next_at`."""
 
     __tablename__ = "incidents"
 
@@ -190,9 +196,17 @@ class IncidentRow(Base):
     # The call of the current step, stored before its POST /v1/calls (write ahead): set, the
     # step's ring may have been placed, and the call record says whether it was.
     ring_call_id: Mapped[str | None] = mapped_column(String(32))
+    post_status: Mapped[str] = mapped_column(  # pending | posted
+        String(16), default="pending", server_default="posted"
+    )
+    post_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    post_next_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    admins_told_at: Mapped[datetime | None] = mapped_column(UTCDateTime())  # chat unreachable
+    exhausted_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
     __table_args__ = (
         Index("ix_incidents_team_key", "team_id", "dedup_key"),
+        Index("ix_incidents_post_next_at", "post_next_at"),
         Index("ix_incidents_call", "call_id"),
         Index("ix_incidents_ring_call", "ring_call_id"),
     )
