@@ -106,7 +106,14 @@ class CallbotApp:
                 first_interval=settings.call_poll_interval, give_up_after=settings.call_poll_timeout
             )
         )
-        self.tracker = CallTracker(self.store, self.pilot, self.live, poll=poll)
+        self.tracker = CallTracker(
+            self.store,
+            self.pilot,
+            self.live,
+            poll=poll,
+            follow_for=settings.call_poll_timeout,
+            confirm_after=settings.call_poll_interval,
+        )
         self.number_types = NumberTypes(self.pilot, settings.pilot_status_number_type)
         self.speaker = Speaker(
             settings.speech_engine, words_per_minute=settings.speech_words_per_minute

@@ -211,6 +211,11 @@ ERRORS: dict[str, LazyProxy] = {
         "The bot restarted before Pilot Status confirmed this call, and Pilot Status has no record "
         "of it: no call was placed. Send /call again."
     ),
+    "call_lost": __("Pilot Status no longer knows this call, so how it ended is unknown."),
+    "call_unfollowed": __(
+        "This call was not seen ending in time and the bot stopped following it, so how it "
+        "ended is unknown."
+    ),
 }
 
 STATUS: dict[CallStatus, LazyProxy] = {
@@ -227,6 +232,7 @@ LIFECYCLE: dict[str, LazyProxy] = {
     states.PENDING: __("being placed"),
     states.NOT_STARTED: __("not placed"),
     states.UNKNOWN_OUTCOME: __("outcome unknown"),
+    states.LOST: __("lost"),
 }
 ICONS = {
     "INITIATED": "📞",
@@ -239,6 +245,7 @@ ICONS = {
     states.PENDING: "⏳",
     states.NOT_STARTED: "❌",
     states.UNKNOWN_OUTCOME: "❔",
+    states.LOST: "❓",
 }
 
 
@@ -325,6 +332,9 @@ def _clock(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%H:%M UTC")
 
 
+_NO_END_TIME = (states.NOT_STARTED, states.LOST)  # never placed, or its end is not known
+
+
 def call_text(record: CallRecord, limits: tuple[Limit, ...] = ()) -> str:
     """The message that follows a call from start to end."""
     icon = ICONS.get(record.status, "📞")
@@ -341,14 +351,14 @@ def call_text(record: CallRecord, limits: tuple[Limit, ...] = ()) -> str:
         lines.append(_("Answered at {time}").format(time=_clock(record.connected_at)))
     if record.duration_seconds is not None:
         lines.append(_("Duration: {duration}").format(duration=_duration(record.duration_seconds)))
-    elif record.terminal and record.ended_at and record.status != states.NOT_STARTED:
+    elif record.terminal and record.ended_at and record.status not in _NO_END_TIME:
         lines.append(_("Ended at {time}").format(time=_clock(record.ended_at)))
     if record.pilot_call_id:
         lines.append(_("Call id: <code>{id}</code>").format(id=escape(record.pilot_call_id)))
     if record.external_call_id:
         lines.append(_("External id: <code>{id}</code>").format(id=escape(record.external_call_id)))
     if record.error_code and (
-        record.status in (states.NOT_STARTED, states.UNKNOWN_OUTCOME)
+        record.status in (states.NOT_STARTED, states.UNKNOWN_OUTCOME, states.LOST)
         or record.error_code.startswith("media_")
     ):
         lines.append(error_text(CallbotError(record.error_code)))
