@@ -151,7 +151,7 @@ async def test_a_call_polled_past_the_poll_timeout_is_settled_not_left_live(
     start_bot: StartBot,
 ) -> None:
     bot = await start_bot(pilot_status_number_type="web", call_poll_timeout=0.5)
-    reply, pilot_id = await start_call(bot)
+    reply, _ = await start_call(bot)
     final = await shown(bot, reply, ": lost")
     assert UNFOLLOWED_TEXT in final.plain and final.buttons() == []
 
