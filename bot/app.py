@@ -34,8 +34,10 @@ from bot.oncall import OnCall, Throttle
 from bot.pending import PendingStore, SeenUpdates
 from bot.pilot_status import PilotStatusClient, RetryPolicy, build_http_client
 from bot.pilot_status.errors import PilotStatusError
+from bot.retention import Retention
 from bot.storage.db import create_engine, database_url, migrate, sessionmaker
 from bot.storage.oncall import OnCallStore
+from bot.storage.retention import RetentionStore
 from bot.storage.store import Store, utcnow
 from bot.texts import COMMANDS, spoken_alert, spoken_default
 from bot.voice.service import LazyEndpoint, Voice, VoicePolicy
@@ -152,6 +154,9 @@ class CallbotApp:
             speech=self._alert_speech,
         )
         self.tracker.subscribe(self.oncall.call_changed)
+        self.retention = Retention(
+            RetentionStore(sessionmaker(self.engine)), days=settings.retention_days
+        )
         self.dp = self._dispatcher()
         self.web: web.AppRunner | None = None
         self.web_port: int | None = None
@@ -238,6 +243,10 @@ class CallbotApp:
             )
         if settings.oncall_tick_seconds > 0:
             self._spawn(self.oncall.run_forever(settings.oncall_tick_seconds), "on-call timer")
+        if settings.retention_interval_seconds > 0:
+            self._spawn(
+                self.retention.run_forever(settings.retention_interval_seconds), "retention"
+            )
 
     async def _load_oncall_file(self, path: Path) -> None:
         try:

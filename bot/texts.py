@@ -319,6 +319,8 @@ def _expiry(probe: PermissionProbe) -> str:
 
 
 def call_number(record: CallRecord) -> str:
+    if not record.phone_display:
+        return _("number removed")  # after RETENTION_DAYS
     return escape(mask(record.phone_display) if record.masked else record.phone_display)
 
 

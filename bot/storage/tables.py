@@ -99,6 +99,7 @@ class CallRow(Base):
     __table_args__ = (
         Index("ix_calls_chat_created", "chat_id", "created_at"),
         Index("ix_calls_status", "status"),
+        Index("ix_calls_created_at", "created_at"),
     )
 
 
@@ -128,7 +129,7 @@ class PermissionRequestRow(Base):
     locale: Mapped[str] = mapped_column(Cut(8))
     message_id: Mapped[str | None] = mapped_column(Cut(256, key=True))  # wamid of the request
     status: Mapped[str] = mapped_column(Cut(16))  # requested, granted, denied, failed
-    requested_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    requested_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
     answered_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
@@ -144,6 +145,8 @@ class AuditRow(Base):
     action: Mapped[str] = mapped_column(Cut(32))
     subject: Mapped[str | None] = mapped_column(Cut(128))
     detail: Mapped[dict[str, object] | None] = mapped_column(JSON)
+    # who was called is removed after RETENTION_DAYS (bot/storage/retention.py)
+    redacted: Mapped[bool] = mapped_column(default=False, server_default=false())
 
 
 class DeliveryRow(Base):
@@ -152,7 +155,7 @@ class DeliveryRow(Base):
     __tablename__ = "webhook_deliveries"
 
     key: Mapped[str] = mapped_column(Cut(256, key=True), primary_key=True)
-    received_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
 
 
 class ContactRow(Base):
@@ -228,4 +231,4 @@ class RingRow(Base):
     phone: Mapped[str] = mapped_column(Cut(20))
     at: Mapped[datetime] = mapped_column(UTCDateTime())
 
-    __table_args__ = (Index("ix_rings_phone_at", "phone", "at"),)
+    __table_args__ = (Index("ix_rings_phone_at", "phone", "at"), Index("ix_rings_at", "at"))
