@@ -11,13 +11,14 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bot import states
-from bot.storage.store import Store, utcnow
+from bot.storage.db import sessionmaker
+from bot.storage.store import NewCall, Store, utcnow
 from bot.storage.tables import CallRow
-from tests.conftest import RunningBot, StartBot
+from tests.conftest import OPERATOR, RunningBot, StartBot
 from tests.fakes.telegram import SentMessage
 from tests.speech import espeak
 from tests.test_lifecycle import PHONE, SECRET, TOKEN, command, shown, start_call
@@ -178,3 +179,28 @@ async def test_a_web_call_being_spoken_on_is_hung_up_after_a_restart(
     assert not terminated(second, plain_id)  # nobody spoke on it: it goes on
     record = await second.app.store.get_call(plain_id)
     assert record is not None and record.status == "INITIATED"
+
+
+# The reply's message id and a webhook stored at the same moment (PostgreSQL)
+
+
+async def test_attaching_the_message_sees_a_status_stored_meanwhile(
+    engine: AsyncEngine, store: Store
+) -> None:
+    """A webhook's transaction and `set_message` overlap: the webhook read no message id, so
+    `set_message` must return the webhook's status for its caller to show it (else the message
+    stays "started" for good; seen flaky on PostgreSQL)."""
+    new = NewCall("cb_race", OPERATOR, "Op", OPERATOR, "web", PHONE, PHONE, False, "en")
+    await store.create_call(new)
+    await store.call_started(
+        "cb_race", pilot_call_id="p1", external_call_id=None, status="INITIATED"
+    )
+    async with sessionmaker(engine).begin() as session:
+        query = select(CallRow).where(CallRow.id == "cb_race").with_for_update()
+        row = (await session.execute(query)).scalar_one()
+        row.status = "ACCEPTED"  # the webhook, stored but not committed yet
+        await session.flush()
+        attaching = asyncio.create_task(store.set_message("cb_race", 42))
+        await asyncio.sleep(0.3)
+    current = await attaching
+    assert current is not None and (current.status, current.message_id) == ("ACCEPTED", 42)
