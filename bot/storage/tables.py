@@ -4,8 +4,20 @@ from __future__ import annotations
 
 import hashlib
 from datetime import UTC, datetime
+from functools import partial
 
-from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, Index, Integer, String, Text, false
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    event,
+    false,
+)
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
@@ -232,3 +244,21 @@ class RingRow(Base):
     at: Mapped[datetime] = mapped_column(UTCDateTime())
 
     __table_args__ = (Index("ix_rings_phone_at", "phone", "at"), Index("ix_rings_at", "at"))
+
+
+def _cut_on_set(width: int, target: object, value: str | None, *_: object) -> str | None:
+    return fit(value, width)
+
+
+def _cut_text_attributes() -> None:
+    """Text is cut when set on a row too, so what the bot shows from a row it just wrote is what
+    a later read gives (identifiers are left whole: only their stored form is digested)."""
+    for mapper in Base.registry.mappers:
+        for prop in mapper.column_attrs:
+            kind = prop.columns[0].type
+            if isinstance(kind, Cut) and not kind.key:
+                attribute = getattr(mapper.class_, prop.key)
+                event.listen(attribute, "set", partial(_cut_on_set, kind.length), retval=True)
+
+
+_cut_text_attributes()
