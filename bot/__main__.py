@@ -10,6 +10,7 @@ import contextlib
 import logging
 import sys
 
+from bot import logs
 from bot.app import StartupError, migrate_only, run
 from bot.config import ConfigError, load_settings
 
@@ -20,15 +21,7 @@ def main() -> int:
     except ConfigError as err:
         print(err, file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    # httpx logs full URLs at INFO, and permission probes carry the phone in the query.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    # aioice logs every ICE check of every Meta call at INFO (addresses, states): noise.
-    if settings.log_level != "DEBUG":
-        for name in ("aioice", "aiortc"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+    logs.configure(settings.log_level)
     if sys.argv[1:] == ["migrate"]:
         asyncio.run(migrate_only(settings))
         logging.getLogger("callbot").info("database schema is up to date")

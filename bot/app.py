@@ -38,9 +38,11 @@ from bot.oncall import OnCall, Throttle
 from bot.pending import PendingStore, SeenUpdates
 from bot.pilot_status import PilotStatusClient, RetryPolicy, build_http_client
 from bot.pilot_status.errors import PilotStatusError
+from bot.retention import Retention
 from bot.shutdown import InFlight
 from bot.storage.db import create_engine, database_url, migrate, sessionmaker
 from bot.storage.oncall import OnCallStore
+from bot.storage.retention import RetentionStore
 from bot.storage.store import Store, utcnow
 from bot.texts import COMMANDS, spoken_alert, spoken_default
 from bot.voice.service import LazyEndpoint, Voice, VoicePolicy
@@ -116,7 +118,14 @@ class CallbotApp:
                 first_interval=settings.call_poll_interval, give_up_after=settings.call_poll_timeout
             )
         )
-        self.tracker = CallTracker(self.store, self.pilot, self.live, poll=poll)
+        self.tracker = CallTracker(
+            self.store,
+            self.pilot,
+            self.live,
+            poll=poll,
+            follow_for=settings.call_poll_timeout,
+            confirm_after=settings.call_poll_interval,
+        )
         self.number_types = NumberTypes(self.pilot, settings.pilot_status_number_type)
         self.speaker = Speaker(
             settings.speech_engine, words_per_minute=settings.speech_words_per_minute
@@ -164,6 +173,9 @@ class CallbotApp:
             admins=tuple(sorted(settings.admin_ids)),
         )
         self.tracker.subscribe(self.oncall.call_changed)
+        self.retention = Retention(
+            RetentionStore(sessionmaker(self.engine)), days=settings.retention_days
+        )
         self.dp = self._dispatcher()
         self.web: WebServer | None = None
         self.web_port: int | None = None
@@ -257,6 +269,10 @@ class CallbotApp:
             )
         if settings.oncall_tick_seconds > 0:
             self._spawn(self.oncall.run_forever(settings.oncall_tick_seconds), "on-call timer")
+        if settings.retention_interval_seconds > 0:
+            self._spawn(
+                self.retention.run_forever(settings.retention_interval_seconds), "retention"
+            )
 
     async def _load_oncall_file(self, path: Path) -> None:
         try:

@@ -87,6 +87,11 @@ class Settings(BaseSettings):
     # on SIGTERM/SIGINT, seconds to let calls being started (and their replies) finish
     shutdown_drain_seconds: float = Field(default=30.0, ge=0, le=600)
 
+    # retention: deliveries, rings and permission requests deleted, calls' numbers and notes
+    # removed after this many days; how often that is looked for (0 turns the job off)
+    retention_days: int = Field(default=90, ge=1, le=36500)
+    retention_interval_seconds: float = Field(default=3600.0, ge=0, le=86400)
+
     # voice: the bot's own WebRTC endpoint for Meta numbers, and spoken messages on any call
     stun_servers: UrlList = ("stun:stun.l.google.com:19302",)  # `none` for no STUN
     media_max_calls: int = Field(default=10, ge=1, le=500)

@@ -18,7 +18,7 @@ from typing import Protocol
 from bot import states
 from bot.errors import describe
 from bot.pilot_status.client import PilotStatusClient
-from bot.pilot_status.errors import PilotStatusError
+from bot.pilot_status.errors import NotFoundError, PilotStatusError
 from bot.pilot_status.models import Call
 from bot.pilot_status.webhooks import CallEvent
 from bot.storage.store import (
@@ -33,6 +33,15 @@ from bot.storage.store import (
 )
 
 log = logging.getLogger(__name__)
+
+# Why a call was settled as states.LOST (texts.ERRORS explains each).
+NO_LONGER_KNOWN = "call_lost"  # 404 CALL_NOT_FOUND, seen twice
+NOT_SEEN_ENDING = "call_unfollowed"  # no end within CALL_POLL_TIMEOUT
+
+
+def _unknown_call(error: PilotStatusError) -> bool:
+    """Pilot's answer that it has no such call (not a wrong URL's bare 404)."""
+    return isinstance(error, NotFoundError) and error.code == "CALL_NOT_FOUND"
 
 
 class CallView(Protocol):
@@ -102,11 +111,15 @@ class CallTracker:
         poll: PollPolicy | None = None,
         orphan_ttl: float = 120.0,
         clock: Callable[[], float] = time.monotonic,
+        follow_for: float = 900.0,
+        confirm_after: float = 2.0,
     ) -> None:
         self._store = store
         self._client = client
         self._view = view
         self._poll = poll  # None: webhooks deliver the changes
+        self._follow_for = follow_for  # a call not seen ending by then is settled as lost
+        self._confirm_after = confirm_after  # seconds before a CALL_NOT_FOUND is asked again
         self._orphan_ttl = orphan_ttl
         self._clock = clock
         self._orphans: dict[str, tuple[float, list[CallEvent]]] = {}
@@ -249,18 +262,49 @@ class CallTracker:
 
     async def _follow(self, record: CallRecord) -> None:
         assert self._poll is not None and record.pilot_call_id is not None
-        interval, deadline = self._poll.first_interval, self._clock() + self._poll.give_up_after
+        left = self._poll.give_up_after - (utcnow() - record.created_at).total_seconds()
+        interval, deadline = self._poll.first_interval, self._clock() + max(0.0, left)
         while self._clock() < deadline:
             await asyncio.sleep(interval)
             interval = min(self._poll.max_interval, interval * self._poll.factor)
             try:
-                current = await self.refresh(record.pilot_call_id, source="poll")
+                current = await self._look(record, source="poll")
             except PilotStatusError as err:
                 log.info("poll %s: %s", record.id, describe(err).code)
                 continue
             if current is None or current.terminal:
                 return
         log.warning("stopped following call %s after %.0f s", record.id, self._poll.give_up_after)
+        await self._settle_lost(record, NOT_SEEN_ENDING)
+
+    async def _look(self, record: CallRecord, *, source: str) -> CallRecord | None:
+        """The call fresh from the API, stored and shown. Pilot's CALL_NOT_FOUND is an answer,
+        not a failure: asked once more (a new call may not be listed yet), then the call is
+        settled as lost. Other errors are raised."""
+        ref = record.pilot_call_id or record.id
+        for attempt in range(2):
+            try:
+                return await self.refresh(ref, source=source)
+            except PilotStatusError as err:
+                if not _unknown_call(err):
+                    raise
+            if attempt == 0:
+                await asyncio.sleep(self._confirm_after)
+        return await self._settle_lost(record, NO_LONGER_KNOWN)
+
+    async def _settle_lost(self, record: CallRecord, reason: str) -> CallRecord:
+        """A call whose end will never be learnt: final, shown as such, no longer followed."""
+        settled = await self._store.call_failed(
+            record.id,
+            error_code=reason,
+            status=states.LOST,
+            audit=Audit("call.lost", None, {"reason": reason}),
+        )
+        if settled.status == states.LOST and settled.error_code == reason:
+            log.warning("call %s settled as lost: %s", record.id, reason)
+            await self.changed(settled)
+            self._stop_polling(record.id)
+        return settled
 
     def _stop_polling(self, call_id: str) -> None:
         task = self._tasks.get(call_id)
@@ -294,13 +338,29 @@ class CallTracker:
         if open_attempts:
             await self._reconcile(open_attempts)
         for record in await self._store.live_calls():
+            age = (utcnow() - record.created_at).total_seconds()
+            if age >= self._follow_for:
+                await self._last_look(record)
+                continue
             try:
-                current = await self.refresh(record.pilot_call_id or record.id, source="recovery")
+                current = await self._look(record, source="recovery")
             except PilotStatusError as err:
                 log.info("recovery refresh %s: %s", record.id, describe(err).code)
                 current = record
             if current is not None:
                 self.follow(current)
+
+    async def _last_look(self, record: CallRecord) -> None:
+        """A call older than CALL_POLL_TIMEOUT: one GET, then it is settled either way."""
+        try:
+            current = await self.refresh(record.pilot_call_id or record.id, source="recovery")
+        except PilotStatusError as err:
+            log.info("recovery refresh %s: %s", record.id, describe(err).code)
+            reason = NO_LONGER_KNOWN if _unknown_call(err) else NOT_SEEN_ENDING
+            await self._settle_lost(record, reason)
+            return
+        if current is not None and not current.terminal:
+            await self._settle_lost(current, NOT_SEEN_ENDING)
 
     async def _reconcile(self, attempts: list[CallRecord]) -> None:
         oldest = min(a.created_at for a in attempts) - timedelta(minutes=5)

@@ -49,8 +49,10 @@ from bot.voice.speech import Speech
 log = logging.getLogger(__name__)
 LEASE = timedelta(seconds=15)
 SYSTEM = 0  # the "operator" of the calls the escalation places
-POST_LEASE = timedelta(seconds=30)
 POST_WAIT = 5.0  # seconds one post attempt may take (intake waits for the first one)
+# a post attempt is reserved this long: it takes at most POST_WAIT, and one cut off by a kill
+# is retried soon after
+POST_LEASE = timedelta(seconds=2 * POST_WAIT)
 POST_GIVE_UP = timedelta(days=1)  # after that an unposted incident is only logged
 TELL_ADMINS_AFTER = 3  # failed posts in a row (Telegram down) before the admins are told
 _DURATION = re.compile(r"(\d+)\s*([smhd]?)")

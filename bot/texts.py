@@ -270,7 +270,8 @@ ERRORS: dict[str, LazyProxy] = {
         "<code>/team policy &lt;name&gt; attempts=2 wait=300 rounds=2 ack_on_answer=no "
         "ack_timeout=4h repage_after=off</code>, "
         "<code>/team rotation &lt;name&gt; weekly|none</code>, "
-        "<code>/team token &lt;name&gt;</code> or <code>/team list</code>."
+        "<code>/team token &lt;name&gt;</code>, <code>/team move &lt;name&gt;</code> (in its new "
+        "chat) or <code>/team list</code>."
     ),
     "oncall_usage": __(
         "Usage: <code>/oncall [team]</code> or <code>/oncall set &lt;name&gt; [team]</code>."
@@ -303,6 +304,11 @@ ERRORS: dict[str, LazyProxy] = {
         "nothing was changed, the current token still works. Open a private chat with "
         "@{bot}, press Start, then send the command here again."
     ),
+    "call_lost": __("Pilot Status no longer knows this call, so how it ended is unknown."),
+    "call_unfollowed": __(
+        "This call was not seen ending in time and the bot stopped following it, so how it "
+        "ended is unknown."
+    ),
 }
 
 STATUS: dict[CallStatus, LazyProxy] = {
@@ -319,6 +325,7 @@ LIFECYCLE: dict[str, LazyProxy] = {
     states.PENDING: __("being placed"),
     states.NOT_STARTED: __("not placed"),
     states.UNKNOWN_OUTCOME: __("outcome unknown"),
+    states.LOST: __("lost"),
 }
 ICONS = {
     "INITIATED": "📞",
@@ -331,6 +338,7 @@ ICONS = {
     states.PENDING: "⏳",
     states.NOT_STARTED: "❌",
     states.UNKNOWN_OUTCOME: "❔",
+    states.LOST: "❓",
 }
 
 
@@ -405,6 +413,8 @@ def _expiry(probe: PermissionProbe) -> str:
 
 
 def call_number(record: CallRecord) -> str:
+    if not record.phone_display:
+        return _("number removed")  # after RETENTION_DAYS
     return escape(mask(record.phone_display) if record.masked else record.phone_display)
 
 
@@ -416,6 +426,9 @@ def _duration(seconds: int) -> str:
 
 def _clock(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%H:%M UTC")
+
+
+_NO_END_TIME = (states.NOT_STARTED, states.LOST)  # never placed, or its end is not known
 
 
 @fitted
@@ -435,14 +448,14 @@ def call_text(record: CallRecord, limits: tuple[Limit, ...] = ()) -> str:
         lines.append(_("Answered at {time}").format(time=_clock(record.connected_at)))
     if record.duration_seconds is not None:
         lines.append(_("Duration: {duration}").format(duration=_duration(record.duration_seconds)))
-    elif record.terminal and record.ended_at and record.status != states.NOT_STARTED:
+    elif record.terminal and record.ended_at and record.status not in _NO_END_TIME:
         lines.append(_("Ended at {time}").format(time=_clock(record.ended_at)))
     if record.pilot_call_id:
         lines.append(_("Call id: <code>{id}</code>").format(id=escape(record.pilot_call_id)))
     if record.external_call_id:
         lines.append(_("External id: <code>{id}</code>").format(id=escape(record.external_call_id)))
     if record.error_code and (
-        record.status in (states.NOT_STARTED, states.UNKNOWN_OUTCOME)
+        record.status in (states.NOT_STARTED, states.UNKNOWN_OUTCOME, states.LOST)
         or record.error_code.startswith("media_")
     ):
         lines.append(error_text(CallbotError(record.error_code)))

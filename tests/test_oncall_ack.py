@@ -133,6 +133,32 @@ async def test_an_acknowledge_racing_the_ring_hangs_that_ring_up(
     assert len(bot.pilot.calls_started()) == 1
 
 
+async def test_an_acknowledgement_that_raced_a_ring_times_out_from_the_person_on_call(
+    start_bot: StartBot, tmp_path: Path, clock: Clock
+) -> None:
+    """The ring hung up by an acknowledge that raced it is not the next escalation's step: when
+    the acknowledgement runs out, the person on call is rung first again, not skipped."""
+    bot = await oncall_bot(start_bot, tmp_path, clock)
+    slow = bot.pilot.add_call(ALICE, direction="OUTBOUND", status="INITIATED")
+    created = {k: slow[k] for k in ("id", "externalCallId", "status")}
+    bot.pilot.script("start_call", status=201, body=created, delay=1.0, times=1)
+    await alert(bot, generic())
+    post = await post_in(bot, INFRA_CHAT, "disk full on db-1")
+    [(_, data)] = post.buttons()
+    step = asyncio.create_task(bot.app.oncall.run_due())
+    for _ in range(200):
+        if bot.pilot.calls_started():
+            break
+        await asyncio.sleep(0.01)
+    assert (await press(bot, INFRA_CHAT, post.message_id, data))["text"] == "Done."
+    await step
+    assert terminated(bot) == [slow["id"]]
+    clock.advance(4 * 3600 + 1)
+    assert await bot.app.oncall.run_due() == 1
+    assert len(calls_to(bot, ALICE)) == 2 and calls_to(bot, BOB) == []
+    await post_in(bot, INFRA_CHAT, "and not resolved: firing again")
+
+
 async def test_ack_command_works_in_the_teams_chat_and_for_an_admin_in_private(
     start_bot: StartBot, tmp_path: Path, clock: Clock
 ) -> None:

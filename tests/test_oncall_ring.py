@@ -18,6 +18,7 @@ from bot.oncall import OnCall
 from bot.storage.oncall import Incident
 from tests.conftest import RunningBot, StartBot
 from tests.fakes.pilot_status import FakePilotStatus, RecordedRequest
+from tests.speech import espeak  # noqa: F401 (a fixture)
 from tests.test_oncall import (
     ALICE,
     BOB,
@@ -34,6 +35,9 @@ from tests.test_oncall import (
 @pytest.fixture
 def clock() -> Clock:
     return Clock()
+
+
+SILENT = "no-such-tts"  # rings that speak nothing: no media to lose in a restart
 
 
 async def ring_bot(
@@ -213,6 +217,7 @@ async def test_a_drain_cut_off_after_the_post_was_sent_is_reconciled_and_nobody_
         oncall_tick_seconds=0.05,
         shutdown_drain_seconds=0.2,
         database_url=db_url,
+        speech_engine=SILENT,
     )
     slow_post(first.pilot, "call_kill", delay=30)
     created = await alert(first, generic())
@@ -221,7 +226,7 @@ async def test_a_drain_cut_off_after_the_post_was_sent_is_reconciled_and_nobody_
     await asyncio.wait_for(first.stop(), 5)  # bounded: not the 30 s of the POST
     assert post.status is None
 
-    second = await ring_bot(start_bot, tmp_path, clock, database_url=db_url)
+    second = await ring_bot(start_bot, tmp_path, clock, database_url=db_url, speech_engine=SILENT)
     await recovered(second)  # the call is looked up by its bizOpaqueCallbackData
     clock.advance(60)  # the dead worker's lease ran out
     assert await second.app.oncall.run_due() == 1
@@ -234,6 +239,31 @@ async def test_a_drain_cut_off_after_the_post_was_sent_is_reconciled_and_nobody_
     second.pilot.emit_status("call_kill", "MISSED")
     await second.pilot.wait_deliveries()
     await post_in(second, INFRA_CHAT, "not answered (missed)")
+    assert await second.app.oncall.run_due() == 1
+    assert [r.json["to"] for r in second.pilot.calls_started()] == [ALICE, BOB]
+
+
+@pytest.mark.usefixtures("espeak")
+async def test_a_spoken_ring_cut_off_by_a_restart_is_hung_up_and_the_next_person_rung_once(
+    start_bot: StartBot, tmp_path: Path, clock: Clock
+) -> None:
+    """The ring says the alert; after a restart its audio is gone, so it is hung up (item 14),
+    and that end moves the escalation on: alice rung once, bob once."""
+    first = await ring_bot(
+        start_bot, tmp_path, clock, oncall_tick_seconds=0.05, shutdown_drain_seconds=0.2
+    )
+    slow_post(first.pilot, "call_spoken", delay=30)
+    await alert(first, generic())
+    post = await posted(first.pilot, ALICE)
+    created_by_pilot(first.pilot, "call_spoken", post)
+    await asyncio.wait_for(first.stop(), 5)  # cut off mid-POST, like a kill
+
+    second = await ring_bot(start_bot, tmp_path, clock)
+    await recovered(second)
+    await second.telegram.wait_for_message(
+        lambda m: "lost its audio" in m.plain, chat_id=INFRA_CHAT
+    )
+    await post_in(second, INFRA_CHAT, "not answered (failed)")
     assert await second.app.oncall.run_due() == 1
     assert [r.json["to"] for r in second.pilot.calls_started()] == [ALICE, BOB]
 

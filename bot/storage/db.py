@@ -34,6 +34,8 @@ def database_url(url: str | None, data_dir: Path) -> str:
 
 
 def create_engine(url: str) -> AsyncEngine:
+    """hide_parameters: SQL logged at LOG_LEVEL=DEBUG, or in an error, never shows the values
+    (numbers, notes)."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
@@ -42,11 +44,18 @@ def create_engine(url: str) -> AsyncEngine:
         # so a read-then-write (SELECT ... FOR UPDATE, which SQLite ignores) never acts on a
         # row another transaction is changing, and nobody sleeps in SQLite's busy handler.
         engine = create_async_engine(
-            url, connect_args={"timeout": 30}, pool_size=1, max_overflow=0, pool_timeout=60
+            url,
+            connect_args={"timeout": 30},
+            pool_size=1,
+            max_overflow=0,
+            pool_timeout=60,
+            hide_parameters=True,
         )
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
-    return create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
+    return create_async_engine(
+        url, pool_size=10, max_overflow=10, pool_pre_ping=True, hide_parameters=True
+    )
 
 
 def _sqlite_pragmas(dbapi_connection: object, _record: object) -> None:

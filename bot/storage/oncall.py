@@ -534,11 +534,17 @@ class OnCallStore:
                 return _incident(row), False
             if row.ring_call_id == call_id:
                 fields = {"step": row.step + 1, "call_id": call_id, "next_action_at": at}
+                self._settle(row, at, note, fields)
             elif row.call_id == call_id:
-                fields = {"next_action_at": at}
+                # Its step was settled and waits its wait_seconds: the next one is due now. A
+                # step already running meanwhile keeps its fence and its ring in flight (it
+                # renews its lease over this timer).
+                row.next_action_at = at
+                row.notes = [*(row.notes or []), note][-12:]
+                _repost(row, at)
+                row.updated_at = at
             else:
                 return _incident(row), False  # a call of an earlier step
-            self._settle(row, at, note, fields)
             return _incident(row), True
 
     @staticmethod

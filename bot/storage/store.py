@@ -253,9 +253,12 @@ class Store:
             )
 
     async def set_message(self, call_id: str, message_id: int) -> CallRecord | None:
-        """The message that follows the call; returns the call as it is now."""
+        """The message that follows the call; returns the call as it is now.
+
+        Locked: a webhook stored meanwhile either sees this message id (and edits it) or is
+        seen here (and the caller shows it) — read unlocked, both could miss each other."""
         async with self._sessions.begin() as session:
-            row = await session.get(CallRow, call_id)
+            row = await self._lock(session, CallRow.id == call_id)
             if row is None:
                 return None
             row.message_id = message_id

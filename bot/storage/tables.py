@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+import hashlib
 from datetime import UTC, datetime
+from functools import partial
 
-from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, Index, Integer, String, Text, false
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    event,
+    false,
+)
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
@@ -29,6 +42,36 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
+class Cut(TypeDecorator[str]):
+    """VARCHAR(n) that always fits, so input is bounded by the table definition itself.
+
+    PostgreSQL refuses a value longer than its column (SQLite keeps it whole): text is cut to the
+    width, ending in "…". An identifier (`key=True`) keeps its start and ends in a digest of the
+    whole, so different long ids stay different, and the same id is stored and looked up alike.
+    """
+
+    impl = String
+    cache_ok = True
+
+    def __init__(self, length: int, *, key: bool = False) -> None:
+        super().__init__(length)
+        self.length = length
+        self.key = key
+
+    def process_bind_param(self, value: str | None, dialect: Dialect) -> str | None:
+        return fit(value, self.length, key=self.key)
+
+
+def fit(value: str | None, width: int, *, key: bool = False) -> str | None:
+    if value is None or len(value) <= width:
+        return value
+    if not key:
+        return value[: width - 1] + "…"
+    digest = "~" + hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
+    digest = digest[: max(9, width // 2)]
+    return value[: width - len(digest)] + digest
+
+
 class Base(DeclarativeBase):
     pass
 
@@ -38,22 +81,22 @@ class CallRow(Base):
 
     __tablename__ = "calls"
 
-    id: Mapped[str] = mapped_column(String(32), primary_key=True)  # our correlation id
-    pilot_call_id: Mapped[str | None] = mapped_column(String(128), unique=True)
-    external_call_id: Mapped[str | None] = mapped_column(String(256), index=True)
+    id: Mapped[str] = mapped_column(Cut(32, key=True), primary_key=True)  # our correlation id
+    pilot_call_id: Mapped[str | None] = mapped_column(Cut(128, key=True), unique=True)
+    external_call_id: Mapped[str | None] = mapped_column(Cut(256, key=True), index=True)
     operator_id: Mapped[int] = mapped_column(BigInteger)
-    operator_name: Mapped[str | None] = mapped_column(String(128))
+    operator_name: Mapped[str | None] = mapped_column(Cut(128))
     chat_id: Mapped[int] = mapped_column(BigInteger)
     message_id: Mapped[int | None] = mapped_column(BigInteger)
-    number_type: Mapped[str] = mapped_column(String(8))
-    phone: Mapped[str] = mapped_column(String(20))  # E.164
-    phone_display: Mapped[str] = mapped_column(String(32))
+    number_type: Mapped[str] = mapped_column(Cut(8))
+    phone: Mapped[str] = mapped_column(Cut(20))  # E.164
+    phone_display: Mapped[str] = mapped_column(Cut(32))
     masked: Mapped[bool]
-    locale: Mapped[str] = mapped_column(String(8))
+    locale: Mapped[str] = mapped_column(Cut(8))
     note: Mapped[str | None] = mapped_column(Text)
     spoken: Mapped[bool] = mapped_column(default=False, server_default=false())  # note said aloud
-    status: Mapped[str] = mapped_column(String(16))
-    error_code: Mapped[str | None] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(Cut(16))
+    error_code: Mapped[str | None] = mapped_column(Cut(64))
     duration_seconds: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
@@ -68,6 +111,7 @@ class CallRow(Base):
     __table_args__ = (
         Index("ix_calls_chat_created", "chat_id", "created_at"),
         Index("ix_calls_status", "status"),
+        Index("ix_calls_created_at", "created_at"),
     )
 
 
@@ -78,9 +122,9 @@ class StatusRow(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     call_id: Mapped[str] = mapped_column(ForeignKey("calls.id", ondelete="CASCADE"), index=True)
-    status: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(Cut(16))
     at: Mapped[datetime] = mapped_column(UTCDateTime())
-    source: Mapped[str] = mapped_column(String(16))  # bot, api, webhook, poll, recovery
+    source: Mapped[str] = mapped_column(Cut(16))  # bot, api, webhook, poll, recovery
 
     call: Mapped[CallRow] = relationship(back_populates="history")
 
@@ -89,15 +133,15 @@ class PermissionRequestRow(Base):
     __tablename__ = "permission_requests"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    phone: Mapped[str] = mapped_column(String(20), index=True)
-    phone_display: Mapped[str] = mapped_column(String(32))
+    phone: Mapped[str] = mapped_column(Cut(20), index=True)
+    phone_display: Mapped[str] = mapped_column(Cut(32))
     masked: Mapped[bool]
     operator_id: Mapped[int] = mapped_column(BigInteger)
     chat_id: Mapped[int] = mapped_column(BigInteger)
-    locale: Mapped[str] = mapped_column(String(8))
-    message_id: Mapped[str | None] = mapped_column(String(256))  # wamid of the request
-    status: Mapped[str] = mapped_column(String(16))  # requested, granted, denied, failed
-    requested_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    locale: Mapped[str] = mapped_column(Cut(8))
+    message_id: Mapped[str | None] = mapped_column(Cut(256, key=True))  # wamid of the request
+    status: Mapped[str] = mapped_column(Cut(16))  # requested, granted, denied, failed
+    requested_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
     answered_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
@@ -110,9 +154,11 @@ class AuditRow(Base):
     at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
     actor_id: Mapped[int | None] = mapped_column(BigInteger)
     chat_id: Mapped[int | None] = mapped_column(BigInteger)
-    action: Mapped[str] = mapped_column(String(32))
-    subject: Mapped[str | None] = mapped_column(String(128))
+    action: Mapped[str] = mapped_column(Cut(32))
+    subject: Mapped[str | None] = mapped_column(Cut(128))
     detail: Mapped[dict[str, object] | None] = mapped_column(JSON)
+    # who was called is removed after RETENTION_DAYS (bot/storage/retention.py)
+    redacted: Mapped[bool] = mapped_column(default=False, server_default=false())
 
 
 class DeliveryRow(Base):
@@ -120,8 +166,8 @@ class DeliveryRow(Base):
 
     __tablename__ = "webhook_deliveries"
 
-    key: Mapped[str] = mapped_column(String(256), primary_key=True)
-    received_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    key: Mapped[str] = mapped_column(Cut(256, key=True), primary_key=True)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
 
 
 class ContactRow(Base):
@@ -130,9 +176,9 @@ class ContactRow(Base):
     __tablename__ = "contacts"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    alias: Mapped[str] = mapped_column(String(32), unique=True)
-    phone: Mapped[str] = mapped_column(String(20))
-    phone_display: Mapped[str] = mapped_column(String(32))
+    alias: Mapped[str] = mapped_column(Cut(32, key=True), unique=True)
+    phone: Mapped[str] = mapped_column(Cut(20))
+    phone_display: Mapped[str] = mapped_column(Cut(32))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
@@ -142,11 +188,11 @@ class TeamRow(Base):
     __tablename__ = "teams"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    name: Mapped[str] = mapped_column(String(32), unique=True)
+    name: Mapped[str] = mapped_column(Cut(32, key=True), unique=True)
     chat_id: Mapped[int] = mapped_column(BigInteger, index=True)
-    token_hash: Mapped[str] = mapped_column(String(64))  # sha256 of the alert intake token
-    on_call: Mapped[str | None] = mapped_column(String(32))  # an alias; None: rotation/first
-    rotation: Mapped[str] = mapped_column(String(8), default="none")  # none | weekly
+    token_hash: Mapped[str] = mapped_column(Cut(64))  # sha256 of the alert intake token
+    on_call: Mapped[str | None] = mapped_column(Cut(32, key=True))  # an alias; None: rotation/first
+    rotation: Mapped[str] = mapped_column(Cut(8), default="none")  # none | weekly
     rotation_start: Mapped[datetime] = mapped_column(UTCDateTime())
     attempts_per_person: Mapped[int] = mapped_column(Integer, default=2)
     wait_seconds: Mapped[int] = mapped_column(Integer, default=300)
@@ -169,20 +215,20 @@ class IncidentRow(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     team_id: Mapped[int] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"))
-    dedup_key: Mapped[str] = mapped_column(String(256))
-    source: Mapped[str] = mapped_column(String(16))
-    title: Mapped[str] = mapped_column(String(256))
+    dedup_key: Mapped[str] = mapped_column(Cut(256, key=True))
+    source: Mapped[str] = mapped_column(Cut(16))
+    title: Mapped[str] = mapped_column(Cut(256))
     text: Mapped[str] = mapped_column(Text, default="")
-    severity: Mapped[str | None] = mapped_column(String(32))
+    severity: Mapped[str | None] = mapped_column(Cut(32))
     labels: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
     links: Mapped[list[str]] = mapped_column(JSON, default=list)
-    status: Mapped[str] = mapped_column(String(16))  # firing, acknowledged, resolved, exhausted
+    status: Mapped[str] = mapped_column(Cut(16))  # firing, acknowledged, resolved, exhausted
     fired: Mapped[int] = mapped_column(Integer, default=1)
     step: Mapped[int] = mapped_column(Integer, default=0)  # index into the escalation plan
-    call_id: Mapped[str | None] = mapped_column(String(32))  # our current call attempt
+    call_id: Mapped[str | None] = mapped_column(Cut(32, key=True))  # our current call attempt
     next_action_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), index=True)
     post_message_id: Mapped[int | None] = mapped_column(BigInteger)
-    acked_by: Mapped[str | None] = mapped_column(String(128))
+    acked_by: Mapped[str | None] = mapped_column(Cut(128))
     acked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     notes: Mapped[list[str]] = mapped_column(JSON, default=list)  # what the post tells
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
@@ -195,9 +241,9 @@ class IncidentRow(Base):
     attempt: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # The call of the current step, stored before its POST /v1/calls (write ahead): set, the
     # step's ring may have been placed, and the call record says whether it was.
-    ring_call_id: Mapped[str | None] = mapped_column(String(32))
+    ring_call_id: Mapped[str | None] = mapped_column(Cut(32, key=True))
     post_status: Mapped[str] = mapped_column(  # pending | posted
-        String(16), default="pending", server_default="posted"
+        Cut(16), default="pending", server_default="posted"
     )
     post_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     post_next_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
@@ -218,11 +264,31 @@ class RingRow(Base):
     __tablename__ = "rings"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    phone: Mapped[str] = mapped_column(String(20))
+    phone: Mapped[str] = mapped_column(Cut(20))
     at: Mapped[datetime] = mapped_column(UTCDateTime())
-    call_id: Mapped[str | None] = mapped_column(String(32))  # dropped if it was never placed
+    # dropped if it was never placed
+    call_id: Mapped[str | None] = mapped_column(Cut(32, key=True))
 
     __table_args__ = (
         Index("ix_rings_phone_at", "phone", "at"),
         Index("ix_rings_call", "call_id"),
+        Index("ix_rings_at", "at"),
     )
+
+
+def _cut_on_set(width: int, target: object, value: str | None, *_: object) -> str | None:
+    return fit(value, width)
+
+
+def _cut_text_attributes() -> None:
+    """Text is cut when set on a row too, so what the bot shows from a row it just wrote is what
+    a later read gives (identifiers are left whole: only their stored form is digested)."""
+    for mapper in Base.registry.mappers:
+        for prop in mapper.column_attrs:
+            kind = prop.columns[0].type
+            if isinstance(kind, Cut) and not kind.key:
+                attribute = getattr(mapper.class_, prop.key)
+                event.listen(attribute, "set", partial(_cut_on_set, kind.length), retval=True)
+
+
+_cut_text_attributes()

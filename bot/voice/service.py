@@ -421,12 +421,14 @@ class Voice:
             await self._tracker.changed(updated)
 
     async def end_orphans(self, started_before: datetime) -> int:
-        """After a restart: Meta calls of an earlier process lost their peer connection with
-        it, so nobody can speak on them; hang them up and say why. Returns how many."""
+        """After a restart: calls an earlier process was speaking on lost their voice with it
+        (a Meta call's peer connection; a web call's realtime stream, or the /play file on the
+        in-memory shelf), so nobody can speak on them; hang them up and say why. Returns how
+        many."""
         orphans = [
             record
             for record in await self._store.live_calls()
-            if record.number_type == NumberType.META.value
+            if (record.number_type == NumberType.META.value or record.spoken)
             and record.created_at < started_before
             and record.id not in self._watches
         ]

@@ -1,0 +1,206 @@
+"""Calls whose end the bot will never learn, and calls whose voice died with the process.
+
+Over the loopback fakes: Pilot Status forgetting a call (404 CALL_NOT_FOUND), calls left live
+across restarts, web-number calls the bot was speaking on when it was killed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from bot import states
+from bot.storage.db import sessionmaker
+from bot.storage.store import NewCall, Store, utcnow
+from bot.storage.tables import CallRow
+from tests.conftest import OPERATOR, RunningBot, StartBot
+from tests.fakes.telegram import SentMessage
+from tests.speech import espeak
+from tests.test_lifecycle import PHONE, SECRET, TOKEN, command, shown, start_call
+from tests.test_voice import MESSAGE, OTHER, hung_up, pilot_id_of, terminated, web_bot
+
+__all__ = ["espeak"]
+LOST_TEXT = "Pilot Status no longer knows this call"
+UNFOLLOWED_TEXT = "not seen ending in time"
+
+
+def gets(bot: RunningBot, pilot_id: str) -> int:
+    """GET /v1/calls/{id} the fake received for this call."""
+    return sum(
+        1 for r in bot.pilot.requests if r.operation == "get_call" and r.path.endswith(pilot_id)
+    )
+
+
+async def attached(bot: RunningBot, pilot_id: str, reply: SentMessage) -> None:
+    """The reply is stored as the call's message (so a restart edits it)."""
+    for _ in range(250):
+        record = await bot.app.store.get_call(pilot_id)
+        if record is not None and record.message_id == reply.message_id:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("the reply was never attached to the call")
+
+
+async def age(engine: AsyncEngine, pilot_id: str, by: timedelta) -> None:
+    """Make a stored call older, as if it had been started `by` ago."""
+    async with engine.begin() as connection:
+        await connection.execute(
+            update(CallRow)
+            .where(CallRow.pilot_call_id == pilot_id)
+            .values(created_at=utcnow() - by, updated_at=utcnow() - by)
+        )
+
+
+async def webhook_bot(start_bot: StartBot, data_dir: Path, **overrides: Any) -> RunningBot:
+    return await start_bot(
+        pilot_status_webhook_token=TOKEN,
+        pilot_status_webhook_secret=SECRET,
+        pilot_status_number_type="web",
+        data_dir=str(data_dir),
+        **overrides,
+    )
+
+
+async def assert_lost(store: Store, pilot_id: str, reason: str) -> None:
+    record = await store.get_call(pilot_id)
+    assert record is not None
+    assert (record.status, record.error_code) == (states.LOST, reason)
+
+
+async def test_a_call_pilot_no_longer_knows_is_shown_lost_and_no_longer_polled(
+    start_bot: StartBot,
+) -> None:
+    bot = await start_bot(pilot_status_number_type="web")  # no webhooks: the call is polled
+    reply, pilot_id = await start_call(bot)
+    await attached(bot, pilot_id, reply)
+    del bot.pilot.calls[pilot_id]  # Pilot Status forgot it: 404 CALL_NOT_FOUND from now on
+    final = await shown(bot, reply, ": lost")
+    assert LOST_TEXT in final.plain and final.buttons() == []  # no Hang up on a lost call
+    assert "Ended at" not in final.plain  # its end is not known
+    await assert_lost(bot.app.store, pilot_id, "call_lost")
+    polled = gets(bot, pilot_id)
+    await asyncio.sleep(0.6)  # a dozen poll intervals
+    assert gets(bot, pilot_id) == polled
+
+
+async def test_one_call_not_found_is_asked_again_before_the_call_is_given_up(
+    start_bot: StartBot,
+) -> None:
+    bot = await start_bot(pilot_status_number_type="web")
+    reply, pilot_id = await start_call(bot)
+    await attached(bot, pilot_id, reply)
+    bot.pilot.error("get_call", "CALL_NOT_FOUND", status=404, times=1)
+    polled = gets(bot, pilot_id)
+    for _ in range(100):  # the 404, then the confirming GET that finds the call
+        if gets(bot, pilot_id) >= polled + 3:
+            break
+        await asyncio.sleep(0.02)
+    bot.pilot.emit_status(pilot_id, "COMPLETED")
+    final = await shown(bot, reply, ": ended")
+    assert LOST_TEXT not in final.plain
+
+
+async def test_after_a_restart_a_forgotten_call_is_settled_lost_once_and_never_asked_again(
+    start_bot: StartBot, tmp_path: Path
+) -> None:
+    first = await webhook_bot(start_bot, tmp_path)
+    reply, pilot_id = await start_call(first)
+    await attached(first, pilot_id, reply)
+    await first.crash()
+    del first.pilot.calls[pilot_id]
+    before = gets(first, pilot_id)
+    second = await webhook_bot(start_bot, tmp_path)
+    final = await shown(second, reply, ": lost")
+    assert LOST_TEXT in final.plain and final.buttons() == []
+    assert gets(second, pilot_id) - before == 2  # the 404 and the one that confirms it
+    await assert_lost(second.app.store, pilot_id, "call_lost")
+    await second.stop()
+    third = await webhook_bot(start_bot, tmp_path)
+    await asyncio.sleep(0.5)  # its recovery has run
+    assert gets(third, pilot_id) - before == 2
+
+
+async def test_calls_older_than_the_poll_timeout_are_asked_once_at_start_then_settled(
+    start_bot: StartBot, tmp_path: Path
+) -> None:
+    first = await start_bot(pilot_status_number_type="web", data_dir=str(tmp_path))
+    still_on, still_id = await start_call(first)  # Pilot says it is still ringing
+    forgotten, forgotten_id = await start_call(first, OTHER)  # Pilot has no record of it
+    for reply, pilot_id in ((still_on, still_id), (forgotten, forgotten_id)):
+        await attached(first, pilot_id, reply)
+        await age(first.app.engine, pilot_id, timedelta(days=1))
+    await first.crash()
+    del first.pilot.calls[forgotten_id]
+    before = {p: gets(first, p) for p in (still_id, forgotten_id)}
+    second = await start_bot(pilot_status_number_type="web", data_dir=str(tmp_path))
+    final = await shown(second, still_on, ": lost")
+    assert UNFOLLOWED_TEXT in final.plain and final.buttons() == []
+    final = await shown(second, forgotten, ": lost")
+    assert LOST_TEXT in final.plain and final.buttons() == []
+    await asyncio.sleep(0.6)  # a dozen poll intervals: no polling follows
+    assert {p: gets(second, p) - before[p] for p in before} == {still_id: 1, forgotten_id: 1}
+    await assert_lost(second.app.store, still_id, "call_unfollowed")
+    await assert_lost(second.app.store, forgotten_id, "call_lost")
+
+
+async def test_a_call_polled_past_the_poll_timeout_is_settled_not_left_live(
+    start_bot: StartBot,
+) -> None:
+    bot = await start_bot(pilot_status_number_type="web", call_poll_timeout=0.5)
+    reply, _ = await start_call(bot)
+    final = await shown(bot, reply, ": lost")
+    assert UNFOLLOWED_TEXT in final.plain and final.buttons() == []
+
+
+# Web-number calls the bot was speaking on (item 14)
+
+
+async def test_a_web_call_being_spoken_on_is_hung_up_after_a_restart(
+    start_bot: StartBot, tmp_path: Path, espeak: str
+) -> None:
+    first = await web_bot(start_bot, data_dir=str(tmp_path))  # realtime: no PUBLIC_BASE_URL
+    spoken = await command(first, f"/call {PHONE} say: {MESSAGE}")
+    spoken_id = pilot_id_of(first, PHONE)
+    plain = await command(first, f"/call {OTHER} just a note")
+    plain_id = pilot_id_of(first, OTHER)
+    await attached(first, spoken_id, spoken)
+    await attached(first, plain_id, plain)
+    await first.crash()  # ringing: the bot was waiting to speak on it
+    assert not terminated(first, spoken_id)
+    second = await web_bot(start_bot, data_dir=str(tmp_path))
+    final = await shown(second, spoken, "restarted during this call")
+    assert ": failed" in final.plain and final.buttons() == []
+    assert await hung_up(second, spoken_id)
+    assert not terminated(second, plain_id)  # nobody spoke on it: it goes on
+    record = await second.app.store.get_call(plain_id)
+    assert record is not None and record.status == "INITIATED"
+
+
+# The reply's message id and a webhook stored at the same moment (PostgreSQL)
+
+
+async def test_attaching_the_message_sees_a_status_stored_meanwhile(
+    engine: AsyncEngine, store: Store
+) -> None:
+    """A webhook's transaction and `set_message` overlap: the webhook read no message id, so
+    `set_message` must return the webhook's status for its caller to show it (else the message
+    stays "started" for good; seen flaky on PostgreSQL)."""
+    new = NewCall("cb_race", OPERATOR, "Op", OPERATOR, "web", PHONE, PHONE, False, "en")
+    await store.create_call(new)
+    await store.call_started(
+        "cb_race", pilot_call_id="p1", external_call_id=None, status="INITIATED"
+    )
+    async with sessionmaker(engine).begin() as session:
+        query = select(CallRow).where(CallRow.id == "cb_race").with_for_update()
+        row = (await session.execute(query)).scalar_one()
+        row.status = "ACCEPTED"  # the webhook, stored but not committed yet
+        await session.flush()
+        attaching = asyncio.create_task(store.set_message("cb_race", 42))
+        await asyncio.sleep(0.3)
+    current = await attaching
+    assert current is not None and (current.status, current.message_id) == ("ACCEPTED", 42)
