@@ -24,7 +24,6 @@ from aiogram.methods import Response, TelegramMethod
 from aiogram.methods.base import TelegramType
 from aiogram.types import TelegramObject, Update
 from prometheus_client import (
-    CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
@@ -114,7 +113,9 @@ STEP_RESULTS = frozenset(
     }
 )
 INCIDENT_STATES = ("firing", "acknowledged", "exhausted")
-CONTENT_TYPE = CONTENT_TYPE_LATEST
+# generate_latest writes the classic text format every Prometheus reads (names here are plain
+# ASCII, so nothing needs the newer 1.0.0 escaping): say so, whatever the client's version.
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # the outcome of the update being handled, for the error middleware to mark
 _update_outcome: ContextVar[list[str] | None] = ContextVar("update_outcome", default=None)
@@ -223,6 +224,12 @@ class Metrics:
             "callbot_media_sessions", "Media sessions in use, by kind.", ["kind"], registry=r
         )
         self._summaries: list[Callable[[], Awaitable[None]]] = []
+        # Series the alert rules (deploy/prometheus-rules.yml) divide by or watch for a first
+        # increase exist from the start, at 0: increase() cannot see a series' first sample.
+        for number_type in sorted(NUMBER_TYPES):
+            for origin in sorted(ORIGINS):
+                self.calls_started.labels(number_type, origin)
+        self.webhooks.labels("none", "bad_signature")
 
     # --- what the app wires in
 
