@@ -9,6 +9,8 @@ chat, phone, call or user id: every label value comes from a closed list, anythi
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
@@ -117,6 +119,8 @@ INCIDENT_STATES = ("firing", "acknowledged", "exhausted")
 # ASCII, so nothing needs the newer 1.0.0 escaping): say so, whatever the client's version.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
+log = logging.getLogger(__name__)
+SUMMARY_TIMEOUT_SECONDS = 2.0
 # the outcome of the update being handled, for the error middleware to mark
 _update_outcome: ContextVar[list[str] | None] = ContextVar("update_outcome", default=None)
 
@@ -248,9 +252,14 @@ class Metrics:
         self._summaries.append(refresh)
 
     async def render(self) -> bytes:
-        """The exposition; database gauges are refreshed first (a failure leaves them as were)."""
+        """The exposition, the database gauges refreshed first. A database that does not answer
+        leaves them as they were (logged): the rest is still worth scraping, and /readyz says
+        what is wrong."""
         for refresh in self._summaries:
-            await refresh()
+            try:
+                await asyncio.wait_for(refresh(), SUMMARY_TIMEOUT_SECONDS)
+            except Exception as err:
+                log.warning("metrics: the incident gauges were not read (%s)", type(err).__name__)
         return generate_latest(self.registry)
 
     # --- callbacks given to the services and the client

@@ -257,6 +257,7 @@ async def test_readyz_names_the_database_when_it_is_gone(
     assert gone.status_code == 503
     assert "unavailable" in gone.json()["failing"]["database"]
     assert (await get(bot, "/healthz")).status_code == 200
+    assert value(await scrape(bot), "callbot_build_info") == 1  # metrics are still served
 
 
 def free_port() -> int:
