@@ -120,7 +120,7 @@ class CallbotApp:
         self.settings = settings
         self.metrics = Metrics(build_version())
         self.draining = False  # /readyz answers 503 from the start of a shutdown
-        self._head: str | None = None  # the newest migration, read once
+        self._head: str | None = None  # the newest migration, read once at start
         self.pilot = build_pilot_client(settings, self.metrics)
         self.bot = build_bot(settings, self.metrics)
         self.engine = build_engine(settings)
@@ -260,6 +260,7 @@ class CallbotApp:
         """Schema up to date, on-call file loaded, web app listening; then polling may begin."""
         settings = self.settings
         await migrate(self.engine)
+        self._head = head_revision()
         if settings.oncall_file is not None:
             await self._load_oncall_file(settings.oncall_file)
         token = settings.pilot_status_webhook_token
@@ -371,7 +372,7 @@ class CallbotApp:
         """What keeps this process from taking traffic (part → reason); empty when ready."""
         if self.draining:
             return {"shutdown": "draining"}
-        head = self._head = self._head or head_revision()
+        head = self._head
         try:
             revision = await asyncio.wait_for(schema_revision(self.engine), READY_TIMEOUT_SECONDS)
         except TimeoutError:
