@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import logging
 import tomllib
 from collections.abc import Callable, Coroutine
@@ -28,6 +29,7 @@ from bot.i18n import LOCALES, LocaleMiddleware, build_i18n
 from bot.lifecycle import CallTracker, PollPolicy
 from bot.live import LiveMessages
 from bot.media import MediaEndpoint
+from bot.metrics import Metrics, TelegramRequestMetrics, UpdateMetricsMiddleware
 from bot.middlewares import (
     DedupUpdatesMiddleware,
     InFlightUpdatesMiddleware,
@@ -40,7 +42,14 @@ from bot.pilot_status import PilotStatusClient, RetryPolicy, build_http_client
 from bot.pilot_status.errors import PilotStatusError
 from bot.retention import Retention
 from bot.shutdown import InFlight
-from bot.storage.db import create_engine, database_url, migrate, sessionmaker
+from bot.storage.db import (
+    create_engine,
+    database_url,
+    head_revision,
+    migrate,
+    schema_revision,
+    sessionmaker,
+)
 from bot.storage.oncall import OnCallStore
 from bot.storage.retention import RetentionStore
 from bot.storage.store import Store, utcnow
@@ -54,9 +63,17 @@ from handlers import build_router
 
 log = logging.getLogger("callbot")
 STARTUP_PROBE_SECONDS = 10.0
+READY_TIMEOUT_SECONDS = 3.0  # a readiness probe's database check
 
 
-def build_pilot_client(settings: Settings) -> PilotStatusClient:
+def build_version() -> str:
+    try:
+        return importlib.metadata.version("callbot")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def build_pilot_client(settings: Settings, metrics: Metrics | None = None) -> PilotStatusClient:
     http = build_http_client(
         base_url=str(settings.pilot_status_base_url),
         api_key=settings.pilot_status_api_key,
@@ -69,7 +86,9 @@ def build_pilot_client(settings: Settings) -> PilotStatusClient:
     retry = RetryPolicy(
         max_retries=settings.pilot_status_max_retries, backoff=settings.pilot_status_retry_backoff
     )
-    return PilotStatusClient(http, retry=retry)
+    return PilotStatusClient(
+        http, retry=retry, observe=metrics.pilot_request if metrics is not None else None
+    )
 
 
 def build_engine(settings: Settings) -> AsyncEngine:
@@ -79,12 +98,14 @@ def build_engine(settings: Settings) -> AsyncEngine:
     return create_engine(url)
 
 
-def build_bot(settings: Settings) -> Bot:
+def build_bot(settings: Settings, metrics: Metrics | None = None) -> Bot:
     session = AiohttpSession()
     if settings.telegram_api_url is not None:
         base = str(settings.telegram_api_url).rstrip("/")
         session = AiohttpSession(api=TelegramAPIServer.from_base(base))
     session.middleware(RetryAfterMiddleware())
+    if metrics is not None:  # inside the retry: each attempt is counted
+        session.middleware(TelegramRequestMetrics(metrics))
     return Bot(
         settings.bot_token.get_secret_value(),
         session=session,
@@ -97,8 +118,11 @@ class CallbotApp:
 
     def __init__(self, settings: Settings, *, media: MediaEndpoint | None = None) -> None:
         self.settings = settings
-        self.pilot = build_pilot_client(settings)
-        self.bot = build_bot(settings)
+        self.metrics = Metrics(build_version())
+        self.draining = False  # /readyz answers 503 from the start of a shutdown
+        self._head: str | None = None  # the newest migration, read once at start
+        self.pilot = build_pilot_client(settings, self.metrics)
+        self.bot = build_bot(settings, self.metrics)
         self.engine = build_engine(settings)
         self.store = Store(sessionmaker(self.engine))
         self.i18n = build_i18n(settings.default_locale)
@@ -159,6 +183,7 @@ class CallbotApp:
             self.tracker,
             self.voice,
             drain=self.in_flight,
+            counts=self.metrics,
         )
         self.oncall_store = OnCallStore(sessionmaker(self.engine))
         self.oncall = OnCall(
@@ -171,8 +196,12 @@ class CallbotApp:
             lease=timedelta(seconds=settings.oncall_lease_seconds),
             drain=self.in_flight,
             admins=tuple(sorted(settings.admin_ids)),
+            on_step=self.metrics.step,
         )
         self.tracker.subscribe(self.oncall.call_changed)
+        self.tracker.subscribe(self.metrics.call_changed)
+        self.metrics.media("meta", lambda: self.voice.open_sessions)
+        self.metrics.incidents(lambda: self.oncall_store.open_summary(self.oncall.clock()))
         self.retention = Retention(
             RetentionStore(sessionmaker(self.engine)), days=settings.retention_days
         )
@@ -218,6 +247,7 @@ class CallbotApp:
             oncall_store=self.oncall_store,
             i18n=self.i18n,
         )
+        dp.update.outer_middleware(UpdateMetricsMiddleware(self.metrics))  # sees duplicates too
         dp.update.outer_middleware(DedupUpdatesMiddleware(SeenUpdates()))
         dp.update.outer_middleware(InFlightUpdatesMiddleware(self.in_flight))
         LocaleMiddleware(self.i18n).setup(dp)
@@ -230,10 +260,12 @@ class CallbotApp:
         """Schema up to date, on-call file loaded, web app listening; then polling may begin."""
         settings = self.settings
         await migrate(self.engine)
+        self._head = head_revision()
         if settings.oncall_file is not None:
             await self._load_oncall_file(settings.oncall_file)
         token = settings.pilot_status_webhook_token
         secret = settings.pilot_status_webhook_secret
+        metrics_token = settings.metrics_token
         app = build_web_app(
             tracker=self.tracker,
             oncall=self.oncall,
@@ -242,6 +274,9 @@ class CallbotApp:
             max_body=settings.webhook_max_body,
             alert_max_body=settings.alert_max_body,
             shelf=self.shelf,
+            metrics=self.metrics,
+            metrics_token=metrics_token.get_secret_value() if metrics_token else None,
+            readiness=self.readiness,
         )
         limits = ConnectionLimits(
             header_timeout=settings.web_header_timeout,
@@ -333,8 +368,25 @@ class CallbotApp:
         await self.engine.dispose()
         await self.bot.session.close()
 
+    async def readiness(self) -> dict[str, str]:
+        """What keeps this process from taking traffic (part → reason); empty when ready."""
+        if self.draining:
+            return {"shutdown": "draining"}
+        head = self._head
+        try:
+            revision = await asyncio.wait_for(schema_revision(self.engine), READY_TIMEOUT_SECONDS)
+        except TimeoutError:
+            return {"database": f"no answer within {READY_TIMEOUT_SECONDS:.0f} s"}
+        except Exception as err:
+            log.warning("readiness: the database does not answer (%s)", type(err).__name__)
+            return {"database": f"unavailable ({type(err).__name__})"}
+        if revision != head:
+            return {"migrations": f"database at {revision or 'none'}, code at {head}"}
+        return {}
+
     async def drain(self) -> None:
         """No new escalation step; let rings and /call replies in flight finish (bounded)."""
+        self.draining = True
         self.oncall.stop()
         seconds = self.settings.shutdown_drain_seconds
         if self.in_flight.count:

@@ -6,6 +6,7 @@ import logging
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from bot import states
 from bot.errors import CallbotError, describe
@@ -49,6 +50,7 @@ class CallRequest:
     masked: bool = False  # show the number masked (group chats)
     message_id: int | None = None  # the message that will follow the call, when known already
     speech: Speech | None = None  # said to the callee once they answer
+    origin: str = "operator"  # or "alert": an on-call ring (counted apart in the metrics)
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,16 @@ class NeedsPermission:
 
 
 CallOutcome = Started | NeedsPermission
+
+
+class CallCounts(Protocol):
+    """Told of each attempt's result (bot.metrics counts them)."""
+
+    def call_started(self, number_type: str, origin: str) -> None: ...
+
+    def call_failed(self, number_type: str | None, code: str) -> None: ...
+
+
 BeforePost = Callable[[CallRecord], Awaitable[None]]
 
 
@@ -94,7 +106,9 @@ class CallService:
         voice: VoiceSide | None = None,
         *,
         drain: InFlight | None = None,
+        counts: CallCounts | None = None,
     ) -> None:
+        self._counts = counts
         self._client = client
         self._types = number_types
         self._store = store
@@ -117,9 +131,17 @@ class CallService:
         self._in_flight.add(key)
         try:
             async with self._drain.track():
-                return await self._start(request, before_post)
+                outcome = await self._start(request, before_post)
+        except (CallbotError, PilotStatusError) as err:
+            if self._counts is not None:
+                known = self._types.known
+                self._counts.call_failed(known.value if known else None, describe(err).code)
+            raise
         finally:
             self._in_flight.discard(key)
+        if self._counts is not None and isinstance(outcome, Started):
+            self._counts.call_started(outcome.number_type.value, request.origin)
+        return outcome
 
     async def _start(self, request: CallRequest, before_post: BeforePost | None) -> CallOutcome:
         number_type = await self._types.get()

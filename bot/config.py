@@ -68,6 +68,8 @@ class Settings(BaseSettings):
     webhook_max_body: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
     # alert intake has its own limit: an Alertmanager group of a few hundred alerts is ~300 KB
     alert_max_body: int = Field(default=1024 * 1024, ge=1024, le=64 * 1024 * 1024)
+    # when set, GET /metrics needs `Authorization: Bearer <token>` (401 otherwise)
+    metrics_token: SecretStr | None = None
     # without webhooks, each call is polled until it ends
     call_poll_interval: float = Field(default=2.0, gt=0, le=60)
     call_poll_timeout: float = Field(default=900.0, gt=0, le=86400)

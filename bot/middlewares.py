@@ -17,6 +17,7 @@ from aiogram.methods import Response, TelegramMethod
 from aiogram.methods.base import TelegramType
 from aiogram.types import TelegramObject, Update
 
+from bot.metrics import mark_duplicate
 from bot.pending import SeenUpdates
 from bot.shutdown import InFlight
 
@@ -52,6 +53,7 @@ class DedupUpdatesMiddleware(BaseMiddleware):
     ) -> Any:
         if isinstance(event, Update) and not self._seen.first_time(event.update_id):
             log.info("update %s delivered again; ignored", event.update_id)
+            mark_duplicate()
             return None
         return await handler(event, data)
 

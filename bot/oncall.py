@@ -185,8 +185,10 @@ class OnCall:
         lease: timedelta = LEASE,
         drain: InFlight | None = None,
         admins: tuple[int, ...] = (),
+        on_step: Callable[[str], None] | None = None,
     ) -> None:
         self._store = store
+        self._on_step = on_step  # told what each step did (bot.metrics counts it)
         self.lease = lease  # a claimed step is renewed every third of it while it runs
         self._drain = drain or InFlight()
         self._running: set[int] = set()  # incidents whose step this process is running
@@ -589,7 +591,9 @@ class OnCall:
             return False
         renewing = asyncio.create_task(self._renew(incident), name=f"lease {incident_id}")
         try:
-            await self._run_step(incident, now)
+            result = await self._run_step(incident, now)
+            if self._on_step is not None:
+                self._on_step(result)
         finally:
             renewing.cancel()
             with suppress(asyncio.CancelledError):
@@ -609,7 +613,8 @@ class OnCall:
             except Exception:
                 log.exception("cannot renew the lease of incident %s", incident.id)
 
-    async def _run_step(self, incident: Incident, now: datetime) -> None:
+    async def _run_step(self, incident: Incident, now: datetime) -> str:
+        """Run the step; returns what it did (a metrics label: see bot.metrics.STEP_RESULTS)."""
         team = await self._store.team_by_id(incident.team_id)
         assert team is not None
         steps = plan(team, now)
@@ -619,7 +624,7 @@ class OnCall:
             # (a crash, a kill): settle it from its call record instead of ringing again.
             pending = await self._settle_earlier_ring(incident, team, steps, now)
             if pending is None:
-                return
+                return "settled"
             incident = pending
         if not steps:
             await self._update(
@@ -631,7 +636,7 @@ class OnCall:
                 exhausted_at=now,
                 note=f"{_hm(now)} team {team.name} has nobody on its list",
             )
-            return
+            return "exhausted"
         if incident.step >= len(steps):
             await self._update(
                 incident,
@@ -642,7 +647,7 @@ class OnCall:
                 exhausted_at=now,
                 note=f"{_hm(now)} nobody acknowledged: escalation ended",
             )
-            return
+            return "exhausted"
         alias = steps[incident.step]
         contact = await self._store.contact(alias)
         if contact is None:
@@ -654,7 +659,7 @@ class OnCall:
                 next_action_at=now,
                 note=f"{_hm(now)} {alias}: no such contact, skipped",
             )
-            return
+            return "skipped"
         held_until = await self._held(contact.phone, now)
         if held_until is not None:
             await self._update(
@@ -664,7 +669,7 @@ class OnCall:
                 next_action_at=held_until,
                 note=f"{_hm(now)} throttle held the call to {alias} until {_hm(held_until)}",
             )
-            return
+            return "throttled"
         request = CallRequest(
             operator_id=SYSTEM,
             chat_id=team.chat_id,
@@ -674,6 +679,7 @@ class OnCall:
             locale=self._locale,
             masked=True,
             speech=self._speech(team.name, incident.title),
+            origin="alert",
         )
         written: list[str] = []
         phone = contact.phone
@@ -696,7 +702,7 @@ class OnCall:
         try:
             outcome = await self._calls.start(request, before_post=write_ahead)
         except _Superseded:
-            return  # acknowledged, resolved or taken by another attempt meanwhile
+            return "superseded"  # acknowledged, resolved or taken by another attempt meanwhile
         except (CallbotError, PilotStatusError) as err:
             code = describe(err).code
             if not written:
@@ -708,7 +714,7 @@ class OnCall:
                     next_action_at=now,
                     note=f"{_hm(now)} call to {alias} failed: {code}",
                 )
-                return
+                return "failed"
             [call_id] = written
             if isinstance(err, APIConnectionError) and err.maybe_sent:
                 note = f"{_hm(now)} call to {alias}: outcome unknown ({code}), not rung again"
@@ -718,7 +724,7 @@ class OnCall:
             await self._end_ring(
                 incident, team, call_id, note, step=incident.step + 1, next_action_at=now
             )
-            return
+            return "failed"
         next_person = _next_person(steps, incident.step)
         if isinstance(outcome, NeedsPermission):
             note = f"{_hm(now)} {alias} has not allowed WhatsApp calls"
@@ -743,7 +749,7 @@ class OnCall:
                 next_action_at=now,
                 note=note + "; next person",
             )
-            return
+            return "no_permission"
         quota = _quota_note(outcome)
         # Applied only if no end event settled this ring first (then the next step is due).
         await self._end_ring(
@@ -755,6 +761,7 @@ class OnCall:
             call_id=outcome.record.id,
             next_action_at=now + timedelta(seconds=team.wait_seconds),
         )
+        return "rang"
 
     async def _settle_earlier_ring(
         self, incident: Incident, team: Team, steps: list[str], now: datetime

@@ -8,7 +8,9 @@ intake from monitoring, health.
   401 for a bad token, 413 over `ALERT_MAX_BODY`, 400 with a reason for a bad body, nothing
   stored in any of these cases.
 - `GET /audio/<signed ref>.wav`: a spoken message for Pilot's `/play`, served once, short-lived.
-- `GET /healthz`.
+- `GET /healthz`: the process is alive. `GET /readyz`: 200 when the database answers and its
+  schema is at the newest migration, 503 naming what is not ready otherwise (and while draining).
+- `GET /metrics`: Prometheus text format (bot/metrics.py), behind `METRICS_TOKEN` when set.
 
 Each route has its own body limit (Pilot's events are small, an Alertmanager group of a few
 hundred alerts is not), read as a stream and refused with 413 past it. Bad input always gets a
@@ -33,6 +35,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from bot.alerts import Alert, parse_alertmanager, parse_generic, parse_grafana
 from bot.errors import CallbotError
 from bot.lifecycle import CallTracker
+from bot.metrics import CONTENT_TYPE, Metrics
 from bot.oncall import OnCall, valid_alias
 from bot.pilot_status.webhooks import parse_delivery
 from bot.storage.store import Unstorable
@@ -48,6 +51,8 @@ PARSERS: dict[str, Callable[[object], Alert]] = {
 }
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SIGNATURE = "x-pilot-status-signature"
+METRICS = web.AppKey("metrics", Metrics)
+Readiness = Callable[[], Awaitable[dict[str, str]]]  # what is not ready → why; empty: ready
 BODY = web.RequestKey("body", bytes)  # the raw body, once read (for the error middleware)
 MAX_DELIVERY_KEY = 256  # DeliveryRow.key
 # The storage or the network is down for now: the sender's retry is what we want (503).
@@ -70,14 +75,22 @@ def build_web_app(
     max_body: int = 64 * 1024,
     alert_max_body: int = 1024 * 1024,
     shelf: AudioShelf | None = None,
+    metrics: Metrics | None = None,
+    metrics_token: str | None = None,
+    readiness: Readiness | None = None,
 ) -> web.Application:
     app = web.Application(client_max_size=max_body, middlewares=[_contain()])
     app[TRACKER] = tracker
     app[ONCALL] = oncall
+    app[METRICS] = metrics or Metrics("unknown")
     if path_token:
         app.router.add_post(f"/pilot-status/{path_token}", _receiver(secret, max_body))
     app.router.add_post("/alerts/{kind}/{team}", _intake(alert_max_body))
     app.router.add_get("/healthz", _health)
+    if readiness is not None:
+        app.router.add_get("/readyz", _ready(readiness))
+    if metrics is not None:
+        app.router.add_get("/metrics", _metrics(metrics, metrics_token))
     if shelf is not None:
         app.router.add_get("/audio/{ref}.wav", shelf.serve)
     return app
@@ -87,22 +100,33 @@ def _receiver(secret: str | None, max_body: int) -> Handler:
     key = secret.encode() if secret else None
 
     async def receive(request: web.Request) -> web.StreamResponse:
-        raw = await _read(request, max_body)
+        count = request.app[METRICS].webhook
+        try:
+            raw = await _read(request, max_body)
+        except web.HTTPRequestEntityTooLarge:
+            count(None, "too_large")
+            raise
         if key is not None and not _signed(key, raw, request.headers.get(SIGNATURE)):
             log.warning("webhook refused: bad or missing signature")
+            count(None, "bad_signature")
             return _refuse(401, "bad signature")
         try:
             events = parse_delivery(_json(raw))
         except ValueError as err:  # WebhookError is a ValueError, and so is bad JSON
+            count(None, "malformed")
             return _refuse(400, str(err) or "bad body")
+        first = events[0].event if events else None
         delivery = _delivery_key(request.headers.get("Idempotency-Key"), raw)
         try:
             applied = await request.app[TRACKER].on_delivery(delivery, events)
         except Unstorable as err:
             log.warning("webhook delivery %s refused by the database: %s", delivery, err)
+            count(first, "malformed")
             return _refuse(400, str(err))
         if not applied:
+            count(first, "duplicate")
             return web.json_response({"ok": True, "duplicate": True})
+        count(first, "applied")
         return web.json_response({"ok": True, "events": len(events)})
 
     return receive
@@ -114,19 +138,28 @@ def _intake(max_body: int) -> Handler:
         if parser is None:
             raise web.HTTPNotFound()
         oncall = request.app[ONCALL]
+        source = request.match_info["kind"]
+        count = request.app[METRICS].alert
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         name, token = _alias_or_none(request.match_info["team"]), token.strip()
         team = None
         if scheme.lower() == "bearer" and name and token.isascii() and token.isprintable():
             team = await oncall.authorize(name, token)
         if team is None:
+            count(source, "unauthorized")
             return _refuse(401, "unknown team or bad token")
-        raw = await _read(request, max_body)
+        try:
+            raw = await _read(request, max_body)
+        except web.HTTPRequestEntityTooLarge:
+            count(source, "too_large")
+            raise
         try:
             alert = parser(_json(raw))
         except ValueError as err:  # AlertError is a ValueError, and so is bad JSON
+            count(source, "malformed")
             return _refuse(400, str(err) or "bad body")
         result, incident = await oncall.intake(team, alert)
+        count(source, result)
         return web.json_response({"result": result, "incident": incident.id if incident else None})
 
     return alerts
@@ -134,6 +167,33 @@ def _intake(max_body: int) -> Handler:
 
 async def _health(_request: web.Request) -> web.Response:
     return web.json_response({"ok": True})
+
+
+def _ready(readiness: Readiness) -> Handler:
+    async def ready(_request: web.Request) -> web.StreamResponse:
+        failing = await readiness()
+        if failing:
+            return web.json_response({"ready": False, "failing": failing}, status=503)
+        return web.json_response({"ready": True})
+
+    return ready
+
+
+def _metrics(metrics: Metrics, token: str | None) -> Handler:
+    expected = f"Bearer {token}".encode() if token else None
+
+    async def scrape(request: web.Request) -> web.StreamResponse:
+        given = request.headers.get("Authorization", "").strip()
+        if expected is not None and not (
+            given.isascii() and hmac.compare_digest(given.encode(), expected)
+        ):
+            return web.Response(
+                status=401, text="bearer token required\n", headers={"WWW-Authenticate": "Bearer"}
+            )
+        body = await metrics.render()
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+    return scrape
 
 
 # --------------------------------------------------------------------------- input hygiene

@@ -39,6 +39,7 @@ from bot.pilot_status.models import (
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
+Observe = Callable[[str, int | None, float], None]
 
 
 @dataclass(frozen=True)
@@ -94,10 +95,12 @@ class PilotStatusClient:
         *,
         retry: RetryPolicy | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        observe: Observe | None = None,
     ) -> None:
         self._http = http
         self._retry = retry or RetryPolicy()
         self._sleep = sleep
+        self._observe = observe  # told of each attempt: (operation, status or None, seconds)
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -106,21 +109,25 @@ class PilotStatusClient:
 
     async def start_call(self, request: StartCall) -> CallStarted:
         body = request.model_dump(by_alias=True, exclude_none=True)
-        return await self._call("POST", "/v1/calls", CallStarted, json=body, idempotent=False)
+        return await self._call(
+            "start_call", "POST", "/v1/calls", CallStarted, json=body, idempotent=False
+        )
 
     async def get_call(self, call_id: str, *, include_sdp: bool = False) -> Call:
         params = {"includeSdp": "1"} if include_sdp else None
-        return await self._call("GET", f"/v1/calls/{_seg(call_id)}", Call, params=params)
+        return await self._call(
+            "get_call", "GET", f"/v1/calls/{_seg(call_id)}", Call, params=params
+        )
 
     async def list_calls(self, *, limit: int = 25, before: str | None = None) -> list[Call]:
         params = {"limit": str(limit)} | ({"before": before} if before else {})
-        page = await self._call("GET", "/v1/calls", CallList, params=params)
+        page = await self._call("list_calls", "GET", "/v1/calls", CallList, params=params)
         return page.calls
 
     async def terminate(self, call_id: str) -> CallAction:
         # Ending a call twice is harmless, so a failed terminate may be retried.
         path = f"/v1/calls/{_seg(call_id)}/terminate"
-        return await self._call("POST", path, CallAction, idempotent=True)
+        return await self._call("terminate", "POST", path, CallAction, idempotent=True)
 
     # media (web numbers)
 
@@ -134,36 +141,43 @@ class PilotStatusClient:
         if every_name:
             body |= {"url": media_url, "audioUrl": media_url}
         path = f"/v1/calls/{_seg(call_id)}/play"
-        return await self._call("POST", path, CallAction, json=body, idempotent=False)
+        return await self._call("play", "POST", path, CallAction, json=body, idempotent=False)
 
     async def realtime_session(self, call_id: str, mode: str = "talk") -> RealtimeSession:
         path = f"/v1/calls/{_seg(call_id)}/realtime-session"
         return await self._call(
-            "POST", path, RealtimeSession, json={"mode": mode}, idempotent=False
+            "realtime_session", "POST", path, RealtimeSession, json={"mode": mode}, idempotent=False
         )
 
     # permissions and settings (Meta numbers)
 
     async def get_permission(self, to: str) -> PermissionProbe:
         params = {"to": to}
-        return await self._call("GET", "/v1/calls/permissions", PermissionProbe, params=params)
+        return await self._call(
+            "get_permission", "GET", "/v1/calls/permissions", PermissionProbe, params=params
+        )
 
     async def request_permission(self, to: str, text: str | None = None) -> PermissionRequested:
         body = {"to": to} | ({"text": text} if text else {})
         path = "/v1/calls/permissions/request"
-        return await self._call("POST", path, PermissionRequested, json=body, idempotent=False)
+        return await self._call(
+            "request_permission", "POST", path, PermissionRequested, json=body, idempotent=False
+        )
 
     async def get_settings(self) -> CallingSettings:
-        return await self._call("GET", "/v1/calls/settings", CallingSettings)
+        return await self._call("get_settings", "GET", "/v1/calls/settings", CallingSettings)
 
     async def service_window(self, to: str) -> ServiceWindow:
         params = {"destinationNumber": to}
-        return await self._call("GET", "/v1/service-window", ServiceWindow, params=params)
+        return await self._call(
+            "service_window", "GET", "/v1/service-window", ServiceWindow, params=params
+        )
 
     # plumbing
 
     async def _call(
         self,
+        operation: str,
         method: str,
         path: str,
         model: type[M],
@@ -173,7 +187,9 @@ class PilotStatusClient:
         idempotent: bool | None = None,
     ) -> M:
         safe = method == "GET" if idempotent is None else idempotent
-        status, body = await self._request(method, path, params=params, json=json, idempotent=safe)
+        status, body = await self._request(
+            operation, method, path, params=params, json=json, idempotent=safe
+        )
         try:
             return model.model_validate(body)
         except ValidationError as err:
@@ -181,6 +197,7 @@ class PilotStatusClient:
 
     async def _request(
         self,
+        operation: str,
         method: str,
         path: str,
         *,
@@ -194,18 +211,21 @@ class PilotStatusClient:
             try:
                 response = await self._http.request(method, path, params=params, json=json)
             except httpx.TimeoutException as err:
+                self._observed(operation, None, started)
                 never_sent = isinstance(err, httpx.ConnectTimeout | httpx.PoolTimeout)
                 error: PilotStatusError = APITimeoutError(
                     f"{method} {path}: {type(err).__name__}", maybe_sent=not never_sent
                 )
                 cause: BaseException = err
             except httpx.TransportError as err:
+                self._observed(operation, None, started)
                 never_sent = isinstance(err, httpx.ConnectError)
                 error = APIConnectionError(
                     f"{method} {path}: {type(err).__name__}", maybe_sent=not never_sent
                 )
                 cause = err
             else:
+                self._observed(operation, response.status_code, started)
                 elapsed = (time.perf_counter() - started) * 1000
                 log.debug(
                     "pilot %s %s -> %s in %.1f ms", method, path, response.status_code, elapsed
@@ -235,6 +255,10 @@ class PilotStatusClient:
             log.info("pilot %s %s: %s, retry in %.2f s", method, path, error, delay)
             attempt += 1
             await self._sleep(delay)
+
+    def _observed(self, operation: str, status: int | None, started: float) -> None:
+        if self._observe is not None:
+            self._observe(operation, status, time.perf_counter() - started)
 
 
 def _retryable(error: PilotStatusError, *, idempotent: bool) -> bool:

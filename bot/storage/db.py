@@ -6,7 +6,8 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Connection, event
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -88,3 +89,20 @@ async def migrate(engine: AsyncEngine) -> None:
 
     async with engine.begin() as connection:
         await connection.run_sync(upgrade)
+
+
+def head_revision() -> str | None:
+    """The newest migration this code ships."""
+    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+
+async def schema_revision(engine: AsyncEngine) -> str | None:
+    """The migration the database is at (None: never migrated). Raises when it does not answer."""
+    async with engine.connect() as connection:
+        tables = await connection.run_sync(
+            lambda sync: sync.dialect.has_table(sync, "alembic_version")
+        )
+        if not tables:
+            return None
+        version = await connection.scalar(text("SELECT version_num FROM alembic_version"))
+    return str(version) if version is not None else None

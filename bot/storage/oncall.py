@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import delete, or_, select
+from sqlalchemy import delete, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from bot.storage.tables import ContactRow, IncidentRow, RingRow, TeamRow
@@ -300,6 +300,24 @@ class OnCallStore:
                 .limit(limit)
             )
             return list((await session.execute(query)).scalars())
+
+    async def open_summary(self, now: datetime) -> tuple[dict[str, int], float]:
+        """Open incidents by state, and the seconds the oldest overdue step is late (0: none):
+        two indexed aggregates, cheap enough for every metrics scrape."""
+        async with self._sessions() as session:
+            counts = await session.execute(
+                select(IncidentRow.status, func.count())
+                .where(IncidentRow.status.in_(OPEN))
+                .group_by(IncidentRow.status)
+            )
+            oldest = await session.scalar(
+                select(func.min(IncidentRow.next_action_at)).where(
+                    IncidentRow.status == "firing", IncidentRow.next_action_at <= now
+                )
+            )
+        by_state = {status: int(count) for status, count in counts.all()}
+        lag = 0.0 if oldest is None else max(0.0, (now - oldest).total_seconds())
+        return by_state, lag
 
     async def next_due_at(self) -> datetime | None:
         """The earliest timer: a step, an acknowledgement running out, or a post to retry."""
