@@ -21,7 +21,7 @@ def main() -> int:
     except ConfigError as err:
         print(err, file=sys.stderr)
         return 2
-    logs.configure(settings.log_level)
+    logs.configure(settings.log_level, settings.log_format, settings.instance_name)
     if sys.argv[1:] == ["migrate"]:
         asyncio.run(migrate_only(settings))
         logging.getLogger("callbot").info("database schema is up to date")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import socket
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -111,6 +112,9 @@ class Settings(BaseSettings):
     default_locale: Literal["en", "pt_BR"] = "en"
     confirm_ttl_seconds: int = Field(default=60, ge=5, le=3600)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = "text"
+    # names this replica in every JSON log line
+    instance_name: str = Field(default_factory=socket.gethostname, min_length=1, max_length=200)
 
     @field_validator("operator_ids", "admin_ids", "allowed_chat_ids", mode="before")
     @classmethod
