@@ -130,6 +130,10 @@ async def test_after_kill_9_a_new_process_on_the_same_sqlite_file_starts(launch:
     again = await launch()
     await again.started()
     assert not REFUSED.search(again.text)
+    third = await launch()  # the new one holds the file now, as the first did
+    assert await third.exited() == 1
+    found = REFUSED.search(third.text)
+    assert found is not None and found["pid"] == str(again.process.pid), third.text
 
 
 @pytest.mark.postgresql
