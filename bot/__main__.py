@@ -22,11 +22,11 @@ def main() -> int:
         print(err, file=sys.stderr)
         return 2
     logs.configure(settings.log_level, settings.log_format, settings.instance_name)
-    if sys.argv[1:] == ["migrate"]:
-        asyncio.run(migrate_only(settings))
-        logging.getLogger("callbot").info("database schema is up to date")
-        return 0
     try:
+        if sys.argv[1:] == ["migrate"]:
+            asyncio.run(migrate_only(settings))
+            logging.getLogger("callbot").info("database schema is up to date")
+            return 0
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(run(settings))
     except StartupError as err:

@@ -43,6 +43,8 @@ from bot.pilot_status.errors import PilotStatusError
 from bot.retention import Retention
 from bot.shutdown import InFlight
 from bot.storage.db import (
+    DatabaseInUse,
+    SqliteFileLock,
     create_engine,
     database_url,
     head_revision,
@@ -124,6 +126,7 @@ class CallbotApp:
         self.pilot = build_pilot_client(settings, self.metrics)
         self.bot = build_bot(settings, self.metrics)
         self.engine = build_engine(settings)
+        self._file_lock = SqliteFileLock.of(self.engine)
         self.store = Store(sessionmaker(self.engine))
         self.i18n = build_i18n(settings.default_locale)
         self.call_again: PendingStore[CallRequest] = PendingStore(24 * 3600)
@@ -259,6 +262,7 @@ class CallbotApp:
     async def start(self) -> None:
         """Schema up to date, on-call file loaded, web app listening; then polling may begin."""
         settings = self.settings
+        lock_sqlite_file(self._file_lock)
         await migrate(self.engine)
         self._head = head_revision()
         if settings.oncall_file is not None:
@@ -366,6 +370,8 @@ class CallbotApp:
             await self.web.close()
         await self.pilot.aclose()
         await self.engine.dispose()
+        if self._file_lock is not None:
+            self._file_lock.release()
         await self.bot.session.close()
 
     async def readiness(self) -> dict[str, str]:
@@ -432,9 +438,27 @@ async def run(settings: Settings) -> None:
         await app.close()
 
 
+def lock_sqlite_file(lock: SqliteFileLock | None) -> None:
+    """SQLite is for one process: a second one on the same file is refused, never let in."""
+    if lock is None:
+        return
+    try:
+        lock.acquire()
+    except DatabaseInUse as err:
+        raise StartupError(
+            f"callbot cannot start: another callbot process uses the SQLite database {err.path} "
+            f"(pid {err.pid}); run one process per SQLite file, or use PostgreSQL "
+            "(DATABASE_URL) for several replicas"
+        ) from None
+
+
 async def migrate_only(settings: Settings) -> None:
     engine = build_engine(settings)
+    lock = SqliteFileLock.of(engine)
     try:
+        lock_sqlite_file(lock)
         await migrate(engine)
     finally:
         await engine.dispose()
+        if lock is not None:
+            lock.release()

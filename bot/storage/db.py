@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
 from pathlib import Path
 
 from alembic import command
@@ -17,6 +19,8 @@ from sqlalchemy.ext.asyncio import (
 )
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+# One PostgreSQL advisory lock key ("callbot" in ASCII) for every replica's migrations.
+MIGRATION_LOCK = 0x63616C6C626F74
 
 
 def database_url(url: str | None, data_dir: Path) -> str:
@@ -80,7 +84,11 @@ def alembic_config(url: str | None = None) -> Config:
 
 
 async def migrate(engine: AsyncEngine) -> None:
-    """Bring the schema to the newest revision, on the app's own engine and event loop."""
+    """Bring the schema to the newest revision, on the app's own engine and event loop.
+
+    On PostgreSQL the upgrade holds an advisory lock until it commits: replicas starting together
+    take turns, and the later ones find the schema already at head.
+    """
 
     def upgrade(connection: Connection) -> None:
         config = alembic_config()
@@ -88,7 +96,58 @@ async def migrate(engine: AsyncEngine) -> None:
         command.upgrade(config, "head")
 
     async with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            await connection.execute(
+                text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK}
+            )
         await connection.run_sync(upgrade)
+
+
+class DatabaseInUse(Exception):
+    """Another process holds the SQLite file's lock."""
+
+    def __init__(self, path: Path, pid: str) -> None:
+        super().__init__(f"{path} is in use by pid {pid}")
+        self.path = path
+        self.pid = pid
+
+
+class SqliteFileLock:
+    """One process per SQLite file: an exclusive lock on `<file>.lock`, held while the process
+    runs. The OS drops it when the process dies, even by kill -9, so a restart is never refused."""
+
+    def __init__(self, database: Path) -> None:
+        self.database = database
+        self._fd: int | None = None
+
+    @classmethod
+    def of(cls, engine: AsyncEngine) -> SqliteFileLock | None:
+        """The lock for the engine's SQLite file; None for PostgreSQL or an in-memory database."""
+        url = engine.url
+        if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+            return None
+        return cls(Path(url.database).resolve())
+
+    def acquire(self) -> None:
+        """Raises DatabaseInUse (with the holder's pid) without waiting."""
+        self.database.parent.mkdir(parents=True, exist_ok=True)
+        path = self.database.with_name(self.database.name + ".lock")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise DatabaseInUse(self.database, holder) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        """The file stays: removing it would let two processes lock two different files."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def head_revision() -> str | None:

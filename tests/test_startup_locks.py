@@ -1,0 +1,177 @@
+"""Real `python -m bot` processes sharing a database: SQLite admits one process per file (and
+lets a restart in after kill -9); replicas starting together on one PostgreSQL migrate once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import asyncpg
+import pytest
+from sqlalchemy.engine import make_url
+
+from bot.storage.db import DatabaseInUse, SqliteFileLock, head_revision
+from tests.conftest import API_KEY, OPERATOR, TOKEN
+from tests.fakes.pilot_status import FakePilotStatus
+from tests.fakes.telegram import FakeTelegram
+
+ROOT = Path(__file__).resolve().parent.parent
+REFUSED = re.compile(
+    r"callbot cannot start: another callbot process uses the SQLite database "
+    r"(?P<path>\S+) \(pid (?P<pid>\d+)\); run one process per SQLite file, "
+    r"or use PostgreSQL \(DATABASE_URL\) for several replicas"
+)
+
+
+class Process:
+    """One `python -m bot` process; its log is read as it runs."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+        self.log: list[str] = []
+        self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        assert self.process.stderr is not None
+        while line := await self.process.stderr.readline():
+            self.log.append(line.decode(errors="replace"))
+
+    @property
+    def text(self) -> str:
+        return "".join(self.log)
+
+    async def started(self) -> None:
+        for _ in range(600):
+            if "callbot started as" in self.text:
+                return
+            if self.process.returncode is not None:
+                break
+            await asyncio.sleep(0.05)
+        raise AssertionError("the bot did not start:\n" + self.text)
+
+    async def exited(self, timeout: float = 20) -> int:  # noqa: ASYNC109
+        code = await asyncio.wait_for(self.process.wait(), timeout)
+        await self._reader
+        return code
+
+
+Launch = Callable[..., Awaitable[Process]]
+
+
+@pytest.fixture
+async def launch(
+    tmp_path: Path, telegram: FakeTelegram, pilot: FakePilotStatus
+) -> AsyncIterator[Launch]:
+    """Run `python -m bot [args]` in tmp_path, on the .env an admin would write."""
+    processes: list[Process] = []
+
+    async def start(*args: str, database_url: str | None = None) -> Process:
+        (tmp_path / ".env").write_text(
+            f"BOT_TOKEN={TOKEN}\n"
+            f"TELEGRAM_API_URL={telegram.url}\n"
+            f"PILOT_STATUS_API_KEY={API_KEY}\n"
+            f"PILOT_STATUS_BASE_URL={pilot.url}\n"
+            "PILOT_STATUS_NUMBER_TYPE=web\n"
+            f"OPERATOR_IDS={OPERATOR}\n"
+            "WEB_PORT=0\n"
+            "SPEECH_ENGINE=no-such-tts\n"
+            + (f"DATABASE_URL={database_url}\n" if database_url else "")
+        )
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "bot",
+            *args,
+            cwd=tmp_path,
+            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)},
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        started = Process(process)
+        processes.append(started)
+        return started
+
+    yield start
+    for process in processes:
+        if process.process.returncode is None:
+            process.process.kill()
+            await process.exited()
+
+
+async def test_a_second_process_on_the_same_sqlite_file_is_refused_with_one_clear_line(
+    launch: Launch, tmp_path: Path
+) -> None:
+    first = await launch()
+    await first.started()
+    for args in ((), ("migrate",)):
+        second = await launch(*args)
+        assert await second.exited() == 1
+        refusals = [line for line in second.log if REFUSED.search(line)]
+        assert len(refusals) == 1, second.text
+        found = REFUSED.search(refusals[0])
+        assert found is not None
+        assert found["pid"] == str(first.process.pid)
+        assert Path(found["path"]) == (tmp_path / "data" / "callbot.db").resolve()
+        assert "Traceback" not in second.text
+    assert first.process.returncode is None  # the first one runs on, untouched
+
+
+async def test_after_kill_9_a_new_process_on_the_same_sqlite_file_starts(launch: Launch) -> None:
+    first = await launch()
+    await first.started()
+    first.process.send_signal(signal.SIGKILL)
+    assert await first.exited() == -signal.SIGKILL
+    again = await launch()
+    await again.started()
+    assert not REFUSED.search(again.text)
+    third = await launch()  # the new one holds the file now, as the first did
+    assert await third.exited() == 1
+    found = REFUSED.search(third.text)
+    assert found is not None and found["pid"] == str(again.process.pid), third.text
+
+
+@pytest.mark.postgresql
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+async def test_three_replicas_starting_together_on_a_fresh_postgresql_migrate_once(
+    launch: Launch, db_url: str
+) -> None:
+    replicas = await asyncio.gather(*(launch(database_url=db_url) for _ in range(3)))
+    await asyncio.gather(*(replica.started() for replica in replicas))
+    for replica in replicas:
+        assert replica.process.returncode is None
+        # Three pollers on one bot token: Telegram's Conflict is expected here (webhook mode
+        # is how replicas share a token); any other error (a failed DDL) is not.
+        errors = [
+            line
+            for line in replica.log
+            if (" ERROR " in line or "Traceback" in line) and "TelegramConflictError" not in line
+        ]
+        assert errors == [], replica.text
+    upgraded = [replica for replica in replicas if "Running upgrade" in replica.text]
+    assert len(upgraded) == 1, [replica.text for replica in replicas]
+    plain = make_url(db_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    connection = await asyncpg.connect(plain)
+    try:
+        versions = await connection.fetch("SELECT version_num FROM alembic_version")
+    finally:
+        await connection.close()
+    assert [row["version_num"] for row in versions] == [head_revision()]
+
+
+def test_the_lock_file_names_the_holder(tmp_path: Path) -> None:
+    """What a second process reports as the holder's pid is what the first wrote."""
+    database = tmp_path / "callbot.db"
+    first, second = SqliteFileLock(database), SqliteFileLock(database)
+    first.acquire()
+    with pytest.raises(DatabaseInUse) as refused:
+        second.acquire()
+    assert refused.value.pid == str(os.getpid())
+    first.release()
+    second.acquire()  # released: the next one gets it
+    second.release()
