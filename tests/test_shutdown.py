@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import signal
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -20,56 +18,11 @@ from bot.oncall import POST_LEASE
 from tests.conftest import API_KEY, OPERATOR, TOKEN
 from tests.fakes.pilot_status import FakePilotStatus
 from tests.fakes.telegram import FakeTelegram, SentMessage
+from tests.processes import BotProcess, run_bot_process
 from tests.test_oncall import ALICE, BOB, HOOK, INFRA_CHAT, INFRA_TOKEN, ONCALL_FILE, generic
 from tests.test_oncall_ring import created_by_pilot, posted, posts_to, slow_post
 
-ROOT = Path(__file__).resolve().parent.parent
 PHONE = "+5511999999999"
-
-
-class Bot:
-    """One `python -m bot` process; its log is read as it runs."""
-
-    def __init__(self, process: asyncio.subprocess.Process) -> None:
-        self.process = process
-        self.log: list[str] = []
-        self.port: int | None = None
-        self._listening = asyncio.Event()
-        self._reader = asyncio.create_task(self._read())
-
-    async def _read(self) -> None:
-        assert self.process.stderr is not None
-        while line := await self.process.stderr.readline():
-            text = line.decode(errors="replace")
-            self.log.append(text)
-            if found := re.search(r"web app listening on port (\d+)", text):
-                self.port = int(found.group(1))
-                self._listening.set()
-
-    async def listening(self) -> int:
-        await asyncio.wait_for(self._listening.wait(), 20)
-        assert self.port is not None
-        return self.port
-
-    async def started(self) -> None:
-        for _ in range(400):
-            if any("callbot started as" in line for line in self.log):
-                return
-            await asyncio.sleep(0.05)
-        raise AssertionError("the bot did not start:\n" + "".join(self.log))
-
-    async def signal(self, sig: signal.Signals, timeout: float = 20) -> int:  # noqa: ASYNC109
-        self.process.send_signal(sig)
-        return await self.exited(timeout)
-
-    async def exited(self, timeout: float = 20) -> int:  # noqa: ASYNC109
-        code = await asyncio.wait_for(self.process.wait(), timeout)
-        await self._reader
-        return code
-
-    @property
-    def text(self) -> str:
-        return "".join(self.log)
 
 
 @pytest.fixture
@@ -78,10 +31,10 @@ async def run_bot(
 ) -> AsyncIterator[object]:
     """Start `python -m bot` in tmp_path (the same data each time), on-call file and all."""
     (tmp_path / "oncall.toml").write_text(ONCALL_FILE)
-    started: list[Bot] = []
+    started: list[BotProcess] = []
 
-    async def start() -> Bot:
-        (tmp_path / ".env").write_text(
+    async def start() -> BotProcess:
+        env_file = (
             f"BOT_TOKEN={TOKEN}\n"
             f"TELEGRAM_API_URL={telegram.url}\n"
             f"PILOT_STATUS_API_KEY={API_KEY}\n"
@@ -99,16 +52,7 @@ async def run_bot(
             # audio), which test_oncall_ring.py covers; here the ring itself must survive.
             "SPEECH_ENGINE=no-such-tts\n"
         )
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "bot",
-            cwd=tmp_path,
-            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)},
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        bot = Bot(process)
+        bot = await run_bot_process(tmp_path, env_file)
         started.append(bot)
         await bot.listening()
         await bot.started()
@@ -122,7 +66,7 @@ async def run_bot(
                 await bot.exited(10)
 
 
-async def page(bot: Bot) -> None:
+async def page(bot: BotProcess) -> None:
     url = f"http://127.0.0.1:{bot.port}/alerts/generic/infra"
     headers = {"Authorization": f"Bearer {INFRA_TOKEN}"}
     async with httpx.AsyncClient() as client:

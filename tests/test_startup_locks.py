@@ -8,7 +8,6 @@ import asyncio
 import os
 import re
 import signal
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -20,8 +19,8 @@ from bot.storage.db import DatabaseInUse, SqliteFileLock, head_revision
 from tests.conftest import API_KEY, OPERATOR, TOKEN
 from tests.fakes.pilot_status import FakePilotStatus
 from tests.fakes.telegram import FakeTelegram
+from tests.processes import BotProcess, run_bot_process
 
-ROOT = Path(__file__).resolve().parent.parent
 REFUSED = re.compile(
     r"callbot cannot start: another callbot process uses the SQLite database "
     r"(?P<path>\S+) \(pid (?P<pid>\d+)\); run one process per SQLite file, "
@@ -29,39 +28,7 @@ REFUSED = re.compile(
 )
 
 
-class Process:
-    """One `python -m bot` process; its log is read as it runs."""
-
-    def __init__(self, process: asyncio.subprocess.Process) -> None:
-        self.process = process
-        self.log: list[str] = []
-        self._reader = asyncio.create_task(self._read())
-
-    async def _read(self) -> None:
-        assert self.process.stderr is not None
-        while line := await self.process.stderr.readline():
-            self.log.append(line.decode(errors="replace"))
-
-    @property
-    def text(self) -> str:
-        return "".join(self.log)
-
-    async def started(self) -> None:
-        for _ in range(600):
-            if "callbot started as" in self.text:
-                return
-            if self.process.returncode is not None:
-                break
-            await asyncio.sleep(0.05)
-        raise AssertionError("the bot did not start:\n" + self.text)
-
-    async def exited(self, timeout: float = 20) -> int:  # noqa: ASYNC109
-        code = await asyncio.wait_for(self.process.wait(), timeout)
-        await self._reader
-        return code
-
-
-Launch = Callable[..., Awaitable[Process]]
+Launch = Callable[..., Awaitable[BotProcess]]
 
 
 @pytest.fixture
@@ -69,10 +36,10 @@ async def launch(
     tmp_path: Path, telegram: FakeTelegram, pilot: FakePilotStatus
 ) -> AsyncIterator[Launch]:
     """Run `python -m bot [args]` in tmp_path, on the .env an admin would write."""
-    processes: list[Process] = []
+    processes: list[BotProcess] = []
 
-    async def start(*args: str, database_url: str | None = None) -> Process:
-        (tmp_path / ".env").write_text(
+    async def start(*args: str, database_url: str | None = None) -> BotProcess:
+        env_file = (
             f"BOT_TOKEN={TOKEN}\n"
             f"TELEGRAM_API_URL={telegram.url}\n"
             f"PILOT_STATUS_API_KEY={API_KEY}\n"
@@ -83,17 +50,7 @@ async def launch(
             "SPEECH_ENGINE=no-such-tts\n"
             + (f"DATABASE_URL={database_url}\n" if database_url else "")
         )
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "bot",
-            *args,
-            cwd=tmp_path,
-            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)},
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        started = Process(process)
+        started = await run_bot_process(tmp_path, env_file, *args)
         processes.append(started)
         return started
 
@@ -108,7 +65,7 @@ async def test_a_second_process_on_the_same_sqlite_file_is_refused_with_one_clea
     launch: Launch, tmp_path: Path
 ) -> None:
     first = await launch()
-    await first.started()
+    await first.started(timeout=30)
     for args in ((), ("migrate",)):
         second = await launch(*args)
         assert await second.exited() == 1
@@ -124,11 +81,11 @@ async def test_a_second_process_on_the_same_sqlite_file_is_refused_with_one_clea
 
 async def test_after_kill_9_a_new_process_on_the_same_sqlite_file_starts(launch: Launch) -> None:
     first = await launch()
-    await first.started()
+    await first.started(timeout=30)
     first.process.send_signal(signal.SIGKILL)
     assert await first.exited() == -signal.SIGKILL
     again = await launch()
-    await again.started()
+    await again.started(timeout=30)
     assert not REFUSED.search(again.text)
     third = await launch()  # the new one holds the file now, as the first did
     assert await third.exited() == 1
@@ -142,7 +99,7 @@ async def test_three_replicas_starting_together_on_a_fresh_postgresql_migrate_on
     launch: Launch, db_url: str
 ) -> None:
     replicas = await asyncio.gather(*(launch(database_url=db_url) for _ in range(3)))
-    await asyncio.gather(*(replica.started() for replica in replicas))
+    await asyncio.gather(*(replica.started(timeout=30) for replica in replicas))
     for replica in replicas:
         assert replica.process.returncode is None
         # Three pollers on one bot token: Telegram's Conflict is expected here (webhook mode
