@@ -580,10 +580,6 @@ def incident_text(incident: Incident, team: Team) -> str:
     return "\n".join(filter(None, [header, *body, *footer]))
 
 
-def _units(text: str) -> int:
-    return len(text.encode("utf-16-le")) // 2
-
-
 class _Room:
     """What is left of a message's length, lines joined by newlines."""
 
@@ -591,10 +587,10 @@ class _Room:
         self.left = limit + 1  # n lines need n - 1 newlines
 
     def fits(self, line: str, *, reserve: int = 0) -> bool:
-        return _units(line) + 1 + reserve <= self.left
+        return _shown_length(line) + 1 + reserve <= self.left
 
     def take(self, line: str) -> str:
-        cost = _units(line) + 1
+        cost = _shown_length(line) + 1
         if cost > self.left:
             return ""
         self.left -= cost
@@ -605,12 +601,12 @@ def _escape_within(text: str, limit: int) -> str:
     """`text` escaped for HTML, cut (with "…") so that the escaped form has at most `limit`
     UTF-16 units; never cut inside an entity."""
     escaped = escape(text)
-    if _units(escaped) <= limit:
+    if _shown_length(escaped) <= limit:
         return escaped
     low, high = 0, len(text)  # the longest prefix whose escaped form fits with the ellipsis
     while low < high:
         middle = (low + high + 1) // 2
-        if _units(escape(text[:middle].rstrip()) + "…") <= limit:
+        if _shown_length(escape(text[:middle].rstrip()) + "…") <= limit:
             low = middle
         else:
             high = middle - 1
