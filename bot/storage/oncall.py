@@ -358,8 +358,7 @@ class OnCallStore:
         """Fire again from the first step: only if the incident is still `expected` (and, when
         acknowledged, its acknowledgement ran out). The post is to be refreshed."""
         async with self._sessions.begin() as session:
-            query = select(IncidentRow).where(IncidentRow.id == incident_id).with_for_update()
-            row = (await session.execute(query)).scalars().first()
+            row = await self._locked(session, incident_id)
             if row is None or row.status != expected:
                 return None
             if expected == "acknowledged" and (
@@ -396,8 +395,7 @@ class OnCallStore:
     ) -> Incident | None:
         """Take a due post: its retry moves to now + lease meanwhile (a crash retries it)."""
         async with self._sessions.begin() as session:
-            query = select(IncidentRow).where(IncidentRow.id == incident_id).with_for_update()
-            row = (await session.execute(query)).scalars().first()
+            row = await self._locked(session, incident_id)
             if row is None or row.post_status != "pending" or row.post_next_at is None:
                 return None
             if row.post_next_at > now:
@@ -408,7 +406,7 @@ class OnCallStore:
 
     async def post_done(self, incident_id: int, message_id: int) -> Incident | None:
         async with self._sessions.begin() as session:
-            row = await session.get(IncidentRow, incident_id, with_for_update=True)
+            row = await self._locked(session, incident_id)
             if row is None:
                 return None
             row.post_message_id, row.post_status = message_id, "posted"
@@ -420,14 +418,14 @@ class OnCallStore:
     ) -> None:
         """Count a failed post; `retry_at` None: given up (it stays pending, never due)."""
         async with self._sessions.begin() as session:
-            row = await session.get(IncidentRow, incident_id, with_for_update=True)
+            row = await self._locked(session, incident_id)
             if row is not None and row.post_status == "pending":
                 row.post_attempts, row.post_next_at = attempts, retry_at
 
     async def mark_admins_told(self, incident_id: int, at: datetime) -> None:
         """The admins were told that the incident's chat is unreachable (once per incident)."""
         async with self._sessions.begin() as session:
-            row = await session.get(IncidentRow, incident_id, with_for_update=True)
+            row = await self._locked(session, incident_id)
             if row is not None and row.admins_told_at is None:
                 row.admins_told_at = at
 
@@ -436,8 +434,7 @@ class OnCallStore:
         nobody else takes it meanwhile (and a crash mid-step retries it after the lease), and
         it gets a new attempt: the fence its result is committed with."""
         async with self._sessions.begin() as session:
-            query = select(IncidentRow).where(IncidentRow.id == incident_id).with_for_update()
-            row = (await session.execute(query)).scalars().first()
+            row = await self._locked(session, incident_id)
             if row is None or row.status != "firing" or row.next_action_at is None:
                 return None
             if row.next_action_at > now:
@@ -473,8 +470,7 @@ class OnCallStore:
         commit ends that claim. With repost, its post is to be refreshed (due now, unless a
         retry is already due)."""
         async with self._sessions.begin() as session:
-            query = select(IncidentRow).where(IncidentRow.id == incident_id).with_for_update()
-            row = (await session.execute(query)).scalars().first()
+            row = await self._locked(session, incident_id)
             if row is None:
                 return None, False
             if only_if_firing and row.status != "firing":
