@@ -836,9 +836,6 @@ class OnCall:
         )
         if updated is not None and changed:
             self._publish_soon(updated.id)
-        elif fields.get("call_id"):
-            # Acknowledged (or resolved) while this ring was being placed: it must not ring on.
-            await self._hang_up_ring(str(fields["call_id"]))
 
     # call outcomes (from the lifecycle)
 
