@@ -35,7 +35,7 @@ import aiohttp
 from bench.bench_webhooks import TOKEN, Peer, rss_kib
 from bot.app import CallbotApp
 from bot.config import load_settings
-from bot.oncall import token_hash
+from bot.oncall.engine import token_hash
 from bot.storage.oncall import Contact
 from bot.storage.store import utcnow
 from tests.fakes.pilot_status import FakePilotStatus

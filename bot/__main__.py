@@ -10,9 +10,9 @@ import contextlib
 import logging
 import sys
 
-from bot import logs
 from bot.app import StartupError, migrate_only, run
 from bot.config import ConfigError, load_settings
+from bot.ops import logs
 
 
 def main() -> int:

@@ -19,29 +19,26 @@ from aiogram.client.telegram import TelegramAPIServer
 from aiogram.enums import ParseMode
 from aiogram.exceptions import TelegramNetworkError, TelegramUnauthorizedError
 from aiogram.types import BotCommand
+from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bot.access import AccessPolicy
-from bot.calls import CallRequest, CallService
+from bot.calls.lifecycle import CallTracker, PollPolicy
+from bot.calls.live import LiveMessages
+from bot.calls.numbers import NumberTypes
+from bot.calls.service import CallRequest, CallService
 from bot.config import Settings
 from bot.errors import CallbotError, describe
 from bot.i18n import LOCALES, LocaleMiddleware, build_i18n
-from bot.lifecycle import CallTracker, PollPolicy
-from bot.live import LiveMessages
-from bot.media import MediaEndpoint
-from bot.metrics import Metrics, TelegramRequestMetrics, UpdateMetricsMiddleware
-from bot.middlewares import (
-    DedupUpdatesMiddleware,
-    InFlightUpdatesMiddleware,
-    RetryAfterMiddleware,
-)
-from bot.numbers import NumberTypes
-from bot.oncall import OnCall, Throttle
-from bot.pending import PendingStore, SeenUpdates
+from bot.oncall.engine import OnCall, Throttle
+from bot.ops.metrics import Metrics, TelegramRequestMetrics, UpdateMetricsMiddleware
+from bot.ops.retention import Retention
+from bot.ops.shutdown import InFlight
 from bot.pilot_status import PilotStatusClient, RetryPolicy, build_http_client
 from bot.pilot_status.errors import PilotStatusError
-from bot.retention import Retention
-from bot.shutdown import InFlight
+from bot.shared.pending import PendingStore, SeenUpdates
+from bot.shared.redis import Keys
+from bot.shared.redis import connect as connect_redis
 from bot.storage.db import (
     DatabaseInUse,
     SqliteFileLock,
@@ -55,12 +52,18 @@ from bot.storage.db import (
 from bot.storage.oncall import OnCallStore
 from bot.storage.retention import RetentionStore
 from bot.storage.store import Store, utcnow
+from bot.telegram.middlewares import (
+    DedupUpdatesMiddleware,
+    InFlightUpdatesMiddleware,
+    RetryAfterMiddleware,
+)
 from bot.texts import COMMANDS, spoken_alert, spoken_default
+from bot.voice.media import MediaEndpoint
 from bot.voice.service import LazyEndpoint, Voice, VoicePolicy
 from bot.voice.shelf import AudioShelf
 from bot.voice.speech import Speaker, Speech
-from bot.web import build_web_app
-from bot.web_server import ConnectionLimits, WebServer
+from bot.web.routes import build_web_app
+from bot.web.server import ConnectionLimits, WebServer
 from handlers import build_router
 
 log = logging.getLogger("callbot")
@@ -126,6 +129,13 @@ class CallbotApp:
         self.pilot = build_pilot_client(settings, self.metrics)
         self.bot = build_bot(settings, self.metrics)
         self.engine = build_engine(settings)
+        redis_url = settings.redis_url
+        self.redis: Redis | None = (
+            connect_redis(redis_url.get_secret_value(), instance=settings.instance_name)
+            if redis_url is not None
+            else None
+        )
+        self.keys = Keys(settings.redis_key_prefix)
         self._file_lock = SqliteFileLock.of(self.engine)
         self.store = Store(sessionmaker(self.engine))
         self.i18n = build_i18n(settings.default_locale)
@@ -370,6 +380,8 @@ class CallbotApp:
             await self.web.close()
         await self.pilot.aclose()
         await self.engine.dispose()
+        if self.redis is not None:
+            await self.redis.aclose()
         if self._file_lock is not None:
             self._file_lock.release()
         await self.bot.session.close()
@@ -388,6 +400,14 @@ class CallbotApp:
             return {"database": f"unavailable ({type(err).__name__})"}
         if revision != head:
             return {"migrations": f"database at {revision or 'none'}, code at {head}"}
+        if self.redis is not None:
+            try:
+                await asyncio.wait_for(self.redis.execute_command("PING"), READY_TIMEOUT_SECONDS)
+            except TimeoutError:
+                return {"redis": f"no answer within {READY_TIMEOUT_SECONDS:.0f} s"}
+            except Exception as err:
+                log.warning("readiness: Redis does not answer (%s)", type(err).__name__)
+                return {"redis": f"unavailable ({type(err).__name__})"}
         return {}
 
     async def drain(self) -> None:

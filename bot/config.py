@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     # storage: a SQLite file under DATA_DIR unless DATABASE_URL names PostgreSQL
     database_url: SecretStr | None = None
     data_dir: Path = Path("data")
+    # shared short-lived state of replicas (confirmations, seen updates, guards, waiters)
+    redis_url: SecretStr | None = None
+    redis_key_prefix: str = Field(default="callbot:", pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
 
     # the web app (same process): Pilot Status webhooks, health. Off unless a token is set.
     pilot_status_webhook_token: SecretStr | None = None
@@ -147,6 +150,13 @@ class Settings(BaseSettings):
             raise ValueError(
                 "use 24 or more letters, digits, - or _ (it is the webhook's secret path)"
             )
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not re.match(r"^(redis|rediss|unix)://", value.get_secret_value()):
+            raise ValueError("use a redis:// (or rediss://) URL, e.g. redis://127.0.0.1:6379/0")
         return value
 
     @field_validator("oncall_throttle")

@@ -18,9 +18,9 @@ from aiogram.utils.i18n import lazy_gettext as __
 from babel.support import LazyProxy
 
 from bot import states
-from bot.calls import NeedsPermission
+from bot.calls.service import NeedsPermission
 from bot.errors import CallbotError
-from bot.oncall import duration_text, on_call_now
+from bot.oncall.engine import duration_text, on_call_now
 from bot.phones import Phone, mask
 from bot.pilot_status.models import CallStatus, Limit, NumberType, PermissionProbe
 from bot.storage.oncall import Contact, Incident, Team

@@ -16,13 +16,20 @@ from aiogram.utils.i18n import I18n
 from aiogram.utils.keyboard import InlineKeyboardBuilder
 
 from bot.access import AccessPolicy
-from bot.calls import CallOutcome, CallRequest, CallService, NeedsPermission, Started, cut_note
+from bot.calls.live import CallNow, call_markup
+from bot.calls.service import (
+    CallOutcome,
+    CallRequest,
+    CallService,
+    NeedsPermission,
+    Started,
+    cut_note,
+)
 from bot.config import Settings
 from bot.errors import CallbotError, describe
-from bot.live import CallNow, call_markup
-from bot.oncall import OnCall
-from bot.pending import PendingStore, Taken
+from bot.oncall.engine import OnCall
 from bot.phones import Phone
+from bot.shared.pending import PendingStore, Taken
 from bot.texts import (
     button_ask_permission,
     button_cancel,

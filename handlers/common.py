@@ -7,7 +7,7 @@ from aiogram.filters import Command, CommandStart
 from aiogram.types import Message
 
 from bot.access import AccessPolicy, Role
-from bot.numbers import NumberTypes
+from bot.calls.numbers import NumberTypes
 from bot.texts import help_text, whoami_text
 from handlers.people import sender_id
 

@@ -14,10 +14,10 @@ from aiogram.filters.callback_data import CallbackData
 from aiogram.types import BufferedInputFile, CallbackQuery, InlineKeyboardMarkup, Message
 
 from bot.access import AccessPolicy, Role
-from bot.calls import CallService
+from bot.calls.live import HangUp, call_markup
+from bot.calls.service import CallService
 from bot.config import Settings
 from bot.errors import CallbotError
-from bot.live import HangUp, call_markup
 from bot.phones import parse_phone
 from bot.storage.store import CallRecord, Store, utcnow
 from bot.texts import (

@@ -16,10 +16,10 @@ from aiogram.filters.callback_data import CallbackData
 from aiogram.types import CallbackQuery, Chat, InlineKeyboardMarkup, Message
 
 from bot.access import AccessPolicy, Role
+from bot.calls.live import Acknowledge
 from bot.config import Settings
 from bot.errors import CallbotError
-from bot.live import Acknowledge
-from bot.oncall import DURATION_FIELDS, OnCall, policy_duration, token_hash, valid_alias
+from bot.oncall.engine import DURATION_FIELDS, OnCall, policy_duration, token_hash, valid_alias
 from bot.phones import parse_phone
 from bot.storage.oncall import Contact, OnCallStore, Team
 from bot.storage.store import utcnow

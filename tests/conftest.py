@@ -16,7 +16,7 @@ from bot.config import Settings, load_settings
 from tests.fakes.pilot_status import FakePilotStatus
 from tests.fakes.telegram import FakeTelegram
 
-pytest_plugins = ["tests.db_fixtures"]
+pytest_plugins = ["tests.db_fixtures", "tests.redis_fixtures"]
 
 TOKEN = "123456:" + "A" * 35
 API_KEY = "ps_" + "a" * 48

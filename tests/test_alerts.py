@@ -1,4 +1,4 @@
-"""bot.alerts: real webhook payloads → Alert; bad bodies → short AlertError; bounded output."""
+"""bot.oncall.alerts: real payloads → Alert; bad bodies → short AlertError; bounded output."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bot.alerts import (
+from bot.oncall.alerts import (
     MAX_LABEL_CHARS,
     MAX_LABELS,
     MAX_LINKS,

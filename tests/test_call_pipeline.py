@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from bot.pending import PendingStore
+from bot.shared.pending import PendingStore
 from tests.conftest import ADMIN, API_KEY, GROUP, OPERATOR, STRANGER, TOKEN, RunningBot, StartBot
 from tests.fakes.pilot_status import FakePilotStatus
 from tests.fakes.telegram import SentMessage

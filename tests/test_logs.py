@@ -72,7 +72,7 @@ async def test_json_logs_of_a_real_run_name_the_replica_and_hide_secrets(
 
 
 def test_a_traceback_stays_inside_one_json_line() -> None:
-    from bot.logs import JsonFormatter
+    from bot.ops.logs import JsonFormatter
 
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)

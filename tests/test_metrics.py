@@ -26,6 +26,7 @@ from sqlalchemy.engine import URL, make_url
 
 from tests.conftest import OPERATOR, RunningBot, StartBot
 from tests.db_fixtures import DEFAULT_POSTGRES_URL, _execute
+from tests.redis_fixtures import OwnRedis
 from tests.test_lifecycle import PHONE, SECRET, command, event, sign, start_call
 from tests.test_oncall import ALICE, HOOK, INFRA_CHAT, Clock, alert, generic, oncall_bot
 
@@ -334,3 +335,13 @@ def test_promtool_accepts_the_rules_and_their_unit_tests() -> None:
         [promtool, "test", "rules", str(RULE_TESTS)], capture_output=True, text=True, timeout=60
     )
     assert test.returncode == 0, test.stdout + test.stderr
+
+
+async def test_readyz_names_redis_when_it_is_gone(start_bot: StartBot, own_redis: OwnRedis) -> None:
+    bot = await start_bot(redis_url=own_redis.url, oncall_tick_seconds=0)
+    assert (await get(bot, "/readyz")).status_code == 200
+    own_redis.stop()
+    gone = await get(bot, "/readyz")
+    assert gone.status_code == 503
+    assert "unavailable" in gone.json()["failing"]["redis"]
+    assert (await get(bot, "/healthz")).status_code == 200

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from bot.calls import CallService
-from bot.oncall import OnCall
+from bot.calls.service import CallService
+from bot.oncall.engine import OnCall
 from bot.storage.oncall import Incident
 from tests.conftest import RunningBot, StartBot
 from tests.fakes.pilot_status import FakePilotStatus, RecordedRequest

@@ -21,7 +21,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from bot.alerts import (
+from bot.i18n import build_i18n
+from bot.oncall.alerts import (
     MAX_ITEM_CHARS,
     MAX_ITEMS,
     MAX_LABEL_CHARS,
@@ -35,7 +36,6 @@ from bot.alerts import (
     parse_generic,
     parse_grafana,
 )
-from bot.i18n import build_i18n
 from bot.pilot_status.models import MAX_DURATION_SECONDS, Call
 from bot.pilot_status.webhooks import EARLIEST, LATEST, CallEvent, WebhookError, parse_delivery
 from bot.storage.oncall import Incident, Team

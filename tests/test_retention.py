@@ -15,8 +15,8 @@ import pytest
 from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from bot import logs
-from bot.retention import Retention
+from bot.ops import logs
+from bot.ops.retention import Retention
 from bot.storage.db import sessionmaker
 from bot.storage.oncall import OnCallStore
 from bot.storage.retention import RetentionStore

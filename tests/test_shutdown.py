@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bot.oncall import POST_LEASE
+from bot.oncall.engine import POST_LEASE
 from tests.conftest import API_KEY, OPERATOR, TOKEN
 from tests.fakes.pilot_status import FakePilotStatus
 from tests.fakes.telegram import FakeTelegram, SentMessage

@@ -160,7 +160,7 @@ async def test_an_edit_that_keeps_failing_is_given_up_with_a_log_line(
     bot = await webhook_bot(start_bot, telegram_edit_give_up_after=1.0)
     reply, pilot_id = await start_call(bot)
     bot.telegram.fail_next("editMessageText", error_code=500, times=None)
-    with caplog.at_level(logging.WARNING, logger="bot.live"):
+    with caplog.at_level(logging.WARNING, logger="bot.calls.live"):
         await deliver(bot, pilot_id, "call.ended", "COMPLETED")
         await eventually(lambda: "gave up editing message" in caplog.text, 10)
         await asyncio.wait_for(bot.app.live.wait_idle(), 2)

@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 import pytest
 
-from bot.web_server import ACCEPT_FAILED
+from bot.web.server import ACCEPT_FAILED
 from tests.conftest import OPERATOR, RunningBot, StartBot
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -337,7 +337,7 @@ async def test_when_every_connection_is_busy_a_new_one_is_refused_at_once(
         writer.write(head + b"{")
         busy.append((reader, writer))
     await asyncio.sleep(0.2)
-    caplog.set_level(logging.WARNING, logger="bot.web_server")
+    caplog.set_level(logging.WARNING, logger="bot.web.server")
     refused = []
     for _ in range(5):
         reader, writer = await connect(port)
@@ -380,7 +380,7 @@ async def test_an_accept_failure_storm_logs_once_and_does_not_spin(
 async def test_a_cap_the_open_files_limit_cannot_hold_is_told_at_start(
     start_bot: StartBot, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="bot.web_server")
+    caplog.set_level(logging.WARNING, logger="bot.web.server")
     with open_files_limit(1024):
         await web_bot(start_bot, tmp_path, web_max_connections=512)
         assert not [r for r in caplog.records if "open-files limit" in r.getMessage()]

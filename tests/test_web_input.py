@@ -18,7 +18,7 @@ import httpx
 import pytest
 from sqlalchemy.exc import OperationalError
 
-from bot.lifecycle import GroupCommit
+from bot.calls.lifecycle import GroupCommit
 from bot.storage.store import NewCall, StatusUpdate, Store, Unstorable
 from bot.texts import TELEGRAM_TEXT_LIMIT
 from tests.conftest import RunningBot, StartBot

@@ -22,13 +22,13 @@ from datetime import datetime
 from typing import Any
 
 from bot import states
+from bot.calls.lifecycle import CallTracker
 from bot.errors import CallbotError, describe
-from bot.lifecycle import CallTracker
-from bot.media import Leg, MediaEndpoint, MediaSession
 from bot.pilot_status.client import PilotStatusClient
 from bot.pilot_status.errors import BadRequestError, PilotStatusError
 from bot.pilot_status.models import NumberType
 from bot.storage.store import CallRecord, Store, utcnow
+from bot.voice.media import Leg, MediaEndpoint, MediaSession
 from bot.voice.realtime import stream_pcm
 from bot.voice.sdp import SDPError
 from bot.voice.shelf import AudioShelf

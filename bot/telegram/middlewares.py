@@ -17,9 +17,9 @@ from aiogram.methods import Response, TelegramMethod
 from aiogram.methods.base import TelegramType
 from aiogram.types import TelegramObject, Update
 
-from bot.metrics import mark_duplicate
-from bot.pending import SeenUpdates
-from bot.shutdown import InFlight
+from bot.ops.metrics import mark_duplicate
+from bot.ops.shutdown import InFlight
+from bot.shared.pending import SeenUpdates
 
 log = logging.getLogger(__name__)
 

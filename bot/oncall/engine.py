@@ -36,12 +36,12 @@ from datetime import datetime, timedelta
 from typing import Protocol
 
 from bot import states
-from bot.alerts import Alert
-from bot.calls import CallRequest, CallService, NeedsPermission, Started
+from bot.calls.service import CallRequest, CallService, NeedsPermission, Started
 from bot.errors import CallbotError, describe
+from bot.oncall.alerts import Alert
+from bot.ops.shutdown import InFlight
 from bot.phones import Phone, mask, parse_phone, split_phone_and_note
 from bot.pilot_status.errors import APIConnectionError, PilotStatusError
-from bot.shutdown import InFlight
 from bot.storage.oncall import Contact, Incident, NewIncident, OnCallStore, Team
 from bot.storage.store import CallRecord, utcnow
 from bot.voice.speech import Speech
@@ -188,7 +188,7 @@ class OnCall:
         on_step: Callable[[str], None] | None = None,
     ) -> None:
         self._store = store
-        self._on_step = on_step  # told what each step did (bot.metrics counts it)
+        self._on_step = on_step  # told what each step did (bot.ops.metrics counts it)
         self.lease = lease  # a claimed step is renewed every third of it while it runs
         self._drain = drain or InFlight()
         self._running: set[int] = set()  # incidents whose step this process is running
@@ -614,7 +614,7 @@ class OnCall:
                 log.exception("cannot renew the lease of incident %s", incident.id)
 
     async def _run_step(self, incident: Incident, now: datetime) -> str:
-        """Run the step; returns what it did (a metrics label: see bot.metrics.STEP_RESULTS)."""
+        """Run the step; returns what it did (a metrics label: see bot.ops.metrics.STEP_RESULTS)."""
         team = await self._store.team_by_id(incident.team_id)
         assert team is not None
         steps = plan(team, now)

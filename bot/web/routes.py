@@ -32,11 +32,11 @@ from aiohttp.typedefs import Middleware
 from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from bot.alerts import Alert, parse_alertmanager, parse_generic, parse_grafana
+from bot.calls.lifecycle import CallTracker
 from bot.errors import CallbotError
-from bot.lifecycle import CallTracker
-from bot.metrics import CONTENT_TYPE, Metrics
-from bot.oncall import OnCall, valid_alias
+from bot.oncall.alerts import Alert, parse_alertmanager, parse_generic, parse_grafana
+from bot.oncall.engine import OnCall, valid_alias
+from bot.ops.metrics import CONTENT_TYPE, Metrics
 from bot.pilot_status.webhooks import parse_delivery
 from bot.storage.store import Unstorable
 from bot.voice.shelf import AudioShelf

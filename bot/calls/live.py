@@ -32,10 +32,10 @@ from aiogram.types import InlineKeyboardMarkup
 from aiogram.utils.i18n import I18n
 from aiogram.utils.keyboard import InlineKeyboardBuilder
 
-from bot.calls import CallRequest
-from bot.oncall import PostFailed
-from bot.pending import PendingStore
+from bot.calls.service import CallRequest
+from bot.oncall.engine import PostFailed
 from bot.phones import Phone
+from bot.shared.pending import PendingStore
 from bot.storage.oncall import Incident, Team
 from bot.storage.store import CallRecord, PermissionRequestRecord
 from bot.texts import (

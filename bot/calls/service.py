@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from bot import states
+from bot.calls.lifecycle import CallTracker
+from bot.calls.numbers import NumberTypes
 from bot.errors import CallbotError, describe
-from bot.lifecycle import CallTracker
-from bot.media import Leg, VoiceSide
-from bot.numbers import NumberTypes
+from bot.ops.shutdown import InFlight
 from bot.phones import Phone
 from bot.pilot_status.client import PilotStatusClient
 from bot.pilot_status.errors import APIConnectionError, PilotStatusError
@@ -24,8 +24,8 @@ from bot.pilot_status.models import (
     PermissionRequested,
     StartCall,
 )
-from bot.shutdown import InFlight
 from bot.storage.store import Audit, CallRecord, NewCall, Store, utcnow
+from bot.voice.media import Leg, VoiceSide
 from bot.voice.speech import Speech
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ CallOutcome = Started | NeedsPermission
 
 
 class CallCounts(Protocol):
-    """Told of each attempt's result (bot.metrics counts them)."""
+    """Told of each attempt's result (bot.ops.metrics counts them)."""
 
     def call_started(self, number_type: str, origin: str) -> None: ...
 
