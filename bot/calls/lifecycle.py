@@ -249,7 +249,12 @@ class CallTracker:
     async def started(self, record: CallRecord) -> None:
         """A call the API accepted: replay early events, show it, and poll if no webhooks."""
         for ref in filter(None, (record.pilot_call_id, record.external_call_id)):
-            await self._replay(ref)
+            try:
+                await self._replay(ref)
+            except Exception as err:  # e.g. Redis is down: the call is started all the same
+                log.warning(
+                    "call %s: its early events are out of reach (%s)", record.id, type(err).__name__
+                )
         self.follow(record)
 
     def follow(self, record: CallRecord) -> None:

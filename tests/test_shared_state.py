@@ -1,0 +1,256 @@
+"""Two replicas on one PostgreSQL database and one Redis (REDIS_URL): what one makes, the other
+sees — confirmations and button tokens, the per-number guard, early webhook events, /play audio.
+
+Replica A is the bot `start_bot` runs (long polling on the fake Telegram); replica B is a second
+`CallbotApp` on the same settings that does not poll (two pollers on one token end each other's
+getUpdates with 409, as on the real Telegram). An update meant for B is pushed to the fake like
+any other, taken out of its queue before A can poll it, and fed to B's dispatcher — the way a
+webhook replica would get it — so each test chooses which replica handles which update.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiogram.types import Update
+
+from bot.app import CallbotApp
+from tests.conftest import GROUP, OPERATOR, RunningBot, StartBot, settings_for
+from tests.fakes.pilot_status import FakePilotStatus, RecordedRequest
+from tests.fakes.telegram import FakeTelegram, SentMessage
+from tests.redis_fixtures import OwnRedis
+from tests.test_lifecycle import SECRET, TOKEN
+from tests.test_oncall_ring import created_by_pilot, posted, slow_post
+
+PHONE = "+5511999999999"
+on_postgresql = pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+
+
+class Replica:
+    """A second app on A's settings, fed updates directly (see the module docstring)."""
+
+    def __init__(self, app: CallbotApp, telegram: FakeTelegram) -> None:
+        self.app = app
+        self.telegram = telegram
+
+    async def feed(self, update_id: int) -> None:
+        raw = self.telegram._queue.pop(update_id)  # A's poll never sees it
+        update = Update.model_validate(raw, context={"bot": self.app.bot})
+        await self.app.dp.feed_update(self.app.bot, update)
+
+    async def command(self, text: str, **kwargs: Any) -> SentMessage:
+        mark = self.telegram.mark()
+        kwargs.setdefault("user_id", OPERATOR)
+        update_id, _ = self.telegram.send_command(text, **kwargs)
+        await self.feed(update_id)
+        chat_id = kwargs.get("chat_id") or kwargs["user_id"]
+        return await self.telegram.wait_for_message(chat_id=chat_id, after=mark)
+
+
+Replicas = Callable[..., Awaitable[tuple[RunningBot, Replica]]]
+
+
+@pytest.fixture
+async def replicas(
+    start_bot: StartBot,
+    telegram: FakeTelegram,
+    pilot: FakePilotStatus,
+    db_url: str,
+    shared_state: dict[str, str],
+    tmp_path: Path,
+) -> AsyncIterator[Replicas]:
+    started: list[CallbotApp] = []
+
+    async def start(**overrides: Any) -> tuple[RunningBot, Replica]:
+        overrides = {
+            "database_url": db_url,
+            "pilot_status_number_type": "web",
+            "oncall_tick_seconds": 0,
+            "retention_interval_seconds": 0,
+            **shared_state,
+            **overrides,
+        }
+        a = await start_bot(**overrides)
+        settings = settings_for(
+            telegram,
+            pilot,
+            data_dir=str(tmp_path / "replica-b"),
+            telegram_edit_interval=0.05,
+            call_poll_interval=0.05,
+            **overrides,
+        )
+        b = CallbotApp(settings)
+        started.append(b)
+        await b.start()
+        return a, Replica(b, telegram)
+
+    yield start
+    for app in started:
+        await app.close()
+
+
+def button(message: SentMessage, label: str) -> str:
+    return next(data for text, data in message.buttons() if label in text)
+
+
+def press(telegram: FakeTelegram, prompt: SentMessage, label: str) -> tuple[int, str]:
+    """Push a press of the prompt's button; (update id, callback query id)."""
+    return telegram.press_button(
+        user_id=OPERATOR,
+        chat_id=GROUP,
+        message_id=prompt.message_id,
+        data=button(prompt, label),
+        chat_type="supergroup",
+    )
+
+
+async def group_prompt(bot: RunningBot) -> SentMessage:
+    mark = bot.telegram.mark()
+    bot.telegram.send_command(
+        f"/call {PHONE} db down", user_id=OPERATOR, chat_id=GROUP, chat_type="supergroup"
+    )
+    prompt = await bot.telegram.wait_for_message(chat_id=GROUP, after=mark)
+    assert "Confirm" in str(prompt.buttons()), prompt
+    return prompt
+
+
+async def called(telegram: FakeTelegram, prompt: SentMessage) -> SentMessage:
+    return await telegram.wait_for_message(
+        lambda m: m.message_id == prompt.message_id and "Call to" in m.plain, chat_id=GROUP
+    )
+
+
+@pytest.mark.postgresql
+@on_postgresql
+async def test_a_group_confirmation_made_on_one_replica_is_pressed_on_the_other(
+    replicas: Replicas,
+) -> None:
+    a, b = await replicas()
+    prompt = await group_prompt(a)
+    update_id, query_id = press(a.telegram, prompt, "Confirm")
+    await b.feed(update_id)
+    assert "already" not in (await a.telegram.wait_for_callback_answer(query_id)).get("text", "")
+    await called(a.telegram, prompt)
+    [post] = a.pilot.calls_started()
+    assert post.json["to"] == PHONE
+
+
+@pytest.mark.postgresql
+@on_postgresql
+async def test_a_token_pressed_on_both_replicas_starts_one_call(replicas: Replicas) -> None:
+    a, b = await replicas()
+    # One after the other: B takes the token A made; A's own press is then told so.
+    prompt = await group_prompt(a)
+    first, _ = press(a.telegram, prompt, "Confirm")
+    await b.feed(first)
+    await called(a.telegram, prompt)
+    _, second = press(a.telegram, prompt, "Confirm")  # A polls this one
+    assert "already handled" in (await a.telegram.wait_for_callback_answer(second))["text"]
+    # At once, on both replicas: the token is handed out once.
+    prompt = await group_prompt(a)
+    on_a, on_b = press(a.telegram, prompt, "Confirm"), press(a.telegram, prompt, "Confirm")
+    direct_a = Replica(a.app, a.telegram)
+    await asyncio.gather(direct_a.feed(on_a[0]), b.feed(on_b[0]))
+    answers = [await a.telegram.wait_for_callback_answer(q) for _, q in (on_a, on_b)]
+    await called(a.telegram, prompt)
+    assert sum("already handled" in (x.get("text") or "") for x in answers) == 1
+    assert len(a.pilot.calls_started()) == 2  # one per prompt
+
+
+@pytest.mark.postgresql
+@on_postgresql
+async def test_the_same_number_called_on_both_replicas_at_once_is_posted_once(
+    replicas: Replicas,
+) -> None:
+    a, b = await replicas()
+    slow_post(a.pilot, "call_slow", delay=1.0)  # under the 2 s read timeout
+    mark = a.telegram.mark()
+    a.telegram.send_command(f"/call {PHONE}", user_id=OPERATOR)
+    await posted(a.pilot, PHONE)  # A's POST is on its way, unanswered
+    refused = await b.command(f"/call {PHONE}")
+    assert "being started right now" in refused.plain
+    reply = await a.telegram.wait_for_message(
+        lambda m: "Call to" in m.plain, chat_id=OPERATOR, after=mark
+    )
+    assert "call_slow" in reply.plain
+    assert len(a.pilot.calls_started()) == 1
+    # The guard is released: the next attempt, on either replica, goes through.
+    again = await b.command(f"/call {PHONE}")
+    assert "Call to" in again.plain and len(a.pilot.calls_started()) == 2
+
+
+def hook(app: CallbotApp) -> str:
+    return f"http://127.0.0.1:{app.web_port}/pilot-status/{TOKEN}"
+
+
+@pytest.mark.postgresql
+@on_postgresql
+async def test_an_early_webhook_event_on_the_other_replica_reaches_the_call_message(
+    replicas: Replicas,
+) -> None:
+    a, b = await replicas(
+        pilot_status_webhook_token=TOKEN, pilot_status_webhook_secret=SECRET, web_port=0
+    )
+    a.pilot.webhooks_to(hook(b.app), SECRET)  # every Pilot event lands on B
+    slow_post(a.pilot, "call_early", delay=1.0)
+    mark = a.telegram.mark()
+    a.telegram.send_command(f"/call {PHONE}", user_id=OPERATOR)
+    post: RecordedRequest = await posted(a.pilot, PHONE)
+    # Pilot placed the call and it rings; B hears of it before A's POST has its answer.
+    created_by_pilot(a.pilot, "call_early", post, status="INITIATED")
+    a.pilot.emit_status("call_early", "RINGING")
+    [early] = await a.pilot.wait_deliveries()
+    assert early.status == 200
+    reply = await a.telegram.wait_for_message(
+        lambda m: "Call to" in m.plain and ": ringing" in m.plain, chat_id=OPERATOR, after=mark
+    )
+    # A call both know (it is in the shared database): B applies what it hears at once.
+    a.pilot.emit_status("call_early", "ACCEPTED")
+    a.pilot.emit_status("call_early", "COMPLETED")
+    deliveries = await a.pilot.wait_deliveries()
+    assert [d.status for d in deliveries] == [200, 200, 200]
+    await a.telegram.wait_for_message(
+        lambda m: m.message_id == reply.message_id and ": ended" in m.plain, chat_id=OPERATOR
+    )
+    record = await a.app.store.get_call("call_early")
+    assert record is not None
+    assert [h.status for h in record.history] == [
+        "PENDING",
+        "INITIATED",
+        "RINGING",
+        "ACCEPTED",
+        "COMPLETED",
+    ]
+
+
+async def test_redis_down_mid_run_is_told_and_starts_nothing_twice(
+    start_bot: StartBot, own_redis: OwnRedis
+) -> None:
+    bot = await start_bot(pilot_status_number_type="web", redis_url=own_redis.url)
+    prompt = await group_prompt(bot)
+    slow_post(bot.pilot, "call_slow", delay=1.0)
+    mark = bot.telegram.mark()
+    bot.telegram.send_command(f"/call {PHONE}", user_id=OPERATOR)
+    await posted(bot.pilot, PHONE)
+    own_redis.stop()  # while the number's guard is held and its POST is on its way
+    reply = await bot.telegram.wait_for_message(
+        lambda m: "Call to" in m.plain, chat_id=OPERATOR, after=mark
+    )
+    assert "call_slow" in reply.plain  # the call in flight ends as it would have
+    _, query_id = press(bot.telegram, prompt, "Confirm")
+    answer = await bot.telegram.wait_for_callback_answer(query_id)
+    assert "cannot reach my shared state (Redis)" in answer["text"] and answer["show_alert"]
+    refused = await command(bot, f"/call {PHONE}")
+    assert "cannot reach my shared state (Redis)" in refused.plain
+    assert "nothing was done" in refused.plain
+    assert len(bot.pilot.calls_started()) == 1
+
+
+async def command(bot: RunningBot, text: str) -> SentMessage:
+    mark = bot.telegram.mark()
+    bot.telegram.send_command(text, user_id=OPERATOR)
+    return await bot.telegram.wait_for_message(chat_id=OPERATOR, after=mark)
