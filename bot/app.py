@@ -62,7 +62,7 @@ from bot.telegram.middlewares import (
 from bot.texts import COMMANDS, spoken_alert, spoken_default
 from bot.voice.media import MediaEndpoint
 from bot.voice.service import LazyEndpoint, Voice, VoicePolicy
-from bot.voice.shelf import AudioShelf
+from bot.voice.shelf import audio_shelf
 from bot.voice.speech import Speaker, Speech
 from bot.web.routes import build_web_app
 from bot.web.server import ConnectionLimits, WebServer
@@ -174,7 +174,9 @@ class CallbotApp:
         base = settings.public_base_url
         # a /play URL lives while the call may still ring, and at least two minutes
         ttl = max(120.0, settings.call_ring_timeout + 60)
-        self.shelf = AudioShelf(str(base), ttl=ttl) if base is not None else None
+        self.shelf = (
+            audio_shelf(self.redis, self.keys, str(base), ttl=ttl) if base is not None else None
+        )
         self.voice = Voice(
             self.pilot,
             self.store,

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from aiogram.types import Update
 
@@ -23,10 +24,13 @@ from tests.conftest import GROUP, OPERATOR, RunningBot, StartBot, settings_for
 from tests.fakes.pilot_status import FakePilotStatus, RecordedRequest
 from tests.fakes.telegram import FakeTelegram, SentMessage
 from tests.redis_fixtures import OwnRedis
+from tests.speech import espeak
 from tests.test_lifecycle import SECRET, TOKEN
 from tests.test_oncall_ring import created_by_pilot, posted, slow_post
+from tests.test_voice import free_port, pilot_id_of
 
 PHONE = "+5511999999999"
+__all__ = ["espeak"]
 on_postgresql = pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
 
 
@@ -65,7 +69,10 @@ async def replicas(
 ) -> AsyncIterator[Replicas]:
     started: list[CallbotApp] = []
 
-    async def start(**overrides: Any) -> tuple[RunningBot, Replica]:
+    async def start(
+        b: dict[str, Any] | None = None, **overrides: Any
+    ) -> tuple[RunningBot, Replica]:
+        """Both on `overrides` (settings); B also on `b`."""
         overrides = {
             "database_url": db_url,
             "pilot_status_number_type": "web",
@@ -81,7 +88,7 @@ async def replicas(
             data_dir=str(tmp_path / "replica-b"),
             telegram_edit_interval=0.05,
             call_poll_interval=0.05,
-            **overrides,
+            **(overrides | (b or {})),
         )
         b = CallbotApp(settings)
         started.append(b)
@@ -225,6 +232,31 @@ async def test_an_early_webhook_event_on_the_other_replica_reaches_the_call_mess
         "ACCEPTED",
         "COMPLETED",
     ]
+
+
+@pytest.mark.postgresql
+@on_postgresql
+async def test_a_play_url_made_by_one_replica_is_served_by_the_other(
+    replicas: Replicas, espeak: str
+) -> None:
+    port = free_port()  # B's: the public URL of both replicas leads to B
+    a, b = await replicas(
+        b={"web_port": port}, public_base_url=f"http://127.0.0.1:{port}", speech_repeat=1
+    )
+    a.telegram.send_command(f"/call {PHONE} say: the database is down", user_id=OPERATOR)
+    played = await a.pilot.wait_played(await pilot_id(a))
+    assert played.status == 200 and played.content_type == "audio/wav"
+    assert played.body.startswith(b"RIFF") and len(played.body) > 10_000
+    assert played.url is not None and played.url.startswith(f"http://127.0.0.1:{port}/audio/")
+    path = played.url.removeprefix(f"http://127.0.0.1:{port}")
+    async with httpx.AsyncClient() as client:  # served once, by any replica
+        for app in (b.app, a.app):
+            assert (await client.get(f"http://127.0.0.1:{app.web_port}{path}")).status_code == 404
+
+
+async def pilot_id(bot: RunningBot) -> str:
+    await posted(bot.pilot, PHONE)
+    return pilot_id_of(bot)
 
 
 async def test_redis_down_mid_run_is_told_and_starts_nothing_twice(
