@@ -11,6 +11,7 @@ webhook replica would get it — so each test chooses which replica handles whic
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,17 @@ from typing import Any
 import httpx
 import pytest
 from aiogram.types import Update
+from redis.asyncio import Redis
 
 from bot.app import CallbotApp
+from bot.calls.service import CallRequest
+from bot.phones import Phone
+from bot.pilot_status.webhooks import CallEvent
+from bot.shared.early_events import MAX_PER_CALL, RedisEarlyEvents
+from bot.shared.locks import Held, RedisLocks
+from bot.shared.pending import RedisPending, Taken
+from bot.shared.redis import Keys
+from bot.voice.speech import Speech
 from tests.conftest import GROUP, OPERATOR, RunningBot, StartBot, settings_for
 from tests.fakes.pilot_status import FakePilotStatus, RecordedRequest
 from tests.fakes.telegram import FakeTelegram, SentMessage
@@ -286,3 +296,70 @@ async def command(bot: RunningBot, text: str) -> SentMessage:
     mark = bot.telegram.mark()
     bot.telegram.send_command(text, user_id=OPERATOR)
     return await bot.telegram.wait_for_message(chat_id=OPERATOR, after=mark)
+
+
+# The Redis forms on their own, two instances standing for two replicas.
+
+
+@pytest.fixture
+async def redis_client(shared_state: dict[str, str]) -> AsyncIterator[Redis]:
+    client = Redis.from_url(shared_state["redis_url"])
+    yield client
+    await client.aclose()
+
+
+async def test_a_redis_token_expired_is_told_apart_from_one_gone(
+    redis_client: Redis, shared_state: dict[str, str]
+) -> None:
+    now = [1000.0]
+    keys = Keys(shared_state["redis_key_prefix"])
+    made_on_a, pressed_on_b = (
+        RedisPending(redis_client, keys, "calls", CallRequest, 60, clock=lambda: now[0])
+        for _ in range(2)
+    )
+    request = CallRequest(
+        operator_id=OPERATOR,
+        chat_id=GROUP,
+        phone=Phone(PHONE, "+55 11 99999-9999"),
+        note="db down",
+        masked=True,
+        speech=Speech("db down", "en-us"),
+    )
+    token = await made_on_a.put(request)
+    raw = await redis_client.get(keys("pending", "calls", token))
+    assert json.loads(raw)["item"]["phone"]["e164"] == PHONE  # JSON, not a pickle
+    assert 0 < await redis_client.pttl(keys("pending", "calls", token)) <= 600_000
+    assert await pressed_on_b.peek(token) == request
+    now[0] += 61
+    assert await pressed_on_b.take(token) == (Taken.EXPIRED, request)
+    assert await made_on_a.take(token) == (Taken.GONE, None)
+
+
+async def test_redis_early_events_are_bounded_and_handed_out_once(
+    redis_client: Redis, shared_state: dict[str, str]
+) -> None:
+    keys = Keys(shared_state["redis_key_prefix"])
+    kept_on_b, replayed_on_a = (RedisEarlyEvents(redis_client, keys, 120) for _ in range(2))
+    events = [
+        CallEvent.model_validate({"event": "call.ringing", "callId": "c1", "duration": n})
+        for n in range(MAX_PER_CALL + 5)
+    ]
+    for one in events:
+        await kept_on_b.keep("c1", one)
+    assert 0 < await redis_client.pttl(keys("early", "c1")) <= 120_000
+    assert await replayed_on_a.take("c1") == events[-MAX_PER_CALL:]  # the newest, in order
+    assert await kept_on_b.take("c1") == []
+
+
+async def test_a_redis_lock_held_past_its_lease_is_renewed(
+    redis_client: Redis, shared_state: dict[str, str]
+) -> None:
+    keys = Keys(shared_state["redis_key_prefix"])
+    on_a, on_b = (RedisLocks(redis_client, keys, "call", lease=0.3) for _ in range(2))
+    async with on_a.hold(PHONE):
+        await asyncio.sleep(1.0)  # three leases: held only because A renews it
+        with pytest.raises(Held):
+            async with on_b.hold(PHONE):
+                pass
+    async with on_b.hold(PHONE):  # released: the next one gets it
+        pass

@@ -90,7 +90,10 @@ class RedisLocks:
             await asyncio.sleep(self._lease / 3)
             try:
                 await lock.reacquire()
-            except (LockError, RedisError) as err:
+            except LockError:  # expired (Redis was unreachable too long): nothing to renew
+                log.warning("a %s lock expired while held", self._space)
+                return
+            except RedisError as err:
                 log.warning("a %s lock: renewal failed (%s)", self._space, type(err).__name__)
 
 

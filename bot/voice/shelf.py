@@ -47,17 +47,16 @@ def _sign(key: bytes, name: str, expires: int) -> str:
     return hmac.new(key, f"{name}.{expires}".encode(), hashlib.sha256).hexdigest()[:32]
 
 
-def _signed(key: bytes, ref: str, now: float) -> str | None:
-    """The file name of a URL's last segment (without `.wav`) if signed by `key` and not
-    expired at `now`; None otherwise."""
+def _verified(key: bytes, ref: str) -> tuple[str, int] | None:
+    """(file name, expiry) of a URL's last segment (without `.wav`) if signed by `key`."""
     name, _, rest = ref.partition(".")
     expires_text, _, signature = rest.partition(".")
     if not expires_text.isdigit():
         return None
     expires = int(expires_text)
-    if not hmac.compare_digest(_sign(key, name, expires), signature) or expires <= now:
+    if not hmac.compare_digest(_sign(key, name, expires), signature):
         return None
-    return name
+    return name, expires
 
 
 def _name_of(url: str) -> str:
@@ -94,14 +93,12 @@ class AudioShelf:
 
     def take(self, ref: str) -> bytes | None:
         """The file of a URL's last segment (without `.wav`), once; None if forged or stale."""
-        name = _signed(self._key, ref, 0)
-        if name is None:
+        verified = _verified(self._key, ref)
+        if verified is None:
             return None
-        if int(ref.split(".")[1]) <= self._clock():  # signed, and stale
-            self._files.pop(name, None)
-            return None
+        name, expires = verified
         entry = self._files.pop(name, None)
-        return entry[1] if entry else None
+        return entry[1] if entry and expires > self._clock() else None
 
     @property
     def ttl(self) -> float:
@@ -185,8 +182,10 @@ class RedisAudioShelf:
 
     async def serve(self, request: web.Request) -> web.Response:
         try:
-            name = _signed(await self._signing_key(), request.match_info["ref"], self._clock())
-            wav = await self._redis.getdel(self._keys("audio", name)) if name else None
+            verified = _verified(await self._signing_key(), request.match_info["ref"])
+            wav = None
+            if verified is not None and verified[1] > self._clock():
+                wav = await self._redis.getdel(self._keys("audio", verified[0]))
         except RedisError as err:
             log.warning("cannot serve shelved audio: Redis (%s)", type(err).__name__)
             return web.Response(status=503, text="audio store unavailable")
