@@ -744,6 +744,22 @@ class FakeTelegram:
             await self._activity.wait(remaining)
         return answer
 
+    async def wait_for_request(
+        self,
+        method: str,
+        count: int = 1,
+        *,
+        timeout: float = 5.0,  # noqa: ASYNC109 - public test-helper API
+    ) -> None:
+        """Wait until ``method`` has been requested ``count`` times (answered or not)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while sum(1 for name, _ in self.requests if name.lower() == method.lower()) < count:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise AssertionError(f"{method} not requested {count} times within {timeout}s")
+            await self._activity.wait(remaining)
+
     def _dump(self, after: int) -> str:
         lines = [
             f"  #{index} {event.method} chat={event.chat_id} id={event.message_id} "
@@ -834,6 +850,7 @@ class FakeTelegram:
         except _ApiError as error:
             return _error_response(error)
         self.requests.append((method, params))
+        self._activity.fire()
         key = method.lower()
         handler = self._methods.get(key)
         if handler is None and key != "getupdates":
