@@ -13,6 +13,7 @@ import pytest
 
 from tests.conftest import RunningBot, StartBot
 from tests.fakes.telegram import FakeTelegram, SentMessage
+from tests.redis_fixtures import OwnRedis
 from tests.test_lifecycle import deliver, event, start_call, webhook_bot
 
 pytestmark = [
@@ -74,4 +75,17 @@ async def test_an_older_state_retried_after_a_failure_does_not_replace_a_newer_o
     assert telegram.overlapping_edits == []
     shown = telegram.message(reply.chat_id, reply.message_id)
     assert "answered" in shown.plain, shown.plain
-    assert [e.plain for e in telegram.edits if "ringing" in e.plain] == []
+
+
+async def test_edits_go_on_while_redis_is_down(
+    start_bot: StartBot, db_url: str, own_redis: OwnRedis
+) -> None:
+    bot = await webhook_bot(start_bot, database_url=db_url, redis_url=own_redis.url)
+    reply, pilot_id = await start_call(bot)
+    await bot.app.live.wait_idle()
+    own_redis.stop()
+    ringing = event("call.ringing", pilot_id, status="RINGING")
+    assert (await deliver(bot, ringing, key="ringing")).status_code == 200
+    await bot.telegram.wait_for_message(
+        lambda m: m.message_id == reply.message_id and "ringing" in m.plain, chat_id=reply.chat_id
+    )

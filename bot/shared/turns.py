@@ -111,10 +111,13 @@ class SharedTurns:
         token = uuid.uuid4().hex
         try:
             await self._acquire(lock, token)
+            locked = True
         except RedisError as err:
             log.warning(
                 "no edit lock for message %s in chat %s (%s); editing", message_id, chat_id, err
             )
+            locked = False
+        if not locked:
             yield _FreeTurn()
             return
         renewing = asyncio.create_task(self._renew(lock, token), name=f"edit lock {lock}")

@@ -806,7 +806,7 @@ class FakeTelegram:
         overall: Window | None = Window(30, 1.0),
         group: Window | None = Window(20, 60.0),
         private: Window | None = Window(1, 1.0),
-        grace: float = 0.1,
+        grace: float = 0.25,
     ) -> None:
         """From now on answer 429 (with ``retry_after``) to a send or edit that breaks one of
         Telegram's limits: messages overall, into one group (negative chat id), into one
