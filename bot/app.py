@@ -41,6 +41,7 @@ from bot.shared.locks import locks
 from bot.shared.pending import Pending, SeenUpdates, pending_store
 from bot.shared.redis import Keys
 from bot.shared.redis import connect as connect_redis
+from bot.shared.turns import LocalTurns, SharedTurns
 from bot.storage.db import (
     DatabaseInUse,
     SqliteFileLock,
@@ -59,6 +60,7 @@ from bot.telegram.middlewares import (
     InFlightUpdatesMiddleware,
     RetryAfterMiddleware,
 )
+from bot.telegram.pacing import SendLimits, SendPacer
 from bot.texts import COMMANDS, spoken_alert, spoken_default
 from bot.voice.media import MediaEndpoint
 from bot.voice.service import LazyEndpoint, Voice, VoicePolicy
@@ -106,12 +108,25 @@ def build_engine(settings: Settings) -> AsyncEngine:
     return create_engine(url)
 
 
-def build_bot(settings: Settings, metrics: Metrics | None = None) -> Bot:
+def build_pacer(settings: Settings, redis: Redis | None, keys: Keys) -> SendPacer:
+    limits = SendLimits.of(
+        per_second=settings.telegram_sends_per_second,
+        group_per_minute=settings.telegram_group_sends_per_minute,
+        chat_per_second=settings.telegram_chat_sends_per_second,
+    )
+    return SendPacer(limits, redis=redis, key_prefix=keys("limits"))
+
+
+def build_bot(
+    settings: Settings, metrics: Metrics | None = None, pacer: SendPacer | None = None
+) -> Bot:
     session = AiohttpSession()
     if settings.telegram_api_url is not None:
         base = str(settings.telegram_api_url).rstrip("/")
         session = AiohttpSession(api=TelegramAPIServer.from_base(base))
     session.middleware(RetryAfterMiddleware())
+    if pacer is not None:  # inside the retry: a send tried again waits for a slot again
+        session.middleware(pacer)
     if metrics is not None:  # inside the retry: each attempt is counted
         session.middleware(TelegramRequestMetrics(metrics))
     return Bot(
@@ -130,8 +145,6 @@ class CallbotApp:
         self.draining = False  # /readyz answers 503 from the start of a shutdown
         self._head: str | None = None  # the newest migration, read once at start
         self.pilot = build_pilot_client(settings, self.metrics)
-        self.bot = build_bot(settings, self.metrics)
-        self.engine = build_engine(settings)
         redis_url = settings.redis_url
         self.redis: Redis | None = (
             connect_redis(redis_url.get_secret_value(), instance=settings.instance_name)
@@ -139,6 +152,9 @@ class CallbotApp:
             else None
         )
         self.keys = Keys(settings.redis_key_prefix)
+        self.pacer = build_pacer(settings, self.redis, self.keys)
+        self.bot = build_bot(settings, self.metrics, self.pacer)
+        self.engine = build_engine(settings)
         self._file_lock = SqliteFileLock.of(self.engine)
         self.store = Store(sessionmaker(self.engine))
         self.i18n = build_i18n(settings.default_locale)
@@ -149,6 +165,7 @@ class CallbotApp:
             self.call_again,
             min_interval=settings.telegram_edit_interval,
             give_up_after=settings.telegram_edit_give_up_after,
+            turns=SharedTurns(self.redis, self.keys) if self.redis is not None else LocalTurns(),
         )
         webhooks = settings.pilot_status_webhook_token is not None
         poll = (

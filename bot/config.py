@@ -81,6 +81,11 @@ class Settings(BaseSettings):
     telegram_edit_interval: float = Field(default=1.0, ge=0, le=60)
     # a message edit that Telegram fails (5xx, network, long flood wait) is retried this long
     telegram_edit_give_up_after: float = Field(default=900.0, ge=1, le=86400)
+    # Telegram's send limits, waited for before each send or edit (shared through REDIS_URL);
+    # 0 turns one off
+    telegram_sends_per_second: int = Field(default=30, ge=0, le=10_000)
+    telegram_group_sends_per_minute: int = Field(default=20, ge=0, le=10_000)
+    telegram_chat_sends_per_second: int = Field(default=1, ge=0, le=1000)
 
     # on-call: contacts and teams may also come from a TOML file, loaded at every start
     oncall_file: Path | None = None

@@ -57,6 +57,11 @@ def settings_for(telegram: FakeTelegram, pilot: FakePilotStatus, **overrides: An
         "stun_servers": "none",  # loopback only
         "web_host": "127.0.0.1",
         "web_port": 0,  # any free port
+        # Telegram's send limits off: the fake does not enforce them unless a test asks
+        # (tests/test_telegram_limits.py turns both on)
+        "telegram_sends_per_second": 0,
+        "telegram_group_sends_per_minute": 0,
+        "telegram_chat_sends_per_second": 0,
     }
     return load_settings(**(values | overrides))
 

@@ -29,7 +29,7 @@ from aiogram.types import (
     ReplyParameters,
 )
 
-from tests.fakes.telegram import FakeTelegram, HtmlParseError, parse_html
+from tests.fakes.telegram import FakeTelegram, HtmlParseError, Window, parse_html
 
 TOKEN = "123456:" + "A" * 35
 
@@ -318,3 +318,43 @@ async def test_dispatcher_polling_roundtrip(fake: FakeTelegram, bot: Bot) -> Non
         await dp.stop_polling()
         await polling
     assert [m for m, _ in fake.requests][:1] == ["getMe"]
+
+
+# --------------------------------------------------------------------------- send limits
+
+
+async def test_limits_are_enforced_only_when_asked(fake: FakeTelegram, bot: Bot) -> None:
+    for n in range(5):
+        await bot.send_message(-100, f"free {n}")
+    fake.enforce_limits(overall=Window(4, 60.0), group=Window(2, 60.0), private=Window(1, 60.0))
+    await bot.send_message(-100, "one")
+    await bot.send_message(-100, "two")
+    with pytest.raises(TelegramRetryAfter) as refused:
+        await bot.send_message(-100, "three")
+    assert 59 <= refused.value.retry_after <= 60
+    await bot.send_message(7, "private")
+    with pytest.raises(TelegramRetryAfter):
+        await bot.edit_message_text("private, edited", chat_id=7, message_id=1)
+    await bot.send_message(8, "another private chat")
+    with pytest.raises(TelegramRetryAfter):  # four in a minute overall
+        await bot.send_message(9, "a third private chat")
+    assert fake.flood_refusals == [
+        ("sendMessage", -100, "group -100"),
+        ("editMessageText", 7, "chat 7"),
+        ("sendMessage", 9, "all"),
+    ]
+    assert [m.text for m in fake.sent][-4:] == ["one", "two", "private", "another private chat"]
+
+
+async def test_overlapping_edits_of_one_message_are_recorded(fake: FakeTelegram, bot: Bot) -> None:
+    sent = await bot.send_message(7, "first")
+    other = await bot.send_message(7, "other")
+    fake.delay_next("editMessageText", 0.2, chat_id=7)
+    slow = asyncio.create_task(bot.edit_message_text("slow", chat_id=7, message_id=sent.message_id))
+    await fake.wait_for_request("editMessageText")
+    await bot.edit_message_text("other, edited", chat_id=7, message_id=other.message_id)
+    assert fake.overlapping_edits == []  # another message: no overlap
+    await bot.edit_message_text("fast", chat_id=7, message_id=sent.message_id)
+    await slow
+    assert fake.overlapping_edits == [(7, sent.message_id)]
+    assert fake.message(7, sent.message_id).text == "slow"  # the slow one landed last

@@ -8,6 +8,9 @@ is tried again with backoff, each try with the newest state, until it is shown o
 `give_up_after` seconds have passed. A message that is gone (400 "message to edit not found")
 or a chat the bot left (403) ends the edits of that message at once. Each message has its own
 worker, so one message's retries never hold back another's.
+
+With several replicas (REDIS_URL) each edit is a turn (bot.shared.turns): one replica edits a
+message at a time, and a call's state older than the one shown is not edited in.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ from bot.calls.service import CallRequest
 from bot.oncall.engine import PostFailed
 from bot.phones import Phone
 from bot.shared.pending import Pending
+from bot.shared.turns import EditTurns, LocalTurns
+from bot.states import rank
 from bot.storage.oncall import Incident, Team
 from bot.storage.store import CallRecord, PermissionRequestRecord
 from bot.texts import (
@@ -74,6 +79,13 @@ def call_markup(record: CallRecord) -> InlineKeyboardMarkup | None:
 
 
 Render = Callable[[], tuple[str, InlineKeyboardMarkup | None]]
+# what to edit in: the locale, how to render it, and its order (None: always newest)
+State = tuple[str, Render, int | None]
+
+
+def call_order(record: CallRecord) -> int:
+    """A call's states in the order they happen: the status rank, then the last change (ms)."""
+    return rank(record.status) * 10**13 + int(record.updated_at.timestamp() * 1000)
 
 
 class Acknowledge(CallbackData, prefix="ack"):
@@ -99,13 +111,15 @@ class LiveMessages:
         *,
         min_interval: float = 1.0,
         give_up_after: float = 900.0,
+        turns: EditTurns | None = None,
     ) -> None:
         self._bot = bot
         self._i18n = i18n
         self._call_again = call_again
         self._min_interval = min_interval
         self._give_up_after = give_up_after
-        self._latest: dict[tuple[int, int], tuple[str, Render]] = {}
+        self._turns: EditTurns = turns or LocalTurns()
+        self._latest: dict[tuple[int, int], State] = {}
         self._workers: dict[tuple[int, int], asyncio.Task[None]] = {}
 
     async def show_call(self, record: CallRecord) -> None:
@@ -115,6 +129,7 @@ class LiveMessages:
             (record.chat_id, record.message_id),
             record.locale,
             lambda: (call_text(record), call_markup(record)),
+            call_order(record),
         )
 
     async def show_incident(self, incident: Incident, team: Team) -> None:
@@ -124,6 +139,7 @@ class LiveMessages:
             (team.chat_id, incident.post_message_id),
             self._i18n.default_locale,
             lambda: (incident_text(incident, team), incident_markup(incident)),
+            None,  # its status may go back (an acknowledgement that timed out): no order
         )
 
     async def post_incident(self, incident: Incident, team: Team) -> int:
@@ -134,12 +150,13 @@ class LiveMessages:
         try:
             if incident.post_message_id is not None:
                 try:
-                    await self._bot.edit_message_text(
-                        text=text,
-                        chat_id=team.chat_id,
-                        message_id=incident.post_message_id,
-                        reply_markup=markup,
-                    )
+                    async with self._turns.turn(team.chat_id, incident.post_message_id):
+                        await self._bot.edit_message_text(
+                            text=text,
+                            chat_id=team.chat_id,
+                            message_id=incident.post_message_id,
+                            reply_markup=markup,
+                        )
                     return incident.post_message_id
                 except TelegramBadRequest as err:
                     if "message is not modified" in err.message:
@@ -172,8 +189,8 @@ class LiveMessages:
                 log.warning("cannot tell admin %s about incident %s: %s", admin, incident.id, err)
         return told
 
-    def _queue(self, key: tuple[int, int], locale: str, render: Render) -> None:
-        self._latest[key] = (locale, render)
+    def _queue(self, key: tuple[int, int], locale: str, render: Render, order: int | None) -> None:
+        self._latest[key] = (locale, render, order)
         if key not in self._workers:
             task = asyncio.create_task(self._drain(key), name=f"edit {key}")
             self._workers[key] = task
@@ -186,7 +203,7 @@ class LiveMessages:
         finally:
             self._workers.pop(key, None)
 
-    async def _show_until_done(self, key: tuple[int, int], state: tuple[str, Render]) -> None:
+    async def _show_until_done(self, key: tuple[int, int], state: State) -> None:
         """Edit the message until Telegram shows the newest state, or it is of no use."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._give_up_after
@@ -221,22 +238,33 @@ class LiveMessages:
                 backoff = min(MAX_BACKOFF, backoff * 2)
                 state = self._latest.pop(key, state)  # a newer state replaces this one
 
-    async def _edit(self, key: tuple[int, int], locale: str, render: Render) -> None:
-        """One try; raises only the errors that pass (PASSING)."""
+    async def _edit(
+        self, key: tuple[int, int], locale: str, render: Render, order: int | None
+    ) -> None:
+        """One try, in this message's turn; raises only the errors that pass (PASSING)."""
         with self._i18n.context(), self._i18n.use_locale(locale):
             text, markup = render()
         chat_id, message_id = key
-        try:
-            await self._bot.edit_message_text(
-                text=text, chat_id=chat_id, message_id=message_id, reply_markup=markup
-            )
-        except TelegramBadRequest as err:
-            if "message is not modified" not in err.message:
+        async with self._turns.turn(chat_id, message_id) as turn:
+            if await turn.stale(order):
+                log.info("message %s in chat %s shows a newer state already", message_id, chat_id)
+                return
+            try:
+                await self._bot.edit_message_text(
+                    text=text, chat_id=chat_id, message_id=message_id, reply_markup=markup
+                )
+            except TelegramBadRequest as err:
+                if "message is not modified" not in err.message:
+                    log.warning(
+                        "cannot edit message %s in chat %s: %s", message_id, chat_id, err.message
+                    )
+                    return
+            except TelegramForbiddenError as err:
                 log.warning(
                     "cannot edit message %s in chat %s: %s", message_id, chat_id, err.message
                 )
-        except TelegramForbiddenError as err:
-            log.warning("cannot edit message %s in chat %s: %s", message_id, chat_id, err.message)
+                return
+            await turn.shown(order)
 
     async def announce(self, record: CallRecord) -> int | None:
         with self._i18n.context(), self._i18n.use_locale(record.locale):

@@ -18,7 +18,10 @@ What it fakes:
 
 Test code feeds updates (``send_command``, ``press_button``, ``push_update``) and inspects
 what the bot did (``requests``, ``sent``, ``edits``, ``callback_answers``, ``commands``,
-``wait_for_message``). ``fail_next`` injects API errors such as 429 with ``retry_after``.
+``wait_for_message``). ``fail_next`` injects API errors such as 429 with ``retry_after``;
+``delay_next`` makes answers slow. ``enforce_limits`` (opt-in) answers 429 like Telegram's flood
+control when the bot sends faster than its limits, recorded in ``flood_refusals``; edits of one
+message that are in flight at the same time are recorded in ``overlapping_edits``.
 
 All public methods must be called from the event loop that runs the fake.
 """
@@ -319,6 +322,47 @@ def _bad_request(reason: str) -> _ApiError:
     return _ApiError(400, f"Bad Request: {reason}")
 
 
+# the methods Telegram's send limits count (the bot's pacer counts the same ones)
+LIMITED = frozenset({"sendmessage", "senddocument", "editmessagetext", "editmessagereplymarkup"})
+
+
+@dataclass(frozen=True)
+class Window:
+    """At most `count` messages per `seconds`."""
+
+    count: int
+    seconds: float
+
+
+@dataclass
+class _Limits:
+    overall: Window | None
+    group: Window | None
+    private: Window | None
+    grace: float  # seconds a window is shortened by: the time a request spends on the way
+    sent: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+
+    def refuse(self, chat_id: int, now: float) -> tuple[str, int] | None:
+        """(which limit, retry_after) when a message now would break one; else count it."""
+        scopes = [("all", self.overall)]
+        scopes.append(
+            (f"group {chat_id}", self.group) if chat_id < 0 else (f"chat {chat_id}", self.private)
+        )
+        for scope, window in scopes:
+            if window is None:
+                continue
+            recent = [
+                t for t in self.sent.get(scope, []) if t > now - (window.seconds - self.grace)
+            ]
+            self.sent[scope] = recent
+            if len(recent) >= window.count:
+                return scope, max(1, int(recent[0] + window.seconds - now + 0.999))
+        for scope, window in scopes:
+            if window is not None:
+                self.sent[scope].append(now)
+        return None
+
+
 @dataclass
 class _Failure:
     error_code: int
@@ -481,6 +525,11 @@ class FakeTelegram:
         self._next_query_id = 4_200_000_000_000_000_001
         self._next_file_id = 1
         self._failures: dict[str, list[_Failure]] = {}
+        self._delays: dict[str, list[_Failure]] = {}
+        self._limits: _Limits | None = None
+        self.flood_refusals: list[tuple[str, int, str]] = []  # (method, chat_id, which limit)
+        self._editing: dict[tuple[int, int], int] = {}  # edits of a message now in flight
+        self.overlapping_edits: list[tuple[int, int]] = []  # (chat_id, message_id)
 
         self._methods: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {
             "getme": self._get_me,
@@ -695,6 +744,22 @@ class FakeTelegram:
             await self._activity.wait(remaining)
         return answer
 
+    async def wait_for_request(
+        self,
+        method: str,
+        count: int = 1,
+        *,
+        timeout: float = 5.0,  # noqa: ASYNC109 - public test-helper API
+    ) -> None:
+        """Wait until ``method`` has been requested ``count`` times (answered or not)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while sum(1 for name, _ in self.requests if name.lower() == method.lower()) < count:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise AssertionError(f"{method} not requested {count} times within {timeout}s")
+            await self._activity.wait(remaining)
+
     def _dump(self, after: int) -> str:
         lines = [
             f"  #{index} {event.method} chat={event.chat_id} id={event.message_id} "
@@ -727,6 +792,27 @@ class FakeTelegram:
         failure = _Failure(error_code, description, retry_after, times, chat_id, drop, delay)
         self._failures.setdefault(method.lower(), []).append(failure)
 
+    def delay_next(
+        self, method: str, seconds: float, *, times: int | None = 1, chat_id: int | None = None
+    ) -> None:
+        """Answer the next ``times`` calls of ``method`` (in ``chat_id``) only after ``seconds``;
+        the call then succeeds (or fails) as usual, and its effect is made at the end."""
+        slow = _Failure(0, "", None, times, chat_id, delay=seconds)
+        self._delays.setdefault(method.lower(), []).append(slow)
+
+    def enforce_limits(
+        self,
+        *,
+        overall: Window | None = Window(30, 1.0),
+        group: Window | None = Window(20, 60.0),
+        private: Window | None = Window(1, 1.0),
+        grace: float = 0.25,
+    ) -> None:
+        """From now on answer 429 (with ``retry_after``) to a send or edit that breaks one of
+        Telegram's limits: messages overall, into one group (negative chat id), into one
+        private chat. A refused request does not count; each refusal is in ``flood_refusals``."""
+        self._limits = _Limits(overall, group, private, grace)
+
     def clear_failures(self, method: str | None = None) -> None:
         """Stop failing ``method`` (or every method)."""
         if method is None:
@@ -734,8 +820,10 @@ class FakeTelegram:
         else:
             self._failures.pop(method.lower(), None)
 
-    def _injected_failure(self, method: str, params: dict[str, Any]) -> _Failure | None:
-        queue = self._failures.get(method.lower())
+    def _injected_failure(
+        self, method: str, params: dict[str, Any], table: dict[str, list[_Failure]] | None = None
+    ) -> _Failure | None:
+        queue = (self._failures if table is None else table).get(method.lower())
         if not queue:
             return None
         for failure in queue:
@@ -762,10 +850,43 @@ class FakeTelegram:
         except _ApiError as error:
             return _error_response(error)
         self.requests.append((method, params))
+        self._activity.fire()
         key = method.lower()
         handler = self._methods.get(key)
         if handler is None and key != "getupdates":
             return _error_response(_ApiError(404, "Not Found: method not found"))
+        if self._limits is not None and key in LIMITED and isinstance(params.get("chat_id"), int):
+            loop = asyncio.get_running_loop()
+            if refused := self._limits.refuse(params["chat_id"], loop.time()):
+                scope, retry_after = refused
+                self.flood_refusals.append((method, params["chat_id"], scope))
+                error = _ApiError(429, f"Too Many Requests: retry after {retry_after}", retry_after)
+                return _error_response(error)
+        if key.startswith("edit") and isinstance(params.get("chat_id"), int):
+            with self._editing_one((params["chat_id"], params.get("message_id"))):
+                return await self._answer(request, method, params, handler)
+        return await self._answer(request, method, params, handler)
+
+    @contextlib.contextmanager
+    def _editing_one(self, message: tuple[int, Any]) -> Any:
+        key = (message[0], int(message[1]) if isinstance(message[1], int) else 0)
+        if self._editing.get(key):
+            self.overlapping_edits.append(key)
+        self._editing[key] = self._editing.get(key, 0) + 1
+        try:
+            yield
+        finally:
+            self._editing[key] -= 1
+
+    async def _answer(
+        self,
+        request: web.Request,
+        method: str,
+        params: dict[str, Any],
+        handler: Callable[[dict[str, Any]], Awaitable[Any]] | None,
+    ) -> web.Response:
+        if slow := self._injected_failure(method, params, self._delays):
+            await asyncio.sleep(slow.delay)
         if failure := self._injected_failure(method, params):
             if failure.delay:
                 await asyncio.sleep(failure.delay)

@@ -1,0 +1,151 @@
+"""Turns at editing one message: one replica at a time, and never an older state after a newer.
+
+In one process LiveMessages already has one worker per message that edits in the newest state,
+so `LocalTurns` lets every edit through. With REDIS_URL, `SharedTurns` makes each edit a turn:
+a short lock per message (a lease, renewed while the edit runs, released only by its holder)
+and the order of the last state shown. A state carries an order (a call's: its status rank,
+then the time of its last change); a turn whose state is older than the one shown is skipped,
+so a replica that learnt of a state late cannot put it back over a newer one. A state without
+an order is always shown. When Redis fails the edit goes ahead without a turn: a message that
+updates matters more than the lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
+from typing import Protocol
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from bot.shared.redis import Keys
+
+log = logging.getLogger(__name__)
+LEASE = 10.0  # seconds a turn is held unless renewed; a replica that dies frees it after this
+POLL = 0.02  # seconds between two tries at a turn another replica holds
+SHOWN_TTL = 24 * 3600  # seconds the order of the last state shown is remembered
+
+# Lua: renew / release the lock only while it is still ours; raise the order shown, never lower
+_RENEW = (
+    "if redis.call('get', KEYS[1]) == ARGV[1] then "
+    "return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
+)
+_RELEASE = (
+    "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+)
+_SHOWN = (
+    "local current = tonumber(redis.call('get', KEYS[1])) "
+    "if current == nil or current < tonumber(ARGV[1]) then "
+    "redis.call('set', KEYS[1], ARGV[1], 'EX', ARGV[2]) end return 1"
+)
+
+
+class Turn(Protocol):
+    async def stale(self, order: int | None) -> bool:
+        """Whether a newer state than `order` is shown already."""
+
+    async def shown(self, order: int | None) -> None:
+        """The state of `order` is what the message shows now."""
+
+
+class EditTurns(Protocol):
+    def turn(self, chat_id: int, message_id: int) -> AbstractAsyncContextManager[Turn]: ...
+
+
+class _FreeTurn:
+    async def stale(self, order: int | None) -> bool:
+        return False
+
+    async def shown(self, order: int | None) -> None:
+        return None
+
+
+class LocalTurns:
+    """One process: the per-message worker is the turn."""
+
+    @asynccontextmanager
+    async def turn(self, chat_id: int, message_id: int) -> AsyncIterator[Turn]:
+        yield _FreeTurn()
+
+
+class _SharedTurn:
+    def __init__(self, redis: Redis, shown_key: str) -> None:
+        self._redis = redis
+        self._key = shown_key
+
+    async def stale(self, order: int | None) -> bool:
+        if order is None:
+            return False
+        try:
+            shown = await self._redis.get(self._key)
+        except RedisError as err:
+            log.warning("cannot read the state shown of a message (%s); editing", err)
+            return False
+        return shown is not None and int(shown) > order
+
+    async def shown(self, order: int | None) -> None:
+        if order is None:
+            return
+        try:
+            await self._redis.eval(_SHOWN, 1, self._key, order, SHOWN_TTL)
+        except RedisError as err:
+            log.warning("cannot record the state shown of a message (%s)", err)
+
+
+class SharedTurns:
+    """Several replicas: a turn is a Redis lock per message, and the order shown is kept."""
+
+    def __init__(self, redis: Redis, keys: Keys, *, lease: float = LEASE) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._lease = lease
+
+    @asynccontextmanager
+    async def turn(self, chat_id: int, message_id: int) -> AsyncIterator[Turn]:
+        lock = self._keys("edit", chat_id, message_id, "lock")
+        shown = self._keys("edit", chat_id, message_id, "shown")
+        token = uuid.uuid4().hex
+        try:
+            await self._acquire(lock, token)
+            locked = True
+        except RedisError as err:
+            log.warning(
+                "no edit lock for message %s in chat %s (%s); editing", message_id, chat_id, err
+            )
+            locked = False
+        if not locked:
+            yield _FreeTurn()
+            return
+        renewing = asyncio.create_task(self._renew(lock, token), name=f"edit lock {lock}")
+        try:
+            yield _SharedTurn(self._redis, shown)
+        finally:
+            renewing.cancel()
+            with suppress(asyncio.CancelledError):
+                await renewing
+            try:
+                await self._redis.eval(_RELEASE, 1, lock, token)
+            except RedisError as err:  # it runs out by itself after the lease
+                log.warning("cannot release the edit lock of message %s (%s)", message_id, err)
+
+    async def _acquire(self, lock: str, token: str) -> None:
+        lease_ms = int(self._lease * 1000)
+        while True:
+            if await self._redis.set(lock, token, nx=True, px=lease_ms):
+                return
+            await asyncio.sleep(POLL)  # no event to wait for: the holder may be another host
+
+    async def _renew(self, lock: str, token: str) -> None:
+        lease_ms = int(self._lease * 1000)
+        while True:
+            await asyncio.sleep(self._lease / 3)
+            try:
+                if not await self._redis.eval(_RENEW, 1, lock, token, lease_ms):
+                    log.warning("edit lock %s was lost while editing", lock)
+                    return
+            except RedisError as err:
+                log.warning("cannot renew edit lock %s (%s)", lock, err)
