@@ -439,15 +439,20 @@ class CallbotApp:
         return {}
 
     async def drain(self) -> None:
-        """No new escalation step; let rings and /call replies in flight finish (bounded)."""
+        """No new escalation step; let steps, rings and /call replies in flight finish
+        (bounded by SHUTDOWN_GRACE_SECONDS)."""
         self.draining = True
         self.oncall.stop()
-        seconds = self.settings.shutdown_drain_seconds
+        seconds = self.settings.shutdown_grace_seconds
         if self.in_flight.count:
-            log.info("shutdown: letting calls in flight finish (%d tasks)", self.in_flight.count)
+            log.info(
+                "shutdown: letting calls and steps in flight finish (%d tasks, up to %.0f s)",
+                self.in_flight.count,
+                seconds,
+            )
         if not await self.in_flight.wait_idle(seconds):
             log.warning(
-                "shutdown: %d still in flight after %.0f s (SHUTDOWN_DRAIN_SECONDS); cut off, "
+                "shutdown: %d still in flight after %.0f s (SHUTDOWN_GRACE_SECONDS); cut off, "
                 "they are reconciled at the next start",
                 self.in_flight.count,
                 seconds,

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import (
+    AliasChoices,
     AnyHttpUrl,
     Field,
     SecretStr,
@@ -95,8 +96,14 @@ class Settings(BaseSettings):
     oncall_tick_seconds: float = Field(default=1.0, ge=0, le=60)
     # a step taken is reserved this long, renewed while it runs: it is retaken after a crash
     oncall_lease_seconds: float = Field(default=15.0, ge=0.1, le=600)
-    # on SIGTERM/SIGINT, seconds to let calls being started (and their replies) finish
-    shutdown_drain_seconds: float = Field(default=30.0, ge=0, le=600)
+    # on SIGTERM/SIGINT, seconds to let updates, calls being started (and their replies) and
+    # escalation steps in flight finish; SHUTDOWN_DRAIN_SECONDS is its old name, still read
+    shutdown_grace_seconds: float = Field(
+        default=20.0,
+        ge=0,
+        le=600,
+        validation_alias=AliasChoices("shutdown_grace_seconds", "shutdown_drain_seconds"),
+    )
 
     # retention: deliveries, rings and permission requests deleted, calls' numbers and notes
     # removed after this many days; how often that is looked for (0 turns the job off)

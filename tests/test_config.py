@@ -131,3 +131,21 @@ def test_migrate_command_creates_the_schema(tmp_path: Path) -> None:
     with sqlite3.connect(tmp_path / "data" / "callbot.db") as db:
         tables = {row[0] for row in db.execute("select name from sqlite_master where type='table'")}
     assert {"calls", "call_status", "audit", "permission_requests", "webhook_deliveries"} <= tables
+
+
+def test_shutdown_grace_is_read_under_its_name_and_its_old_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("BOT_TOKEN", TOKEN)
+    monkeypatch.setenv("PILOT_STATUS_API_KEY", "ps_" + "b" * 48)
+    monkeypatch.setenv("OPERATOR_IDS", "11")
+    for name in ("SHUTDOWN_GRACE_SECONDS", "SHUTDOWN_DRAIN_SECONDS"):
+        monkeypatch.delenv(name, raising=False)
+    assert load_settings().shutdown_grace_seconds == 20
+    monkeypatch.setenv("SHUTDOWN_DRAIN_SECONDS", "45")  # the old name, from an existing .env
+    assert load_settings().shutdown_grace_seconds == 45
+    monkeypatch.setenv("SHUTDOWN_GRACE_SECONDS", "5")  # the new name wins
+    assert load_settings().shutdown_grace_seconds == 5
+    monkeypatch.setenv("SHUTDOWN_GRACE_SECONDS", "-1")
+    with pytest.raises(ConfigError, match="SHUTDOWN_GRACE_SECONDS"):
+        load_settings()

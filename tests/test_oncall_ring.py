@@ -185,7 +185,11 @@ async def test_an_end_event_after_the_ring_was_recorded_still_moves_on_at_once(
 async def test_a_shutdown_mid_ring_lets_the_post_finish_and_no_restart_rings_again(
     start_bot: StartBot, tmp_path: Path, clock: Clock
 ) -> None:
-    first = await ring_bot(start_bot, tmp_path, clock, oncall_tick_seconds=0.05)
+    # Silent: a spoken ring is hung up after a restart (it lost its audio), which moves the
+    # escalation on; that is the spoken test below. Here the ring itself must survive.
+    first = await ring_bot(
+        start_bot, tmp_path, clock, oncall_tick_seconds=0.05, speech_engine=SILENT
+    )
     slow_post(first.pilot, "call_term", delay=1.0)
     created = await alert(first, generic())
     post = await posted(first.pilot, ALICE)
@@ -194,7 +198,7 @@ async def test_a_shutdown_mid_ring_lets_the_post_finish_and_no_restart_rings_aga
     post_seen = next(r for r in first.pilot.calls_started() if r is post)
     assert post_seen.status == 201  # the drain let the POST be answered
 
-    second = await ring_bot(start_bot, tmp_path, clock)
+    second = await ring_bot(start_bot, tmp_path, clock, speech_engine=SILENT)
     await recovered(second)
     record = await second.app.store.get_call("call_term")
     assert record is not None and record.status == "RINGING"  # recorded before the exit
@@ -215,7 +219,7 @@ async def test_a_drain_cut_off_after_the_post_was_sent_is_reconciled_and_nobody_
         tmp_path,
         clock,
         oncall_tick_seconds=0.05,
-        shutdown_drain_seconds=0.2,
+        shutdown_grace_seconds=0.2,
         database_url=db_url,
         speech_engine=SILENT,
     )
@@ -250,7 +254,7 @@ async def test_a_spoken_ring_cut_off_by_a_restart_is_hung_up_and_the_next_person
     """The ring says the alert; after a restart its audio is gone, so it is hung up (item 14),
     and that end moves the escalation on: alice rung once, bob once."""
     first = await ring_bot(
-        start_bot, tmp_path, clock, oncall_tick_seconds=0.05, shutdown_drain_seconds=0.2
+        start_bot, tmp_path, clock, oncall_tick_seconds=0.05, shutdown_grace_seconds=0.2
     )
     slow_post(first.pilot, "call_spoken", delay=30)
     await alert(first, generic())

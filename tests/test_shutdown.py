@@ -47,7 +47,7 @@ async def run_bot(
             f"ONCALL_FILE={tmp_path / 'oncall.toml'}\n"
             "ONCALL_TICK_SECONDS=0.1\n"
             "ONCALL_LEASE_SECONDS=1\n"
-            "SHUTDOWN_DRAIN_SECONDS=15\n"
+            "SHUTDOWN_GRACE_SECONDS=15\n"
             # Silent rings: a ring the bot spoke on is hung up after a restart (it lost its
             # audio), which test_oncall_ring.py covers; here the ring itself must survive.
             "SPEECH_ENGINE=no-such-tts\n"
@@ -91,7 +91,8 @@ async def test_sigterm_mid_call_finishes_the_post_and_sends_its_reply_before_exi
     assert post.status == 201
     [reply] = messages(telegram, OPERATOR)
     assert "Call to" in reply.plain and "call_term" in reply.plain
-    assert "letting calls in flight finish" in first.text and "Traceback" not in first.text
+    assert "letting calls and steps in flight finish" in first.text
+    assert "up to 15 s)" in first.text and "Traceback" not in first.text  # SHUTDOWN_GRACE_SECONDS
 
     second = await run_bot()  # type: ignore[operator]
     await asyncio.sleep(1.5)  # recovery ran: nothing was half done

@@ -10,7 +10,10 @@ attempt, its fence; its call is stored on the incident right before `POST /v1/ca
 ahead), and whoever takes the step next settles that ring from the call record (placed, never
 sent, or unknown even to the API's list) rather than ringing the person again.
 Per-destination throttles hold a ring back rather than flood a phone (4 unanswered calls in a
-row revoke a WhatsApp call permission). Nothing here knows aiogram.
+row revoke a WhatsApp call permission); they are checked again when the ring is recorded,
+under the number's lock, so replicas ringing one person for two incidents at once cannot both
+pass. Several replicas share the timers: each claims due steps one at a time, passing over
+rows another replica holds (see bot/storage/oncall.py). Nothing here knows aiogram.
 
 The post to the team's chat is an outbox step: stored as pending with the incident, tried at
 once, and retried with backoff until Telegram takes it (an old post that is gone is replaced by
@@ -42,7 +45,7 @@ from bot.oncall.alerts import Alert
 from bot.ops.shutdown import InFlight
 from bot.phones import Phone, mask, parse_phone, split_phone_and_note
 from bot.pilot_status.errors import APIConnectionError, PilotStatusError
-from bot.storage.oncall import Contact, Incident, NewIncident, OnCallStore, Team
+from bot.storage.oncall import Contact, Held, Incident, NewIncident, OnCallStore, Team
 from bot.storage.store import CallRecord, utcnow
 from bot.voice.speech import Speech
 
@@ -54,6 +57,9 @@ POST_WAIT = 5.0  # seconds one post attempt may take (intake waits for the first
 # is retried soon after
 POST_LEASE = timedelta(seconds=2 * POST_WAIT)
 POST_GIVE_UP = timedelta(days=1)  # after that an unposted incident is only logged
+# a step whose number is being called right now (another incident's ring, an operator's /call)
+# is tried again this much later, not skipped
+BUSY_RETRY = timedelta(seconds=1)
 TELL_ADMINS_AFTER = 3  # failed posts in a row (Telegram down) before the admins are told
 _DURATION = re.compile(r"(\d+)\s*([smhd]?)")
 _UNIT = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -433,12 +439,13 @@ class OnCall:
             task.cancel()
         await asyncio.gather(*self._post_tasks, return_exceptions=True)
 
-    async def _publish(self, incident_id: int) -> bool:
-        """One attempt at the incident's post, if it is due; a failure is retried later."""
+    async def _publish(self, incident_id: int, *, timer: bool = False) -> bool:
+        """One attempt at the incident's post, if it is due; a failure is retried later. The
+        timer passes over a post another replica is claiming (it makes it, or it stays due)."""
         lock = self._post_locks.setdefault(incident_id, asyncio.Lock())
         async with lock:  # a second caller then finds the post made, or makes the newer state
             now = self.clock()
-            incident = await self._store.claim_post(incident_id, now, POST_LEASE)
+            incident = await self._store.claim_post(incident_id, now, POST_LEASE, skip_locked=timer)
             if incident is None:
                 return False
             team = await self._store.team_by_id(incident.team_id)
@@ -517,6 +524,7 @@ class OnCall:
                 expected="acknowledged",
                 note=f"{_hm(now)} acknowledged by {incident.acked_by or '?'} {held} ago and not "
                 "resolved: firing again",
+                skip_locked=True,  # another replica is restarting it
             )
             if reopened is not None:  # its post is refreshed alongside its first step
                 log.info("incident %s: acknowledgement timed out; firing again", incident_id)
@@ -524,34 +532,36 @@ class OnCall:
     # the timer
 
     async def run_due(self, parallel: int = 16) -> int:
-        """Take every step that is due now, several at once; returns how many were taken."""
+        """Take every step that is due now, several at once; returns how many were taken. Each
+        is claimed when a slot is free, so what this process cannot start yet stays free for
+        another replica; a step made due again meanwhile waits for the next run."""
         if self._stopping:
             return 0
         gate = asyncio.Semaphore(parallel)
 
-        async def step(incident_id: int) -> bool:
-            async with gate:
-                return await self._step(incident_id)
-
         async def post(incident_id: int) -> bool:
             async with gate:
-                return await self._publish(incident_id)
+                return await self._publish(incident_id, timer=True)
 
         await self._expire_acks()
-        due = [i for i in await self._store.due(self.clock()) if i not in self._running]
         posts = await self._store.posts_due(self.clock())  # alongside: a ring never waits
-        results = await asyncio.gather(
-            *(step(i) for i in due), *(post(i) for i in posts), return_exceptions=True
-        )
-        for incident_id, result in zip(posts, results[len(due) :], strict=True):
-            if isinstance(result, BaseException):  # its lease runs out and it is tried again
-                log.error("post of incident %s failed", incident_id, exc_info=result)
-        results = results[: len(due)]
-        for incident_id, result in zip(due, results, strict=True):
-            if isinstance(result, BaseException):
-                # Its lease runs out and the step is taken again later.
-                log.error("on-call step of incident %s failed", incident_id, exc_info=result)
-        return sum(result is True for result in results)
+        posting = asyncio.gather(*(post(i) for i in posts), return_exceptions=True)
+        steps: dict[int, asyncio.Task[None]] = {}
+        try:
+            async with self._drain.track():  # a shutdown waits for the steps claimed here
+                try:
+                    await self._claim_steps(gate, steps)
+                finally:
+                    results = await asyncio.gather(*steps.values(), return_exceptions=True)
+            for incident_id, result in zip(steps, results, strict=True):
+                if isinstance(result, BaseException):
+                    # Its lease runs out and the step is taken again later.
+                    log.error("on-call step of incident %s failed", incident_id, exc_info=result)
+        finally:
+            for incident_id, posted in zip(posts, await posting, strict=True):
+                if isinstance(posted, BaseException):  # its lease runs out and it is tried again
+                    log.error("post of incident %s failed", incident_id, exc_info=posted)
+        return len(steps)
 
     async def run_forever(self, tick: float) -> None:
         """Take due steps, then sleep until the next timer (at most `tick`), or until a new
@@ -574,31 +584,41 @@ class OnCall:
         self._stopping = True
         self._wake.set()
 
-    async def _step(self, incident_id: int) -> bool:
-        if incident_id in self._running or self._stopping:
-            return False  # this process runs it already: its lease is renewed meanwhile
-        self._running.add(incident_id)
-        try:
-            async with self._drain.track():
-                return await self._claimed_step(incident_id)
-        finally:
-            self._running.discard(incident_id)
+    async def _claim_steps(
+        self, gate: asyncio.Semaphore, steps: dict[int, asyncio.Task[None]]
+    ) -> None:
+        """Claim due steps one at a time, each once a slot is free, and start them (`steps`)."""
+        while not self._stopping:
+            await gate.acquire()
+            try:
+                now = self.clock()
+                claimed = None
+                if not self._stopping:
+                    skip = {*self._running, *steps}  # this process runs them (renewing)
+                    claimed = await self._store.claim_next(now, self.lease, skip=skip)
+            except BaseException:
+                gate.release()
+                raise
+            if claimed is None:
+                gate.release()
+                return
+            self._running.add(claimed.id)
+            task = asyncio.create_task(self._step(claimed, now), name=f"step {claimed.id}")
+            task.add_done_callback(lambda _task: gate.release())
+            steps[claimed.id] = task
 
-    async def _claimed_step(self, incident_id: int) -> bool:
-        now = self.clock()
-        incident = await self._store.claim(incident_id, now, self.lease)
-        if incident is None:
-            return False
-        renewing = asyncio.create_task(self._renew(incident), name=f"lease {incident_id}")
+    async def _step(self, incident: Incident, now: datetime) -> None:
+        """Run a claimed step, its lease renewed meanwhile."""
+        renewing = asyncio.create_task(self._renew(incident), name=f"lease {incident.id}")
         try:
             result = await self._run_step(incident, now)
             if self._on_step is not None:
                 self._on_step(result)
         finally:
+            self._running.discard(incident.id)
             renewing.cancel()
             with suppress(asyncio.CancelledError):
                 await renewing
-        return True
 
     async def _renew(self, incident: Incident) -> None:
         """Keep the claim while the step runs (a POST may take longer than the lease)."""
@@ -685,7 +705,8 @@ class OnCall:
         phone = contact.phone
 
         async def write_ahead(record: CallRecord) -> None:
-            """Right before the POST: the ring is stored on the step, if it is still ours."""
+            """Right before the POST: the ring is stored on the step, if it is still ours and
+            the throttles still let it through (another replica may have rung the number)."""
             ringing = await self._store.begin_ring(
                 incident.id,
                 fence=fence,
@@ -693,9 +714,13 @@ class OnCall:
                 phone=phone,
                 at=now,
                 note=f"{_hm(now)} calling {alias}",
+                held=lambda rings: self._hold(rings, now),
+                window=self._window,
             )
             if ringing is None:
                 raise _Superseded
+            if isinstance(ringing, Held):
+                raise _Held(ringing.until)
             written.append(record.id)
             self._publish_soon(ringing.id)
 
@@ -703,8 +728,28 @@ class OnCall:
             outcome = await self._calls.start(request, before_post=write_ahead)
         except _Superseded:
             return "superseded"  # acknowledged, resolved or taken by another attempt meanwhile
+        except _Held as held:
+            await self._update(
+                incident,
+                team,
+                fence=fence,
+                next_action_at=held.until,
+                note=f"{_hm(now)} throttle held the call to {alias} until {_hm(held.until)}",
+            )
+            return "throttled"
         except (CallbotError, PilotStatusError) as err:
             code = describe(err).code
+            if not written and code == "call_in_flight":
+                # The number is being called (another incident's ring starting, an operator's
+                # /call): this step waits its turn. No note: it is tried again in a moment.
+                await self._store.update_incident(
+                    incident.id,
+                    at=self.clock(),
+                    only_if_firing=True,
+                    fence=fence,
+                    next_action_at=now + BUSY_RETRY,
+                )
+                return "throttled"
             if not written:
                 await self._update(
                     incident,
@@ -809,12 +854,20 @@ class OnCall:
             # Acknowledged (or resolved) while this ring was being placed: it must not ring on.
             await self._hang_up_ring(ring)
 
+    @property
+    def _window(self) -> timedelta:
+        """How far back the throttles look."""
+        return timedelta(seconds=max((t.seconds for t in self._throttles), default=0))
+
     async def _held(self, phone: str, now: datetime) -> datetime | None:
-        """When the throttles allow the next ring of this number (None: now)."""
+        """When the throttles allow the next ring of this number (None: now). A first look:
+        the ring is checked again when it is recorded (begin_ring)."""
         if not self._throttles:
             return None
-        window = max(t.seconds for t in self._throttles)
-        rings = await self._store.rings_since(phone, now - timedelta(seconds=window))
+        return self._hold(await self._store.rings_since(phone, now - self._window), now)
+
+    def _hold(self, rings: list[datetime], now: datetime) -> datetime | None:
+        """Until when these rings of a number (oldest first) hold its next ring; None: not."""
         until: datetime | None = None
         for throttle in self._throttles:
             recent = [r for r in rings if r > now - timedelta(seconds=throttle.seconds)]
@@ -870,6 +923,14 @@ class OnCall:
 
 class _Superseded(Exception):
     """The step is not this attempt's any more: its ring must not be placed."""
+
+
+class _Held(Exception):
+    """The throttles hold the ring back (the number was rung meanwhile): it is not placed."""
+
+    def __init__(self, until: datetime) -> None:
+        super().__init__(until.isoformat())
+        self.until = until
 
 
 def _no_button(incident: Incident) -> bool:

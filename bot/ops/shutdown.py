@@ -1,5 +1,5 @@
 """Work a shutdown lets finish: a `POST /v1/calls` that may already ring a phone, and what
-records it. `close()` waits for it (bounded by SHUTDOWN_DRAIN_SECONDS) before anything is
+records it. `close()` waits for it (bounded by SHUTDOWN_GRACE_SECONDS) before anything is
 cancelled, so a SIGTERM never leaves a ring placed but unrecorded."""
 
 from __future__ import annotations

@@ -1,11 +1,22 @@
-"""Storage of contacts, teams, incidents and rings (the on-call side)."""
+"""Storage of contacts, teams, incidents and rings (the on-call side).
+
+Several replicas share one PostgreSQL database. The timer's claims (a due step, a due post,
+an acknowledgement running out) lock their row with `FOR UPDATE SKIP LOCKED`: a row another
+replica is claiming or changing is passed over, never waited for, and whoever holds it moves
+its timer on. Every other change locks and waits (it must apply). A ring is checked against
+the throttles and recorded under one lock per number (a transaction-scoped advisory lock), so
+two replicas ringing one person for two incidents at once cannot both pass. SQLite has one
+process and one connection (bot/storage/db.py): its transactions run one at a time anyway.
+"""
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import delete, func, or_, select
+from sqlalchemy import delete, func, or_, select, text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from bot.storage.tables import ContactRow, IncidentRow, RingRow, TeamRow
@@ -13,6 +24,9 @@ from bot.storage.tables import ContactRow, IncidentRow, RingRow, TeamRow
 # Open: a repeat of its alert updates it. An exhausted escalation stays open (its alert is still
 # firing, nobody acknowledged): a repeat says so rather than opening a new incident.
 OPEN = ("firing", "acknowledged", "exhausted")
+# The first key of the per-number advisory locks of rings ("call" in ASCII); the second is
+# derived from the number. Two-key locks never meet the migrations' one-key lock.
+RING_LOCKS = 0x63616C6C
 
 
 @dataclass(frozen=True)
@@ -74,6 +88,13 @@ class Incident:
     def shown(self) -> tuple[object, ...]:
         """What the post shows (to tell whether it changed while being posted)."""
         return (self.status, self.fired, self.notes, self.acked_by, self.acked_at)
+
+
+@dataclass(frozen=True)
+class Held:
+    """A ring the throttles hold back until then."""
+
+    until: datetime
 
 
 @dataclass(frozen=True)
@@ -353,12 +374,20 @@ class OnCallStore:
             return list((await session.execute(query)).scalars())
 
     async def restart_escalation(
-        self, incident_id: int, *, at: datetime, expected: str, note: str, **fields: object
+        self,
+        incident_id: int,
+        *,
+        at: datetime,
+        expected: str,
+        note: str,
+        skip_locked: bool = False,
+        **fields: object,
     ) -> Incident | None:
         """Fire again from the first step: only if the incident is still `expected` (and, when
-        acknowledged, its acknowledgement ran out). The post is to be refreshed."""
+        acknowledged, its acknowledgement ran out). The post is to be refreshed. With
+        skip_locked (the timer), an incident another transaction holds is left to it."""
         async with self._sessions.begin() as session:
-            row = await self._locked(session, incident_id)
+            row = await self._locked(session, incident_id, skip_locked=skip_locked)
             if row is None or row.status != expected:
                 return None
             if expected == "acknowledged" and (
@@ -391,11 +420,12 @@ class OnCallStore:
             return list((await session.execute(query)).scalars())
 
     async def claim_post(
-        self, incident_id: int, now: datetime, lease: timedelta
+        self, incident_id: int, now: datetime, lease: timedelta, *, skip_locked: bool = False
     ) -> Incident | None:
-        """Take a due post: its retry moves to now + lease meanwhile (a crash retries it)."""
+        """Take a due post: its retry moves to now + lease meanwhile (a crash retries it). With
+        skip_locked (the timer), a post another transaction holds is left to it."""
         async with self._sessions.begin() as session:
-            row = await self._locked(session, incident_id)
+            row = await self._locked(session, incident_id, skip_locked=skip_locked)
             if row is None or row.post_status != "pending" or row.post_next_at is None:
                 return None
             if row.post_next_at > now:
@@ -429,15 +459,22 @@ class OnCallStore:
             if row is not None and row.admins_told_at is None:
                 row.admins_told_at = at
 
-    async def claim(self, incident_id: int, now: datetime, lease: timedelta) -> Incident | None:
-        """Take a due step: locked, still firing and due. Its timer moves to now + lease, so
-        nobody else takes it meanwhile (and a crash mid-step retries it after the lease), and
-        it gets a new attempt: the fence its result is committed with."""
+    async def claim_next(
+        self, now: datetime, lease: timedelta, *, skip: Collection[int] = ()
+    ) -> Incident | None:
+        """Take the most overdue step (firing, due, not in `skip`) that nobody else holds. Its
+        timer moves to now + lease, so nobody else takes it meanwhile (and a crash mid-step
+        retries it after the lease), and it gets a new attempt: the fence its result is
+        committed with. None when nothing is due."""
+        query = select(IncidentRow).where(
+            IncidentRow.status == "firing", IncidentRow.next_action_at <= now
+        )
+        if skip:
+            query = query.where(IncidentRow.id.not_in(list(skip)))
+        query = query.order_by(IncidentRow.next_action_at, IncidentRow.id).limit(1)
         async with self._sessions.begin() as session:
-            row = await self._locked(session, incident_id)
-            if row is None or row.status != "firing" or row.next_action_at is None:
-                return None
-            if row.next_action_at > now:
+            row = (await session.execute(query.with_for_update(skip_locked=True))).scalars().first()
+            if row is None:
                 return None
             row.attempt = (row.attempt or 0) + 1
             claimed = _incident(row)  # carries the time the step was due
@@ -491,15 +528,32 @@ class OnCallStore:
     # a step's ring, written ahead of its POST
 
     async def begin_ring(
-        self, incident_id: int, *, fence: int, call_id: str, phone: str, at: datetime, note: str
-    ) -> Incident | None:
+        self,
+        incident_id: int,
+        *,
+        fence: int,
+        call_id: str,
+        phone: str,
+        at: datetime,
+        note: str,
+        held: Callable[[list[datetime]], datetime | None] = lambda _rings: None,
+        window: timedelta = timedelta(0),
+    ) -> Incident | Held | None:
         """Before the POST: the step's call is stored on the incident and counted as a ring
         (its outcome unknown until the POST answers). None when the step is not this
-        attempt's any more (taken again, acknowledged, resolved): then nothing may be rung."""
+        attempt's any more (taken again, acknowledged, resolved): then nothing may be rung.
+
+        The throttles are checked again here, under the number's lock, with the number's rings
+        of the last `window`: `held(rings)` says until when the ring is held back (Held, and
+        nothing is recorded), or None. Whoever records a ring of the number first wins."""
         async with self._sessions.begin() as session:
             row = await self._locked(session, incident_id)
             if row is None or row.status != "firing" or row.attempt != fence:
                 return None
+            await _lock_number(session, phone)
+            until = held(await _rings_since(session, phone, at - window))
+            if until is not None:
+                return Held(until)
             row.ring_call_id = call_id
             row.notes = [*(row.notes or []), note][-12:]
             _repost(row, at)
@@ -575,8 +629,13 @@ class OnCallStore:
         row.updated_at = at
 
     @staticmethod
-    async def _locked(session: AsyncSession, incident_id: int) -> IncidentRow | None:
-        query = select(IncidentRow).where(IncidentRow.id == incident_id).with_for_update()
+    async def _locked(
+        session: AsyncSession, incident_id: int, *, skip_locked: bool = False
+    ) -> IncidentRow | None:
+        """The incident, locked until the transaction ends; with skip_locked, None when another
+        transaction holds it (PostgreSQL; SQLite has no row locks and one connection)."""
+        query = select(IncidentRow).where(IncidentRow.id == incident_id)
+        query = query.with_for_update(skip_locked=skip_locked)
         return (await session.execute(query)).scalars().first()
 
     # rings (throttles)
@@ -592,12 +651,7 @@ class OnCallStore:
 
     async def rings_since(self, phone: str, since: datetime) -> list[datetime]:
         async with self._sessions() as session:
-            query = (
-                select(RingRow.at)
-                .where(RingRow.phone == phone, RingRow.at > since)
-                .order_by(RingRow.at)
-            )
-            return list((await session.execute(query)).scalars())
+            return await _rings_since(session, phone, since)
 
     async def has_open_incidents(self, team_id: int) -> bool:
         async with self._sessions() as session:
@@ -605,6 +659,21 @@ class OnCallStore:
                 IncidentRow.team_id == team_id, IncidentRow.status.in_(OPEN)
             )
             return (await session.execute(query.limit(1))).first() is not None
+
+
+async def _rings_since(session: AsyncSession, phone: str, since: datetime) -> list[datetime]:
+    query = select(RingRow.at).where(RingRow.phone == phone, RingRow.at > since)
+    return list((await session.execute(query.order_by(RingRow.at))).scalars())
+
+
+async def _lock_number(session: AsyncSession, phone: str) -> None:
+    """Hold the number's ring lock until the transaction ends (PostgreSQL; on SQLite the one
+    connection already runs one transaction at a time)."""
+    if session.get_bind().dialect.name != "postgresql":
+        return
+    key = int.from_bytes(hashlib.sha256(phone.encode()).digest()[:4], "big", signed=True)
+    statement = text("SELECT pg_advisory_xact_lock(:space, :key)")
+    await session.execute(statement, {"space": RING_LOCKS, "key": key})
 
 
 def _repost(row: IncidentRow, at: datetime) -> None:

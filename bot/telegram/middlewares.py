@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 class InFlightUpdatesMiddleware(BaseMiddleware):
     """Each update being handled counts as in flight: a shutdown lets it finish (a /call's
-    POST and the reply that follows it), within SHUTDOWN_DRAIN_SECONDS."""
+    POST and the reply that follows it), within SHUTDOWN_GRACE_SECONDS."""
 
     def __init__(self, in_flight: InFlight) -> None:
         self._in_flight = in_flight
