@@ -59,6 +59,7 @@ from bot.telegram.middlewares import (
 )
 from bot.texts import COMMANDS, spoken_alert, spoken_default
 from bot.voice.media import MediaEndpoint
+from bot.voice.relay import LocalRelay, RedisRelay
 from bot.voice.service import LazyEndpoint, Voice, VoicePolicy
 from bot.voice.shelf import AudioShelf
 from bot.voice.speech import Speaker, Speech
@@ -186,6 +187,7 @@ class CallbotApp:
                 realtime_rate=settings.realtime_sample_rate,
             ),
             shelf=self.shelf,
+            relay=RedisRelay(self.redis, self.keys) if self.redis is not None else LocalRelay(),
             default_text=self._say(spoken_default),
         )
         self.in_flight = InFlight()  # what a shutdown lets finish
@@ -316,6 +318,8 @@ class CallbotApp:
                 "Meta calls play beeps instead of a message",
                 settings.speech_engine,
             )
+        if self.voice.relay.shared:  # one subscriber per replica, for its Meta calls' media
+            self._spawn(self.voice.relay.run(self.voice), "media relay")
         if settings.oncall_tick_seconds > 0:
             self._spawn(self.oncall.run_forever(settings.oncall_tick_seconds), "on-call timer")
         if settings.retention_interval_seconds > 0:

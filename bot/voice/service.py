@@ -6,6 +6,9 @@ answered, the message plays (`repeat` times), then the bot terminates the call a
 peer connection. Web number: the message is played by `/play` from a signed URL the bot serves
 (when `PUBLIC_BASE_URL` is set), else streamed as PCM16 over `/realtime-session`.
 
+Several replicas (REDIS_URL): the peer connection lives in the replica that placed the call, the
+webhooks reach any; what its waiter needs crosses over by bot.voice.relay.
+
 Every failure ends the call with a reason the chat shows; no peer connection or task outlives its
 call. Nothing here knows aiogram.
 """
@@ -30,6 +33,7 @@ from bot.pilot_status.models import NumberType
 from bot.storage.store import CallRecord, Store, utcnow
 from bot.voice.media import Leg, MediaEndpoint, MediaSession
 from bot.voice.realtime import stream_pcm
+from bot.voice.relay import LocalRelay, Relay
 from bot.voice.sdp import SDPError
 from bot.voice.shelf import AudioShelf
 from bot.voice.speech import Audio, Speaker, Speech, SpeechError, tone
@@ -85,6 +89,7 @@ class _Watch:
     """What a call's driver waits on: its status as stored, and Meta's SDP answer."""
 
     status: str
+    refs: tuple[str, ...] = ()  # the call's Pilot and external (wacid) ids
     answer: asyncio.Future[str] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -128,6 +133,7 @@ class Voice:
         *,
         policy: VoicePolicy | None = None,
         shelf: AudioShelf | None = None,
+        relay: Relay | None = None,
         default_text: Callable[[str], str] = lambda _locale: "This is an automated call.",
     ) -> None:
         self._client = client
@@ -137,6 +143,7 @@ class Voice:
         self._endpoint = endpoint
         self.policy = policy or VoicePolicy()
         self._shelf = shelf
+        self.relay: Relay = relay or LocalRelay()
         self._default_text = default_text
         self._open = 0
         self._watches: dict[str, _Watch] = {}
@@ -195,9 +202,10 @@ class Voice:
     def begin(self, leg: Leg, record: CallRecord) -> None:
         if not isinstance(leg, VoiceLeg):
             raise TypeError("a leg prepared by another voice side")
-        watch = _Watch(record.status)
+        refs = tuple(filter(None, (record.pilot_call_id, record.external_call_id)))
+        watch = _Watch(record.status, refs)
         self._watches[record.id] = watch
-        for ref in filter(None, (record.pilot_call_id, record.external_call_id)):
+        for ref in refs:
             self._refs[ref] = record.id
             early = self._early.pop(ref, None)
             if early is not None and not watch.answer.done():
@@ -210,18 +218,60 @@ class Voice:
         watch = self._watches.get(record.id)
         if watch is not None:
             watch.update(record.status)
+        elif record.number_type == NumberType.META.value and record.pilot_call_id is not None:
+            await self.relay.share_status(record.id, record.status)  # its media may be elsewhere
 
     async def answer_arrived(self, ref: str, sdp: str) -> None:
         """Meta's SDP answer from the `calls` webhook."""
-        call_id = self._refs.get(ref)
-        watch = self._watches.get(call_id) if call_id else None
+        watch = self._watch_of(ref)
         if watch is None:
             now = time.monotonic()
             self._early = {k: v for k, v in self._early.items() if now - v[0] < 60}
             if len(self._early) < 1000:
                 self._early[ref] = (now, sdp)
+            await self.relay.share_answer(ref, sdp)  # for the replica holding its media
         elif not watch.answer.done():
             watch.answer.set_result(sdp)
+
+    def _watch_of(self, ref: str) -> _Watch | None:
+        call_id = self._refs.get(ref)
+        return self._watches.get(call_id) if call_id else None
+
+    # what other replicas relay (bot.voice.relay.Waiters)
+
+    def answer_came(self, ref: str, sdp: str) -> None:
+        """Another replica's answer: only for a registered waiter (an earlier one is kept in
+        Redis, and found there by `_catch_up`)."""
+        watch = self._watch_of(ref)
+        if watch is not None and not watch.answer.done():
+            watch.answer.set_result(sdp)
+
+    def status_came(self, call_id: str, status: str) -> None:
+        watch = self._watches.get(call_id)
+        if watch is not None and states.advances(watch.status, status):
+            watch.update(status)
+
+    async def catch_up(self) -> None:
+        """After the relay lost Redis for a while: every waiter looks up what it waits for."""
+        for call_id, watch in list(self._watches.items()):
+            await self._catch_up(call_id, watch)
+
+    async def _catch_up(self, call_id: str, watch: _Watch) -> None:
+        """What reached another replica before this waiter could hear it: an answer kept in
+        Redis, and the status as stored."""
+        if not self.relay.shared:
+            return
+        try:
+            if not watch.answer.done():
+                sdp = await self.relay.kept_answer(watch.refs)
+                if sdp and not watch.answer.done():
+                    watch.answer.set_result(sdp)
+            current = await self._store.get_call(call_id)
+        except Exception as err:
+            log.warning("call %s: media catch-up failed (%s)", call_id, type(err).__name__)
+            return
+        if current is not None:
+            self.status_came(call_id, current.status)
 
     async def _drive(self, leg: VoiceLeg, record: CallRecord, watch: _Watch) -> None:
         try:
@@ -249,6 +299,7 @@ class Voice:
     async def _drive_meta(
         self, leg: VoiceLeg, session: MediaSession, record: CallRecord, watch: _Watch
     ) -> None:
+        await self._catch_up(record.id, watch)
         answer = await self._answer(record, watch)
         if answer is None:
             return  # the call ended first; the tracker shows why

@@ -1,0 +1,189 @@
+"""Meta calls across replicas: two apps on one PostgreSQL database and one Redis, the call placed
+by A (its peer connection lives there), every Pilot webhook delivered to B's web port only.
+
+The fake's API never shows the SDP answer (`answer_in_api=False`): the `calls` webhook B receives
+is the only way it comes, so A hears of it through Redis or not at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from bot.app import CallbotApp
+from bot.shared.redis import Keys
+from tests.conftest import RunningBot, StartBot, settings_for
+from tests.fakes.pilot_status import MediaScenario
+from tests.fakes.telegram import SentMessage
+from tests.redis_fixtures import OwnRedis
+from tests.speech import espeak
+from tests.test_lifecycle import PHONE, SECRET, TOKEN, command
+from tests.test_voice import MESSAGE, loud, pilot_id_of, settled
+
+__all__ = ["espeak"]
+pytestmark = [
+    pytest.mark.postgresql,
+    pytest.mark.parametrize("db_url", ["postgresql"], indirect=True),
+]
+SCENARIO = MediaScenario(answer_via="webhook", answer_in_api=False)
+WAIT = 20.0  # seconds a step may take on a loaded machine (not a speed assertion)
+
+
+@dataclass
+class Replicas:
+    a: RunningBot  # polls Telegram and places the calls
+    b: CallbotApp  # only its web app: Pilot's webhooks land here
+
+    @property
+    def hook_url(self) -> str:
+        return f"http://127.0.0.1:{self.b.web_port}/pilot-status/{TOKEN}"
+
+
+Start = Callable[[dict[str, str]], Awaitable[Replicas]]
+
+
+@pytest.fixture
+async def replicas(
+    start_bot: StartBot, db_url: str, tmp_path: Path, espeak: str
+) -> AsyncIterator[Start]:
+    started: list[CallbotApp] = []
+
+    async def start(shared: dict[str, str]) -> Replicas:
+        settings: dict[str, Any] = {
+            "database_url": db_url,
+            "pilot_status_number_type": "meta",
+            "pilot_status_webhook_token": TOKEN,
+            "pilot_status_webhook_secret": SECRET,
+            "pilot_status_read_timeout": 10.0,  # a held POST reply is not a timeout
+            "speech_repeat": 1,
+            "media_answer_timeout": WAIT,
+            "oncall_tick_seconds": 0,
+            "retention_interval_seconds": 0,
+            **shared,
+        }
+        a = await start_bot(**settings)
+        b = CallbotApp(
+            settings_for(
+                a.telegram,
+                a.pilot,
+                data_dir=str(tmp_path / "b"),
+                telegram_edit_interval=0.05,
+                **settings,
+            )
+        )
+        await b.start()
+        started.append(b)
+        pilot = a.pilot
+        pilot.number_type = "meta"
+        pilot.media = SCENARIO
+        pilot.set_permission(PHONE, "temporary")
+        pilot.webhooks_to(f"http://127.0.0.1:{b.web_port}/pilot-status/{TOKEN}", SECRET)
+        await subscribed(shared, 2)
+        return Replicas(a, b)
+
+    yield start
+    for app in started:
+        await app.close()
+
+
+async def subscribed(shared: dict[str, str], count: int) -> None:
+    """Until `count` subscribers listen on the media channel (every replica's one)."""
+    channel = Keys(shared["redis_key_prefix"])("meta-media")
+    client = aioredis.Redis.from_url(shared["redis_url"], socket_connect_timeout=1)
+    try:
+        async with asyncio.timeout(WAIT):
+            while True:
+                try:
+                    found = dict(await client.pubsub_numsub(channel)).get(channel.encode(), 0)
+                except (aioredis.ConnectionError, OSError):
+                    found = 0
+                if found >= count:
+                    return
+                await asyncio.sleep(0.05)
+    finally:
+        await client.aclose()
+
+
+async def shown(bot: RunningBot, reply: SentMessage, text: str) -> SentMessage:
+    return await bot.telegram.wait_for_message(
+        lambda m: m.message_id == reply.message_id and text in m.plain,
+        chat_id=reply.chat_id,
+        timeout=WAIT,
+    )
+
+
+async def spoken_across(replicas: Replicas) -> None:
+    """/call on A; the answer and the statuses reach B only: A's peer connects and speaks, and
+    the call's message follows it to its end."""
+    a = replicas.a
+    reply = await command(a, f"/call {PHONE} say: {MESSAGE}")
+    assert ": started" in reply.plain
+    await shown(a, reply, ": answered")
+    final = await shown(a, reply, "Duration:")
+    assert ": ended" in final.plain
+    pilot_id = pilot_id_of(a)
+    assert a.pilot.edges[pilot_id].seconds_of_sound() >= 0.7 * await loud(MESSAGE)
+    deliveries = await a.pilot.wait_deliveries()
+    assert deliveries and {d.url for d in deliveries} == {replicas.hook_url}
+    assert all(d.status == 200 for d in deliveries)
+    assert replicas.b.voice.open_sessions == 0  # B never held media
+    await settled(a)
+    assert a.pilot.contract_violations == []
+
+
+async def test_a_meta_call_placed_by_a_speaks_when_its_answer_lands_on_b(
+    replicas: Start, shared_state: dict[str, str]
+) -> None:
+    await spoken_across(await replicas(shared_state))
+
+
+async def test_an_answer_on_b_before_the_reply_to_a_s_post_still_connects(
+    replicas: Start, shared_state: dict[str, str]
+) -> None:
+    pair = await replicas(shared_state)
+    pilot = pair.a.pilot
+    answered = asyncio.Event()
+    pilot.hold["start_call"] = answered  # A learns its call id only after B had the answer
+
+    async def release_after_the_answer() -> None:
+        answer = await pilot.wait_delivery(lambda d: "entry" in d.payload, timeout=WAIT)
+        assert answer.status == 200  # B took it (kept it in Redis) before A knows its call
+        answered.set()
+
+    release = asyncio.create_task(release_after_the_answer())
+    try:
+        await spoken_across(pair)
+    finally:
+        release.cancel()
+    assert answered.is_set()
+
+
+def restart(server: OwnRedis) -> None:
+    """Kill the server and start a new one on the same port (nothing of the old one kept)."""
+    server.stop()
+    port = server.url.rsplit(":", 1)[1].split("/")[0]
+    binary = shutil.which("redis-server")
+    assert binary is not None
+    server.process = subprocess.Popen(
+        [binary, "--port", port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )
+
+
+async def test_after_redis_restarts_the_subscribers_are_back_and_the_next_call_speaks(
+    replicas: Start, own_redis: OwnRedis
+) -> None:
+    shared = {"redis_url": own_redis.url, "redis_key_prefix": f"t-{uuid.uuid4().hex[:8]}:"}
+    pair = await replicas(shared)
+    restart(own_redis)
+    await subscribed(shared, 2)  # both replicas subscribed again by themselves
+    await spoken_across(pair)
