@@ -13,6 +13,7 @@ import subprocess
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -187,3 +188,21 @@ async def test_after_redis_restarts_the_subscribers_are_back_and_the_next_call_s
     restart(own_redis)
     await subscribed(shared, 2)  # both replicas subscribed again by themselves
     await spoken_across(pair)
+
+
+async def test_a_call_rejected_while_a_waits_for_its_answer_ends_on_a_as_rejected(
+    replicas: Start, shared_state: dict[str, str]
+) -> None:
+    pair = await replicas(shared_state)
+    # no answer ever comes and the callee declines: only B hears it
+    pair.a.pilot.media = MediaScenario(
+        answer_via="webhook", answer_in_api=False, answer="none", callee="reject", ring_delay=0.2
+    )
+    since = datetime.now(UTC)
+    reply = await command(pair.a, f"/call {PHONE} say: {MESSAGE}")
+    await shown(pair.a, reply, ": rejected")
+    await settled(pair.a)  # A's peer connection closed, its media slot free again
+    # A saw the call end: no hang-up of an ended call, no media failure on record
+    assert not any(r.operation == "terminate" for r in pair.a.pilot.requests)
+    actions = [a.action for a in await pair.a.app.store.audit_since(since)]
+    assert "call.started" in actions and "call.media_failed" not in actions
