@@ -12,7 +12,7 @@ import shutil
 import subprocess
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ from tests.fakes.telegram import SentMessage
 from tests.redis_fixtures import OwnRedis
 from tests.speech import espeak
 from tests.test_lifecycle import PHONE, SECRET, TOKEN, command
-from tests.test_voice import MESSAGE, loud, pilot_id_of, settled
+from tests.test_voice import MESSAGE, hung_up, loud, pilot_id_of, settled
 
 __all__ = ["espeak"]
 pytestmark = [
@@ -43,6 +43,7 @@ WAIT = 20.0  # seconds a step may take on a loaded machine (not a speed assertio
 class Replicas:
     a: RunningBot  # polls Telegram and places the calls
     b: CallbotApp  # only its web app: Pilot's webhooks land here
+    another: Callable[[str], Awaitable[CallbotApp]]  # one more replica, web app only
 
     @property
     def hook_url(self) -> str:
@@ -72,24 +73,29 @@ async def replicas(
             **shared,
         }
         a = await start_bot(**settings)
-        b = CallbotApp(
-            settings_for(
-                a.telegram,
-                a.pilot,
-                data_dir=str(tmp_path / "b"),
-                telegram_edit_interval=0.05,
-                **settings,
+
+        async def another(name: str) -> CallbotApp:
+            app = CallbotApp(
+                settings_for(
+                    a.telegram,
+                    a.pilot,
+                    data_dir=str(tmp_path / name),
+                    telegram_edit_interval=0.05,
+                    **settings,
+                )
             )
-        )
-        await b.start()
-        started.append(b)
+            await app.start()
+            started.append(app)
+            return app
+
+        b = await another("b")
         pilot = a.pilot
         pilot.number_type = "meta"
         pilot.media = SCENARIO
         pilot.set_permission(PHONE, "temporary")
         pilot.webhooks_to(f"http://127.0.0.1:{b.web_port}/pilot-status/{TOKEN}", SECRET)
         await subscribed(shared, 2)
-        return Replicas(a, b)
+        return Replicas(a, b, another)
 
     yield start
     for app in started:
@@ -206,3 +212,57 @@ async def test_a_call_rejected_while_a_waits_for_its_answer_ends_on_a_as_rejecte
     assert not any(r.operation == "terminate" for r in pair.a.pilot.requests)
     actions = [a.action for a in await pair.a.app.store.audit_since(since)]
     assert "call.started" in actions and "call.media_failed" not in actions
+
+
+async def started_up(app: CallbotApp) -> None:
+    """What a replica does once it serves Telegram (by polling or webhook): its startup, with
+    the recovery after a restart, to its end."""
+    data = app.dp.workflow_data
+    await app.dp.emit_startup(bot=app.bot, dispatcher=app.dp, bots=[app.bot], **data)
+    await asyncio.gather(*(t for t in asyncio.all_tasks() if t.get_name() == "recover"))
+
+
+async def test_a_replica_starting_up_leaves_a_meta_call_whose_media_lives_on_a(
+    replicas: Start, shared_state: dict[str, str]
+) -> None:
+    pair = await replicas(shared_state)
+    pilot = pair.a.pilot
+    pilot.media = MediaScenario(answer_via="webhook", answer_in_api=False, callee="ignore")
+    reply = await command(pair.a, f"/call {PHONE} say: {MESSAGE}")
+    pilot_id = pilot_id_of(pair.a)
+    await asyncio.wait_for(pilot.edges[pilot_id].connected.wait(), WAIT)  # A's media is up
+    await started_up(await pair.another("c"))  # a rolling restart brings up replica C
+    assert not any(r.operation == "terminate" for r in pilot.requests)
+    record = await pair.a.app.store.get_call(pilot_id)
+    assert record is not None and not record.terminal
+    pilot.emit_status(pilot_id, "ACCEPTED")  # the callee picks up: A still speaks
+    final = await shown(pair.a, reply, "Duration:")
+    assert ": ended" in final.plain
+    assert pilot.edges[pilot_id].seconds_of_sound() >= 0.7 * await loud(MESSAGE)
+    await settled(pair.a)
+
+
+async def test_a_meta_call_whose_replica_died_is_hung_up_once_its_claim_lapses(
+    replicas: Start, shared_state: dict[str, str]
+) -> None:
+    pair = await replicas(shared_state)
+    pilot = pair.a.pilot
+    pilot.media = MediaScenario(answer_via="webhook", answer_in_api=False, callee="ignore")
+    reply = await command(pair.a, f"/call {PHONE} say: {MESSAGE}")
+    pilot_id = pilot_id_of(pair.a)
+    await asyncio.wait_for(pilot.edges[pilot_id].connected.wait(), WAIT)
+    record = await pair.a.app.store.get_call(pilot_id)
+    assert record is not None
+    await pair.a.stop()  # A goes, its peer connection with it...
+    # ...and, killed, it leaves its claim behind until the claim expires
+    client = aioredis.Redis.from_url(shared_state["redis_url"])
+    key = Keys(shared_state["redis_key_prefix"])("meta-owner", record.id)
+    await client.set(key, "a-killed-replica", px=1500)
+    await client.aclose()
+    c = await pair.another("c")
+    c.voice.policy = replace(c.voice.policy, claim_lapse=0.5)
+    await started_up(c)
+    assert not any(r.operation == "terminate" for r in pilot.requests)  # left while claimed
+    final = await shown(pair.a, reply, "lost its audio")  # then hung up, with the reason
+    assert ": failed" in final.plain
+    assert await hung_up(pair.a, pilot_id)

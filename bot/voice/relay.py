@@ -9,6 +9,10 @@ An answer can come before A registers its waiter (the webhook outran the reply t
 also kept in Redis for a minute, and A looks there when it registers. A subscriber that lost
 Redis subscribes again with backoff, then has its waiters look for what they may have missed.
 
+A replica claims the calls whose media it holds (a key it refreshes while it runs): a replica
+starting up leaves a live call alone while its claim is alive elsewhere, and hangs it up (its
+media lost) only once the claim lapses.
+
 Without Redis, `LocalRelay` carries nothing: one process has every waiter.
 """
 
@@ -17,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 import uuid
 from collections.abc import Sequence
 from contextlib import suppress
@@ -33,6 +38,8 @@ ANSWER_TTL_SECONDS = 60  # as long as an early answer is kept in memory
 BACKOFF_FIRST = 0.1  # seconds before subscribing again after Redis dropped
 BACKOFF_MAX = 5.0
 READ_TIMEOUT = 1.0  # seconds one read of the subscription waits for a message
+CLAIM_TTL_SECONDS = 15  # a claim outlives its replica by at most this
+CLAIM_REFRESH_SECONDS = 5.0
 
 
 class Waiters(Protocol):
@@ -60,6 +67,16 @@ class Relay(Protocol):
 
     async def kept_answer(self, refs: Sequence[str]) -> str | None: ...
 
+    async def claim(self, call_id: str) -> None:
+        """This process holds the call's media (until `release`)."""
+        ...
+
+    async def release(self, call_id: str) -> None: ...
+
+    async def claimed(self, call_ids: Sequence[str]) -> set[str]:
+        """Those of `call_ids` whose media a running replica holds."""
+        ...
+
     async def run(self, waiters: Waiters) -> None: ...
 
 
@@ -77,12 +94,22 @@ class LocalRelay:
     async def kept_answer(self, refs: Sequence[str]) -> str | None:
         return None
 
+    async def claim(self, call_id: str) -> None:
+        return None
+
+    async def release(self, call_id: str) -> None:
+        return None
+
+    async def claimed(self, call_ids: Sequence[str]) -> set[str]:
+        return set()
+
     async def run(self, waiters: Waiters) -> None:
         return None
 
 
 class RedisRelay:
-    """Pub/sub on `<prefix>meta-media`, answers kept under `<prefix>meta-answer:<ref>`.
+    """Pub/sub on `<prefix>meta-media`, answers kept under `<prefix>meta-answer:<ref>`, claims
+    under `<prefix>meta-owner:<call id>`.
 
     Sharing never raises: a Redis that does not answer is logged, and A still has its own answer
     poll (`GET /v1/calls/{id}?includeSdp=1`) until MEDIA_ANSWER_TIMEOUT.
@@ -96,6 +123,7 @@ class RedisRelay:
         self._channel = keys("meta-media")
         self._origin = uuid.uuid4().hex  # this process: its own messages come back to it
         self.subscribed = 0  # times the subscription was made (a reconnect adds one)
+        self._claims: set[str] = set()
 
     async def share_answer(self, ref: str, sdp: str) -> None:
         message = {"from": self._origin, "kind": "answer", "ref": ref, "sdp": sdp}
@@ -127,9 +155,41 @@ class RedisRelay:
         found = next((value for value in values if value), None)
         return found.decode() if isinstance(found, bytes) else found
 
+    async def claim(self, call_id: str) -> None:
+        self._claims.add(call_id)
+        try:
+            await self._set_claims([call_id])
+        except (RedisError, OSError) as err:
+            log.warning("media relay: a call was not claimed (%s)", type(err).__name__)
+
+    async def release(self, call_id: str) -> None:
+        self._claims.discard(call_id)
+        try:
+            await self._redis.delete(self._keys("meta-owner", call_id))
+        except (RedisError, OSError) as err:
+            log.warning("media relay: a claim was not released (%s)", type(err).__name__)
+
+    async def claimed(self, call_ids: Sequence[str]) -> set[str]:
+        """A Redis that does not answer: every call counts as claimed (rather leave a call
+        than hang up one whose media is alive elsewhere)."""
+        if not call_ids:
+            return set()
+        try:
+            owners = await self._redis.mget([self._keys("meta-owner", c) for c in call_ids])
+        except (RedisError, OSError) as err:
+            log.warning("media relay: claims not read (%s)", type(err).__name__)
+            return set(call_ids)
+        return {call_id for call_id, owner in zip(call_ids, owners, strict=True) if owner}
+
+    async def _set_claims(self, call_ids: Sequence[str]) -> None:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for call_id in call_ids:
+                pipe.set(self._keys("meta-owner", call_id), self._origin, ex=CLAIM_TTL_SECONDS)
+            await pipe.execute()
+
     async def run(self, waiters: Waiters) -> None:
-        """The subscriber, until cancelled: subscribe, hand messages over; when Redis drops,
-        subscribe again after a backoff, then let the waiters catch up."""
+        """The subscriber, until cancelled: subscribe, hand messages over, refresh the claims;
+        when Redis drops, subscribe again after a backoff, then let the waiters catch up."""
         delay = BACKOFF_FIRST
         while True:
             pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
@@ -140,7 +200,11 @@ class RedisRelay:
                     log.info("media relay: subscribed again")
                 delay = BACKOFF_FIRST
                 await waiters.catch_up()
+                refreshed = 0.0
                 while True:
+                    if self._claims and time.monotonic() - refreshed >= CLAIM_REFRESH_SECONDS:
+                        await self._set_claims(sorted(self._claims))
+                        refreshed = time.monotonic()
                     message = await pubsub.get_message(timeout=READ_TIMEOUT)
                     if message is not None:
                         self._hand_over(message, waiters)

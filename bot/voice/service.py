@@ -33,7 +33,7 @@ from bot.pilot_status.models import NumberType
 from bot.storage.store import CallRecord, Store, utcnow
 from bot.voice.media import Leg, MediaEndpoint, MediaSession
 from bot.voice.realtime import stream_pcm
-from bot.voice.relay import LocalRelay, Relay
+from bot.voice.relay import CLAIM_TTL_SECONDS, LocalRelay, Relay
 from bot.voice.sdp import SDPError
 from bot.voice.shelf import AudioShelf
 from bot.voice.speech import Audio, Speaker, Speech, SpeechError, tone
@@ -52,6 +52,7 @@ class VoicePolicy:
     ring_timeout: float = 60.0  # seconds the callee has to answer
     max_sessions: int = 10  # Meta calls with media at once
     realtime_rate: int = 16_000  # PCM16 sample rate on /realtime-session
+    claim_lapse: float = CLAIM_TTL_SECONDS  # seconds between looks at calls left to a replica
 
 
 class _Failure(Exception):
@@ -275,6 +276,7 @@ class Voice:
 
     async def _drive(self, leg: VoiceLeg, record: CallRecord, watch: _Watch) -> None:
         try:
+            await self.relay.claim(record.id)  # other replicas leave this call to us
             if leg.session is not None:
                 await self._drive_meta(leg, leg.session, record, watch)
             else:
@@ -295,6 +297,7 @@ class Voice:
             self._watches.pop(record.id, None)
             for ref in (record.pilot_call_id, record.external_call_id):
                 self._refs.pop(ref or "", None)
+            await self.relay.release(record.id)
 
     async def _drive_meta(
         self, leg: VoiceLeg, session: MediaSession, record: CallRecord, watch: _Watch
@@ -475,7 +478,8 @@ class Voice:
         """After a restart: calls an earlier process was speaking on lost their voice with it
         (a Meta call's peer connection; a web call's realtime stream, or the /play file on the
         in-memory shelf), so nobody can speak on them; hang them up and say why. Returns how
-        many."""
+        many. With replicas, a call another running replica speaks on (its claim is alive) is
+        left to it, and hung up only if that claim lapses before the call ends."""
         orphans = [
             record
             for record in await self._store.live_calls()
@@ -483,10 +487,34 @@ class Voice:
             and record.created_at < started_before
             and record.id not in self._watches
         ]
+        claimed = await self.relay.claimed([record.id for record in orphans])
         for record in orphans:
-            log.warning("call %s lost its media in a restart: hanging up", record.id)
-            await self._end(record, "FAILED", "media_lost")
-        return len(orphans)
+            if record.id not in claimed:
+                await self._hang_up_orphan(record)
+        if claimed:
+            task = asyncio.create_task(self._watch_claims(claimed), name="orphan claims")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return len(orphans) - len(claimed)
+
+    async def _hang_up_orphan(self, record: CallRecord) -> None:
+        log.warning("call %s lost its media in a restart: hanging up", record.id)
+        await self._end(record, "FAILED", "media_lost")
+
+    async def _watch_claims(self, call_ids: set[str]) -> None:
+        """Calls left to another replica: each is hung up if its claim lapses (that replica
+        died with the media) before the call ends."""
+        while call_ids:
+            await asyncio.sleep(self.policy.claim_lapse)
+            try:
+                live = {r.id: r for r in await self._store.live_calls() if r.id in call_ids}
+                lapsed = set(live) - await self.relay.claimed(sorted(live))
+                for call_id in sorted(lapsed):
+                    await self._hang_up_orphan(live[call_id])
+            except Exception:
+                log.exception("calls left to other replicas: check failed; trying again")
+                continue
+            call_ids = set(live) - lapsed
 
     async def stop(self) -> None:
         tasks = list(self._tasks)
