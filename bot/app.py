@@ -216,6 +216,7 @@ class CallbotApp:
         self.tracker.subscribe(self.oncall.call_changed)
         self.tracker.subscribe(self.metrics.call_changed)
         self.metrics.media("meta", lambda: self.voice.open_sessions)
+        self.metrics.media("realtime", lambda: self.voice.realtime_sessions)
         self.metrics.incidents(lambda: self.oncall_store.open_summary(self.oncall.clock()))
         self.retention = Retention(
             RetentionStore(sessionmaker(self.engine)), days=settings.retention_days

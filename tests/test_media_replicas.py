@@ -17,8 +17,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import redis.asyncio as aioredis
+from prometheus_client.parser import text_string_to_metric_families
 
 from bot.app import CallbotApp
 from bot.shared.redis import Keys
@@ -31,10 +33,10 @@ from tests.test_lifecycle import PHONE, SECRET, TOKEN, command
 from tests.test_voice import MESSAGE, hung_up, loud, pilot_id_of, settled
 
 __all__ = ["espeak"]
-pytestmark = [
-    pytest.mark.postgresql,
-    pytest.mark.parametrize("db_url", ["postgresql"], indirect=True),
-]
+# replicas share one PostgreSQL database
+ON_POSTGRESQL = pytest.mark.parametrize(
+    "db_url", [pytest.param("postgresql", marks=pytest.mark.postgresql)], indirect=True
+)
 SCENARIO = MediaScenario(answer_via="webhook", answer_in_api=False)
 WAIT = 20.0  # seconds a step may take on a loaded machine (not a speed assertion)
 
@@ -147,12 +149,14 @@ async def spoken_across(replicas: Replicas) -> None:
     assert a.pilot.contract_violations == []
 
 
+@ON_POSTGRESQL
 async def test_a_meta_call_placed_by_a_speaks_when_its_answer_lands_on_b(
     replicas: Start, shared_state: dict[str, str]
 ) -> None:
     await spoken_across(await replicas(shared_state))
 
 
+@ON_POSTGRESQL
 async def test_an_answer_on_b_before_the_reply_to_a_s_post_still_connects(
     replicas: Start, shared_state: dict[str, str]
 ) -> None:
@@ -186,8 +190,9 @@ def restart(server: OwnRedis) -> None:
     )
 
 
+@ON_POSTGRESQL
 async def test_after_redis_restarts_the_subscribers_are_back_and_the_next_call_speaks(
-    replicas: Start, own_redis: OwnRedis
+    own_redis: OwnRedis, replicas: Start
 ) -> None:
     shared = {"redis_url": own_redis.url, "redis_key_prefix": f"t-{uuid.uuid4().hex[:8]}:"}
     pair = await replicas(shared)
@@ -196,6 +201,7 @@ async def test_after_redis_restarts_the_subscribers_are_back_and_the_next_call_s
     await spoken_across(pair)
 
 
+@ON_POSTGRESQL
 async def test_a_call_rejected_while_a_waits_for_its_answer_ends_on_a_as_rejected(
     replicas: Start, shared_state: dict[str, str]
 ) -> None:
@@ -214,6 +220,19 @@ async def test_a_call_rejected_while_a_waits_for_its_answer_ends_on_a_as_rejecte
     assert "call.started" in actions and "call.media_failed" not in actions
 
 
+async def media_sessions(app: CallbotApp) -> dict[str, float]:
+    """`callbot_media_sessions` by kind, as the replica's /metrics says."""
+    async with httpx.AsyncClient() as client:
+        response = await client.get(f"http://127.0.0.1:{app.web_port}/metrics")
+    assert response.status_code == 200
+    return {
+        sample.labels["kind"]: sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+        if sample.name == "callbot_media_sessions"
+    }
+
+
 async def started_up(app: CallbotApp) -> None:
     """What a replica does once it serves Telegram (by polling or webhook): its startup, with
     the recovery after a restart, to its end."""
@@ -222,6 +241,7 @@ async def started_up(app: CallbotApp) -> None:
     await asyncio.gather(*(t for t in asyncio.all_tasks() if t.get_name() == "recover"))
 
 
+@ON_POSTGRESQL
 async def test_a_replica_starting_up_leaves_a_meta_call_whose_media_lives_on_a(
     replicas: Start, shared_state: dict[str, str]
 ) -> None:
@@ -231,7 +251,11 @@ async def test_a_replica_starting_up_leaves_a_meta_call_whose_media_lives_on_a(
     reply = await command(pair.a, f"/call {PHONE} say: {MESSAGE}")
     pilot_id = pilot_id_of(pair.a)
     await asyncio.wait_for(pilot.edges[pilot_id].connected.wait(), WAIT)  # A's media is up
-    await started_up(await pair.another("c"))  # a rolling restart brings up replica C
+    c = await pair.another("c")
+    await started_up(c)  # a rolling restart brings up replica C
+    # each replica counts the media it holds
+    assert await media_sessions(pair.a.app) == {"meta": 1, "realtime": 0}
+    assert await media_sessions(pair.b) == await media_sessions(c) == {"meta": 0, "realtime": 0}
     assert not any(r.operation == "terminate" for r in pilot.requests)
     record = await pair.a.app.store.get_call(pilot_id)
     assert record is not None and not record.terminal
@@ -242,6 +266,7 @@ async def test_a_replica_starting_up_leaves_a_meta_call_whose_media_lives_on_a(
     await settled(pair.a)
 
 
+@ON_POSTGRESQL
 async def test_a_meta_call_whose_replica_died_is_hung_up_once_its_claim_lapses(
     replicas: Start, shared_state: dict[str, str]
 ) -> None:
@@ -266,3 +291,21 @@ async def test_a_meta_call_whose_replica_died_is_hung_up_once_its_claim_lapses(
     final = await shown(pair.a, reply, "lost its audio")  # then hung up, with the reason
     assert ": failed" in final.plain
     assert await hung_up(pair.a, pilot_id)
+
+
+async def test_media_sessions_count_the_realtime_streams_being_sent(
+    start_bot: StartBot, espeak: str
+) -> None:
+    bot = await start_bot(pilot_status_number_type="web", speech_repeat=3)
+    reply = await command(bot, f"/call {PHONE} say: {MESSAGE}, {MESSAGE}, {MESSAGE}")
+    pilot_id = pilot_id_of(bot)
+    bot.pilot.emit_status(pilot_id, "ACCEPTED")
+    await bot.telegram.wait_for_message(lambda m: ": answered" in m.plain, timeout=WAIT)
+    async with asyncio.timeout(WAIT):
+        # until the stream flows (seconds of it are left); the fake has no event for a frame
+        while not (pilot_id in bot.pilot.realtime and bot.pilot.realtime[pilot_id].frames):  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+    assert await media_sessions(bot.app) == {"meta": 0, "realtime": 1}
+    await shown(bot, reply, ": ended")
+    await settled(bot)
+    assert await media_sessions(bot.app) == {"meta": 0, "realtime": 0}

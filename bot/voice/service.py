@@ -147,6 +147,7 @@ class Voice:
         self.relay: Relay = relay or LocalRelay()
         self._default_text = default_text
         self._open = 0
+        self._streaming = 0  # web calls streaming over /realtime-session now
         self._watches: dict[str, _Watch] = {}
         self._refs: dict[str, str] = {}  # Pilot or external call id → our call id
         self._early: dict[str, tuple[float, str]] = {}  # answers that came before the POST's reply
@@ -156,7 +157,13 @@ class Voice:
 
     @property
     def open_sessions(self) -> int:
+        """Meta peer connections this process holds."""
         return self._open
+
+    @property
+    def realtime_sessions(self) -> int:
+        """Realtime PCM streams this process is sending."""
+        return self._streaming
 
     # before the call is placed
 
@@ -406,7 +413,12 @@ class Voice:
             return
         session = await self._client.realtime_session(record.pilot_call_id)
         stream = stream_pcm(session.url, leg.audio, rate=self.policy.realtime_rate)
-        if not (await self._unless_ended(watch, stream))[0]:
+        self._streaming += 1
+        try:
+            ended = (await self._unless_ended(watch, stream))[0]
+        finally:
+            self._streaming -= 1
+        if not ended:
             await self._end(record, "COMPLETED", None, spoken=True)
 
     async def _play_by_url(self, leg: VoiceLeg, record: CallRecord) -> bool:
