@@ -1,5 +1,6 @@
-"""Meta calls across replicas: two apps on one PostgreSQL database and one Redis, the call placed
-by A (its peer connection lives there), every Pilot webhook delivered to B's web port only.
+"""Calls the bot speaks on, across replicas: two apps on one PostgreSQL database and one Redis,
+the call placed by A (its peer connection or its stream lives there), every Pilot webhook
+delivered to B's web port only.
 
 The fake's API never shows the SDP answer (`answer_in_api=False`): the `calls` webhook B receives
 is the only way it comes, so A hears of it through Redis or not at all.
@@ -30,7 +31,7 @@ from tests.fakes.telegram import SentMessage
 from tests.redis_fixtures import OwnRedis
 from tests.speech import espeak
 from tests.test_lifecycle import PHONE, SECRET, TOKEN, command
-from tests.test_voice import MESSAGE, hung_up, loud, pilot_id_of, settled
+from tests.test_voice import MESSAGE, hung_up, loud, pilot_id_of, settled, spoken_seconds
 
 __all__ = ["espeak"]
 # replicas share one PostgreSQL database
@@ -52,7 +53,7 @@ class Replicas:
         return f"http://127.0.0.1:{self.b.web_port}/pilot-status/{TOKEN}"
 
 
-Start = Callable[[dict[str, str]], Awaitable[Replicas]]
+Start = Callable[..., Awaitable[Replicas]]
 
 
 @pytest.fixture
@@ -61,7 +62,8 @@ async def replicas(
 ) -> AsyncIterator[Start]:
     started: list[CallbotApp] = []
 
-    async def start(shared: dict[str, str]) -> Replicas:
+    async def start(shared: dict[str, str], **overrides: Any) -> Replicas:
+        """A and B on `shared` Redis state; `overrides` are settings of both."""
         settings: dict[str, Any] = {
             "database_url": db_url,
             "pilot_status_number_type": "meta",
@@ -73,6 +75,7 @@ async def replicas(
             "oncall_tick_seconds": 0,
             "retention_interval_seconds": 0,
             **shared,
+            **overrides,
         }
         a = await start_bot(**settings)
 
@@ -309,3 +312,21 @@ async def test_media_sessions_count_the_realtime_streams_being_sent(
     await shown(bot, reply, ": ended")
     await settled(bot)
     assert await media_sessions(bot.app) == {"meta": 0, "realtime": 0}
+
+
+@ON_POSTGRESQL
+async def test_a_web_call_spoken_by_a_streams_when_b_hears_that_it_was_answered(
+    replicas: Start, shared_state: dict[str, str]
+) -> None:
+    pair = await replicas(shared_state, pilot_status_number_type="web")
+    pilot = pair.a.pilot
+    pilot.number_type = "web"
+    reply = await command(pair.a, f"/call {PHONE} say: {MESSAGE}")
+    pilot_id = pilot_id_of(pair.a)
+    pilot.emit_status(pilot_id, "ACCEPTED")  # delivered to B only
+    final = await shown(pair.a, reply, "Duration:")
+    assert ": ended" in final.plain
+    frames = pilot.realtime[pilot_id].frames  # A streamed the note once B heard the pick-up
+    assert len(frames) * 0.02 >= 0.9 * await spoken_seconds(MESSAGE)
+    assert await hung_up(pair.a, pilot_id)
+    await settled(pair.a)

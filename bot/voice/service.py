@@ -119,6 +119,11 @@ class _Watch:
 _MEDIA_DOWN = {"ice": "media_no_connection", "dtls": "media_dtls_failed"}
 
 
+def _has_voice(record: CallRecord) -> bool:
+    """Whether a process drives the call's voice: a Meta call's media, a web call's note."""
+    return record.number_type == NumberType.META.value or record.spoken
+
+
 def _answered(status: str) -> bool:
     return status == "ACCEPTED" or states.is_terminal(status)
 
@@ -226,8 +231,8 @@ class Voice:
         watch = self._watches.get(record.id)
         if watch is not None:
             watch.update(record.status)
-        elif record.number_type == NumberType.META.value and record.pilot_call_id is not None:
-            await self.relay.share_status(record.id, record.status)  # its media may be elsewhere
+        elif _has_voice(record) and record.pilot_call_id is not None:
+            await self.relay.share_status(record.id, record.status)  # its voice may be elsewhere
 
     async def answer_arrived(self, ref: str, sdp: str) -> None:
         """Meta's SDP answer from the `calls` webhook."""
@@ -495,7 +500,7 @@ class Voice:
         orphans = [
             record
             for record in await self._store.live_calls()
-            if (record.number_type == NumberType.META.value or record.spoken)
+            if _has_voice(record)
             and record.created_at < started_before
             and record.id not in self._watches
         ]
