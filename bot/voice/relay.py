@@ -13,7 +13,9 @@ A replica claims the calls whose media it holds (a key it refreshes while it run
 starting up leaves a live call alone while its claim is alive elsewhere, and hangs it up (its
 media lost) only once the claim lapses.
 
-Without Redis, `LocalRelay` carries nothing: one process has every waiter.
+The statuses of a web call with a note cross over the same way (its stream, too, lives in the
+replica that placed it). Without Redis, `LocalRelay` carries nothing: one process has every
+waiter.
 """
 
 from __future__ import annotations
