@@ -63,6 +63,7 @@ from bot.telegram.middlewares import (
 from bot.telegram.pacing import SendLimits, SendPacer
 from bot.texts import COMMANDS, spoken_alert, spoken_default
 from bot.voice.media import MediaEndpoint
+from bot.voice.relay import LocalRelay, RedisRelay
 from bot.voice.service import LazyEndpoint, Voice, VoicePolicy
 from bot.voice.shelf import audio_shelf
 from bot.voice.speech import Speaker, Speech
@@ -209,6 +210,7 @@ class CallbotApp:
                 realtime_rate=settings.realtime_sample_rate,
             ),
             shelf=self.shelf,
+            relay=RedisRelay(self.redis, self.keys) if self.redis is not None else LocalRelay(),
             default_text=self._say(spoken_default),
         )
         self.in_flight = InFlight()  # what a shutdown lets finish
@@ -238,6 +240,7 @@ class CallbotApp:
         self.tracker.subscribe(self.oncall.call_changed)
         self.tracker.subscribe(self.metrics.call_changed)
         self.metrics.media("meta", lambda: self.voice.open_sessions)
+        self.metrics.media("realtime", lambda: self.voice.realtime_sessions)
         self.metrics.incidents(lambda: self.oncall_store.open_summary(self.oncall.clock()))
         self.retention = Retention(
             RetentionStore(sessionmaker(self.engine)), days=settings.retention_days
@@ -344,6 +347,8 @@ class CallbotApp:
                 "Meta calls play beeps instead of a message",
                 settings.speech_engine,
             )
+        if self.voice.relay.shared:  # one subscriber per replica, for its Meta calls' media
+            self._spawn(self.voice.relay.run(self.voice), "media relay")
         if settings.oncall_tick_seconds > 0:
             self._spawn(self.oncall.run_forever(settings.oncall_tick_seconds), "on-call timer")
         if settings.retention_interval_seconds > 0:

@@ -6,6 +6,9 @@ answered, the message plays (`repeat` times), then the bot terminates the call a
 peer connection. Web number: the message is played by `/play` from a signed URL the bot serves
 (when `PUBLIC_BASE_URL` is set), else streamed as PCM16 over `/realtime-session`.
 
+Several replicas (REDIS_URL): the peer connection lives in the replica that placed the call, the
+webhooks reach any; what its waiter needs crosses over by bot.voice.relay.
+
 Every failure ends the call with a reason the chat shows; no peer connection or task outlives its
 call. Nothing here knows aiogram.
 """
@@ -30,6 +33,7 @@ from bot.pilot_status.models import NumberType
 from bot.storage.store import CallRecord, Store, utcnow
 from bot.voice.media import Leg, MediaEndpoint, MediaSession
 from bot.voice.realtime import stream_pcm
+from bot.voice.relay import CLAIM_TTL_SECONDS, LocalRelay, Relay
 from bot.voice.sdp import SDPError
 from bot.voice.shelf import Shelf
 from bot.voice.speech import Audio, Speaker, Speech, SpeechError, tone
@@ -48,6 +52,7 @@ class VoicePolicy:
     ring_timeout: float = 60.0  # seconds the callee has to answer
     max_sessions: int = 10  # Meta calls with media at once
     realtime_rate: int = 16_000  # PCM16 sample rate on /realtime-session
+    claim_lapse: float = CLAIM_TTL_SECONDS  # seconds between looks at calls left to a replica
 
 
 class _Failure(Exception):
@@ -85,6 +90,7 @@ class _Watch:
     """What a call's driver waits on: its status as stored, and Meta's SDP answer."""
 
     status: str
+    refs: tuple[str, ...] = ()  # the call's Pilot and external (wacid) ids
     answer: asyncio.Future[str] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -113,6 +119,11 @@ class _Watch:
 _MEDIA_DOWN = {"ice": "media_no_connection", "dtls": "media_dtls_failed"}
 
 
+def _has_voice(record: CallRecord) -> bool:
+    """Whether a process drives the call's voice: a Meta call's media, a web call's note."""
+    return record.number_type == NumberType.META.value or record.spoken
+
+
 def _answered(status: str) -> bool:
     return status == "ACCEPTED" or states.is_terminal(status)
 
@@ -128,6 +139,7 @@ class Voice:
         *,
         policy: VoicePolicy | None = None,
         shelf: Shelf | None = None,
+        relay: Relay | None = None,
         default_text: Callable[[str], str] = lambda _locale: "This is an automated call.",
     ) -> None:
         self._client = client
@@ -137,8 +149,10 @@ class Voice:
         self._endpoint = endpoint
         self.policy = policy or VoicePolicy()
         self._shelf = shelf
+        self.relay: Relay = relay or LocalRelay()
         self._default_text = default_text
         self._open = 0
+        self._streaming = 0  # web calls streaming over /realtime-session now
         self._watches: dict[str, _Watch] = {}
         self._refs: dict[str, str] = {}  # Pilot or external call id → our call id
         self._early: dict[str, tuple[float, str]] = {}  # answers that came before the POST's reply
@@ -148,7 +162,13 @@ class Voice:
 
     @property
     def open_sessions(self) -> int:
+        """Meta peer connections this process holds."""
         return self._open
+
+    @property
+    def realtime_sessions(self) -> int:
+        """Realtime PCM streams this process is sending."""
+        return self._streaming
 
     # before the call is placed
 
@@ -195,9 +215,10 @@ class Voice:
     def begin(self, leg: Leg, record: CallRecord) -> None:
         if not isinstance(leg, VoiceLeg):
             raise TypeError("a leg prepared by another voice side")
-        watch = _Watch(record.status)
+        refs = tuple(filter(None, (record.pilot_call_id, record.external_call_id)))
+        watch = _Watch(record.status, refs)
         self._watches[record.id] = watch
-        for ref in filter(None, (record.pilot_call_id, record.external_call_id)):
+        for ref in refs:
             self._refs[ref] = record.id
             early = self._early.pop(ref, None)
             if early is not None and not watch.answer.done():
@@ -210,21 +231,64 @@ class Voice:
         watch = self._watches.get(record.id)
         if watch is not None:
             watch.update(record.status)
+        elif _has_voice(record) and record.pilot_call_id is not None:
+            await self.relay.share_status(record.id, record.status)  # its voice may be elsewhere
 
     async def answer_arrived(self, ref: str, sdp: str) -> None:
         """Meta's SDP answer from the `calls` webhook."""
-        call_id = self._refs.get(ref)
-        watch = self._watches.get(call_id) if call_id else None
+        watch = self._watch_of(ref)
         if watch is None:
             now = time.monotonic()
             self._early = {k: v for k, v in self._early.items() if now - v[0] < 60}
             if len(self._early) < 1000:
                 self._early[ref] = (now, sdp)
+            await self.relay.share_answer(ref, sdp)  # for the replica holding its media
         elif not watch.answer.done():
             watch.answer.set_result(sdp)
 
+    def _watch_of(self, ref: str) -> _Watch | None:
+        call_id = self._refs.get(ref)
+        return self._watches.get(call_id) if call_id else None
+
+    # what other replicas relay (bot.voice.relay.Waiters)
+
+    def answer_came(self, ref: str, sdp: str) -> None:
+        """Another replica's answer: only for a registered waiter (an earlier one is kept in
+        Redis, and found there by `_catch_up`)."""
+        watch = self._watch_of(ref)
+        if watch is not None and not watch.answer.done():
+            watch.answer.set_result(sdp)
+
+    def status_came(self, call_id: str, status: str) -> None:
+        watch = self._watches.get(call_id)
+        if watch is not None and states.advances(watch.status, status):
+            watch.update(status)
+
+    async def catch_up(self) -> None:
+        """After the relay lost Redis for a while: every waiter looks up what it waits for."""
+        for call_id, watch in list(self._watches.items()):
+            await self._catch_up(call_id, watch)
+
+    async def _catch_up(self, call_id: str, watch: _Watch) -> None:
+        """What reached another replica before this waiter could hear it: an answer kept in
+        Redis, and the status as stored."""
+        if not self.relay.shared:
+            return
+        try:
+            if not watch.answer.done():
+                sdp = await self.relay.kept_answer(watch.refs)
+                if sdp and not watch.answer.done():
+                    watch.answer.set_result(sdp)
+            current = await self._store.get_call(call_id)
+        except Exception as err:
+            log.warning("call %s: media catch-up failed (%s)", call_id, type(err).__name__)
+            return
+        if current is not None:
+            self.status_came(call_id, current.status)
+
     async def _drive(self, leg: VoiceLeg, record: CallRecord, watch: _Watch) -> None:
         try:
+            await self.relay.claim(record.id)  # other replicas leave this call to us
             if leg.session is not None:
                 await self._drive_meta(leg, leg.session, record, watch)
             else:
@@ -245,10 +309,12 @@ class Voice:
             self._watches.pop(record.id, None)
             for ref in (record.pilot_call_id, record.external_call_id):
                 self._refs.pop(ref or "", None)
+            await self.relay.release(record.id)
 
     async def _drive_meta(
         self, leg: VoiceLeg, session: MediaSession, record: CallRecord, watch: _Watch
     ) -> None:
+        await self._catch_up(record.id, watch)
         answer = await self._answer(record, watch)
         if answer is None:
             return  # the call ended first; the tracker shows why
@@ -352,7 +418,12 @@ class Voice:
             return
         session = await self._client.realtime_session(record.pilot_call_id)
         stream = stream_pcm(session.url, leg.audio, rate=self.policy.realtime_rate)
-        if not (await self._unless_ended(watch, stream))[0]:
+        self._streaming += 1
+        try:
+            ended = (await self._unless_ended(watch, stream))[0]
+        finally:
+            self._streaming -= 1
+        if not ended:
             await self._end(record, "COMPLETED", None, spoken=True)
 
     async def _play_by_url(self, leg: VoiceLeg, record: CallRecord) -> bool:
@@ -426,18 +497,43 @@ class Voice:
         """After a restart: calls an earlier process was speaking on lost their voice with it
         (a Meta call's peer connection; a web call's realtime stream, or the /play file on the
         in-memory shelf), so nobody can speak on them; hang them up and say why. Returns how
-        many."""
+        many. With replicas, a call another running replica speaks on (its claim is alive) is
+        left to it, and hung up only if that claim lapses before the call ends."""
         orphans = [
             record
             for record in await self._store.live_calls()
-            if (record.number_type == NumberType.META.value or record.spoken)
+            if _has_voice(record)
             and record.created_at < started_before
             and record.id not in self._watches
         ]
+        claimed = await self.relay.claimed([record.id for record in orphans])
         for record in orphans:
-            log.warning("call %s lost its media in a restart: hanging up", record.id)
-            await self._end(record, "FAILED", "media_lost")
-        return len(orphans)
+            if record.id not in claimed:
+                await self._hang_up_orphan(record)
+        if claimed:
+            task = asyncio.create_task(self._watch_claims(claimed), name="orphan claims")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return len(orphans) - len(claimed)
+
+    async def _hang_up_orphan(self, record: CallRecord) -> None:
+        log.warning("call %s lost its media in a restart: hanging up", record.id)
+        await self._end(record, "FAILED", "media_lost")
+
+    async def _watch_claims(self, call_ids: set[str]) -> None:
+        """Calls left to another replica: each is hung up if its claim lapses (that replica
+        died with the media) before the call ends."""
+        while call_ids:
+            await asyncio.sleep(self.policy.claim_lapse)
+            try:
+                live = {r.id: r for r in await self._store.live_calls() if r.id in call_ids}
+                lapsed = set(live) - await self.relay.claimed(sorted(live))
+                for call_id in sorted(lapsed):
+                    await self._hang_up_orphan(live[call_id])
+            except Exception:
+                log.exception("calls left to other replicas: check failed; trying again")
+                continue
+            call_ids = set(live) - lapsed
 
     async def stop(self) -> None:
         tasks = list(self._tasks)

@@ -35,6 +35,8 @@ Opt-in behaviour beyond the REST answers:
   subprocess, `tests.fakes.gst_edge.GstEdge`) that answers the business's offer; the answer is
   exposed as `sdpAnswer` (and, with `answer_via="webhook"`, in Meta's raw `calls`
   envelope); the callee answers when DTLS connects, rejects, or ignores the call.
+- `fake.hold["start_call"] = event`: the answer to `POST /v1/calls` (made as usual, the call and
+  its media already begun) is sent only once `event` is set: a webhook can outrun it.
 - `POST /v1/calls/{id}/play` (web) downloads the audio like Pilot would (`fake.plays`,
   `await fake.wait_played(call_id)`) and hangs up after it when `hangupAfterPlay` is true.
 
@@ -197,6 +199,8 @@ class MediaScenario:
       connects); "wrong_fingerprint" = the real answer with another certificate's sha-256
       fingerprint (ICE connects, the business's DTLS check refuses the edge).
     - `answer_delay`: seconds between the edge's answer and its publication.
+    - `answer_in_api`: False = `GET /v1/calls/{id}?includeSdp=1` never shows the answer (with
+      `answer_via="webhook"`, the webhook is the only way it comes).
     - `callee`: "answer" = ACCEPTED (`call.connected`) when the edge's ICE+DTLS connects;
       "reject" = REJECTED (`call.ended`) `ring_delay` seconds after the POST, edge closed;
       "ignore" = stays RINGING.
@@ -210,6 +214,7 @@ class MediaScenario:
     answer_via: Literal["poll", "webhook"] = "poll"
     answer: Literal["ok", "none", "garbage", "blackhole", "wrong_fingerprint"] = "ok"
     answer_delay: float = 0.0
+    answer_in_api: bool = True
     callee: Literal["answer", "reject", "ignore"] = "answer"
     ring_delay: float = 0.05
     edge_tone_hz: float | None = 880.0
@@ -499,6 +504,8 @@ class FakePilotStatus:
         self.webhook_url: str | None = None
         self.webhook_secret: str | None = None
         self.deliveries: list[WebhookDelivery] = []
+        self._delivered = asyncio.Condition()  # notified after each delivery
+        self.hold: dict[str, asyncio.Event] = {}  # operation → answered once the event is set
         self.play_field: Literal["mediaUrl", "url", "audioUrl"] = "mediaUrl"
         self.plays: list[PlayRecord] = []
         self.realtime: dict[str, RealtimeRecord] = {}
@@ -681,6 +688,22 @@ class FakePilotStatus:
             await asyncio.wait_for(self._outbox.join(), timeout)
         return self.deliveries
 
+    async def wait_delivery(
+        self,
+        match: Callable[[WebhookDelivery], bool],
+        timeout: float = 5.0,  # noqa: ASYNC109
+    ) -> WebhookDelivery:
+        """The first finished delivery that `match`es, once there is one."""
+
+        def found() -> WebhookDelivery | None:
+            return next((d for d in self.deliveries if d.done and match(d)), None)
+
+        async with asyncio.timeout(timeout), self._delivered:
+            await self._delivered.wait_for(lambda: found() is not None)
+        delivery = found()
+        assert delivery is not None
+        return delivery
+
     async def wait_played(self, call_id: str, timeout: float = 5.0) -> PlayRecord:  # noqa: ASYNC109
         """The latest play of `call_id` (id or externalCallId) once its download finished;
         waits for the play request itself when none was received yet."""
@@ -745,6 +768,9 @@ class FakePilotStatus:
             response = script.response()
         if response is None:
             response = self._default(operation, call_ref, record)
+        gate = self.hold.get(operation or "")
+        if gate is not None:
+            await gate.wait()
         record.status = response.status
         record.responded_at = time.perf_counter()
         return response
@@ -1141,6 +1167,8 @@ class FakePilotStatus:
             finally:
                 delivery.done = True
                 outbox.task_done()
+                async with self._delivered:
+                    self._delivered.notify_all()
 
     # -- Meta media -----------------------------------------------------------------------
 
@@ -1198,7 +1226,8 @@ class FakePilotStatus:
             await asyncio.sleep(scenario.answer_delay)
         if call["status"] in _TERMINAL:
             return
-        call["sdpAnswer"] = published
+        if scenario.answer_in_api:
+            call["sdpAnswer"] = published
         call["updatedAt"] = _iso(datetime.now(UTC))
         if scenario.answer_via == "webhook":
             self._send_webhook(self._connect_envelope(call, published))
