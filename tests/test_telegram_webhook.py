@@ -1,0 +1,211 @@
+"""Webhook mode: Telegram delivers updates by POST; each is handled once, across replicas, and
+answered 200 only once it was handled."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiogram.types import TelegramObject
+
+import bot.app
+from tests.conftest import OPERATOR, WEBHOOK_SECRET, RunningBot, StartBot
+from tests.fakes.telegram import SECRET_HEADER, FakeTelegram
+
+PHONE = "+5511999999999"
+
+
+async def post_update(
+    bot: RunningBot, body: bytes | dict[str, Any], *, secret: str | None = WEBHOOK_SECRET
+) -> tuple[int, dict[str, Any]]:
+    headers = {"Content-Type": "application/json"}
+    if secret is not None:
+        headers[SECRET_HEADER] = secret
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(bot.webhook_url, data=raw, headers=headers) as response,
+    ):
+        return response.status, await response.json()
+
+
+def call_update(telegram: FakeTelegram, update_id: int, message_id: int = 7) -> dict[str, Any]:
+    """A /call update as Telegram would send it (not queued in the fake)."""
+    user = {"id": OPERATOR, "is_bot": False, "first_name": "Op", "language_code": "en"}
+    return {
+        "update_id": update_id,
+        "message": {
+            "message_id": message_id,
+            "date": 1_780_000_000,
+            "chat": {"id": OPERATOR, "type": "private", "first_name": "Op"},
+            "from": user,
+            "text": f"/call {PHONE}",
+            "entities": [{"type": "bot_command", "offset": 0, "length": 5}],
+        },
+    }
+
+
+def replies(telegram: FakeTelegram) -> list[str]:
+    return [m.plain for m in telegram.sent if m.chat_id == OPERATOR]
+
+
+async def test_set_webhook_names_the_url_secret_update_types_and_connections(
+    start_bot: StartBot, telegram: FakeTelegram
+) -> None:
+    running = await start_bot(webhook=True, telegram_webhook_max_connections=7)
+    [params] = telegram.webhook_settings
+    assert params["url"] == running.webhook_url
+    assert params["secret_token"] == WEBHOOK_SECRET
+    assert int(params["max_connections"]) == 7
+    assert {"message", "callback_query"} <= set(params["allowed_updates"])
+    assert params.get("drop_pending_updates") in (False, None)
+    assert not any(method == "getUpdates" for method, _ in telegram.requests)
+    await running.stop()
+    assert not any(method.lower() == "deletewebhook" for method, _ in telegram.requests)
+
+
+async def test_call_by_webhook_gets_one_reply_and_one_post(
+    start_bot: StartBot, telegram: FakeTelegram
+) -> None:
+    running = await start_bot(webhook=True)
+    update_id, _ = telegram.send_command(f"/call {PHONE}", user_id=OPERATOR)
+    delivery = await telegram.wait_delivered(update_id)
+    assert delivery.status == 200
+    # answered 200 only after it was handled: the reply is already there
+    [reply] = replies(telegram)
+    assert ": started" in reply
+    assert len(running.pilot.calls_started()) == 1
+
+
+@pytest.mark.parametrize("secret", [None, "wrong", WEBHOOK_SECRET + "x", "ünïcode"])
+async def test_a_request_without_the_secret_gets_401_and_nothing_is_handled(
+    start_bot: StartBot, telegram: FakeTelegram, secret: str | None
+) -> None:
+    running = await start_bot(webhook=True)
+    if secret is not None and not secret.isascii():
+        headers = {SECRET_HEADER.encode(): secret.encode()}
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                running.webhook_url,
+                data=json.dumps(call_update(telegram, 5)),
+                headers={k.decode("latin-1"): v.decode("latin-1") for k, v in headers.items()},
+            ) as response,
+        ):
+            status = response.status
+    else:
+        status, _ = await post_update(running, call_update(telegram, 5), secret=secret)
+    assert status == 401
+    # the same update with the secret is new: the refused one left no trace in the ledger
+    status, _ = await post_update(running, call_update(telegram, 5))
+    assert status == 200
+    assert len(replies(telegram)) == 1
+    assert len(running.pilot.calls_started()) == 1
+
+
+async def test_bad_bodies_get_400_and_nothing_is_handled(
+    start_bot: StartBot, telegram: FakeTelegram
+) -> None:
+    running = await start_bot(webhook=True)
+    for body in (b"not json", b"[]", b'{"message": {}}', b'{"update_id": "x"}'):
+        status, _ = await post_update(running, body)
+        assert status == 400, body
+    assert replies(telegram) == []
+    assert running.pilot.calls_started() == []
+
+
+async def test_a_redelivered_update_is_handled_once(
+    start_bot: StartBot, telegram: FakeTelegram
+) -> None:
+    running = await start_bot(webhook=True)
+    update_id, _ = telegram.send_command(f"/call {PHONE}", user_id=OPERATOR)
+    await telegram.wait_delivered(update_id)
+    telegram.push_raw_duplicate(update_id)
+    await telegram.wait_until(
+        lambda: len([d for d in telegram.deliveries_of(update_id) if d.ok]) == 2
+    )
+    status, body = await post_update(running, telegram._all_updates[update_id])
+    assert (status, body.get("duplicate")) == (200, True)
+    assert len(replies(telegram)) == 1
+    assert len(running.pilot.calls_started()) == 1
+
+
+async def test_a_handler_killed_before_its_200_is_redelivered_and_calls_once(
+    start_bot: StartBot, telegram: FakeTelegram
+) -> None:
+    """The call was POSTed, then the replica died before its reply and its 200: Telegram
+    delivers the update again; it is handled, and the call it started is shown, not redone."""
+    running = await start_bot(webhook=True)
+    handling: list[asyncio.Task[Any]] = []
+
+    async def remember(
+        handler: Callable[[TelegramObject, dict[str, Any]], Awaitable[Any]],
+        event: TelegramObject,
+        data: dict[str, Any],
+    ) -> Any:
+        handling.append(asyncio.current_task())  # type: ignore[arg-type]
+        return await handler(event, data)
+
+    running.dp.update.outer_middleware(remember)
+    telegram.fail_next("sendMessage", delay=60)  # the reply hangs: the replica is stuck
+    update_id, _ = telegram.send_command(f"/call {PHONE}", user_id=OPERATOR)
+    await telegram.wait_until(lambda: any(m == "sendMessage" for m, _ in telegram.requests))
+    assert len(running.pilot.calls_started()) == 1
+    handling[0].cancel()  # killed: no answer to Telegram
+    delivery = await telegram.wait_delivered(update_id)
+    assert delivery.ok
+    assert not telegram.deliveries_of(update_id)[0].ok  # the first attempt got no answer
+    [reply] = replies(telegram)
+    assert ": started" in reply
+    assert len(running.pilot.calls_started()) == 1
+
+
+async def test_readyz_names_the_webhook_until_set_webhook_succeeds(
+    start_bot: StartBot, telegram: FakeTelegram, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(bot.app, "WEBHOOK_RETRY_FIRST_SECONDS", 0.05)
+    telegram.fail_next("setWebhook", error_code=502, description="Bad Gateway", times=2)
+    running = await start_bot(webhook=True)
+    port = running.app.web_port
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{port}/readyz") as response,
+    ):
+        assert response.status == 503
+        assert "webhook" in (await response.json())["failing"]
+    await asyncio.wait_for(running.app.webhook_set.wait(), 10)
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{port}/readyz") as response,
+    ):
+        assert response.status == 200
+    assert len(telegram.webhook_settings) == 1  # the two failures stored nothing
+
+
+async def test_get_updates_while_a_webhook_is_set_is_a_conflict(telegram: FakeTelegram) -> None:
+    async with aiohttp.ClientSession() as session:
+        base = f"{telegram.url}/bot{telegram._token}"
+        async with session.post(f"{base}/setWebhook", json={"url": "http://127.0.0.1:9/x"}):
+            pass
+        async with session.post(f"{base}/getUpdates", json={}) as response:
+            assert response.status == 409
+            assert "webhook is active" in (await response.json())["description"]
+
+
+async def test_polling_without_redis_still_handles_a_duplicate_once(
+    start_bot: StartBot, telegram: FakeTelegram, tmp_path: Path
+) -> None:
+    running = await start_bot()  # zero setup: polling, SQLite, no Redis
+    assert running.app.redis is None and not running.settings.webhook_mode
+    update_id, _ = telegram.send_command(f"/call {PHONE}", user_id=OPERATOR)
+    await telegram.wait_for_message(chat_id=OPERATOR)
+    telegram.push_raw_duplicate(update_id)
+    telegram.send_command("/whoami", user_id=OPERATOR)
+    await telegram.wait_for_message(lambda m: str(OPERATOR) in m.plain and "id" in m.plain)
+    assert len([r for r in replies(telegram) if ": started" in r]) == 1
+    assert len(running.pilot.calls_started()) == 1
