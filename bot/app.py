@@ -408,7 +408,7 @@ class CallbotApp:
         loop = asyncio.get_running_loop()
         signals = (signal.SIGTERM, signal.SIGINT) if handle_signals else ()
         for number in signals:
-            loop.add_signal_handler(number, self._stop.set)
+            loop.add_signal_handler(number, self.stop)
         try:
             await self._stop.wait()
         finally:
@@ -419,7 +419,9 @@ class CallbotApp:
         await self.dp.emit_shutdown(**self._workflow())
 
     def stop(self) -> None:
-        """Webhook mode: begin the shutdown, as SIGTERM does."""
+        """Webhook mode: begin the shutdown, as SIGTERM does (from now on /readyz and new
+        updates get 503)."""
+        self.draining = True
         self._stop.set()
 
     async def start_webhook(self) -> None:

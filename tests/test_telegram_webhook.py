@@ -4,6 +4,7 @@ answered 200 only once it was handled."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -29,7 +30,7 @@ async def post_update(
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
     async with (
         aiohttp.ClientSession() as session,
-        session.post(bot.webhook_url, data=raw, headers=headers) as response,
+        session.post(bot.webhook_url, data=io.BytesIO(raw), headers=headers) as response,
     ):
         return response.status, await response.json()
 
@@ -48,6 +49,14 @@ def call_update(telegram: FakeTelegram, update_id: int, message_id: int = 7) -> 
             "entities": [{"type": "bot_command", "offset": 0, "length": 5}],
         },
     }
+
+
+def counted(running: RunningBot, result: str) -> float:
+    """callbot_telegram_webhook_requests_total{result=...}"""
+    value = running.app.metrics.registry.get_sample_value(
+        "callbot_telegram_webhook_requests_total", {"result": result}
+    )
+    return value or 0.0
 
 
 def replies(telegram: FakeTelegram) -> list[str]:
@@ -101,6 +110,7 @@ async def test_a_request_without_the_secret_gets_401_and_nothing_is_handled(
     else:
         status, _ = await post_update(running, call_update(telegram, 5), secret=secret)
     assert status == 401
+    assert counted(running, "unauthorized") == 1
     # the same update with the secret is new: the refused one left no trace in the ledger
     status, _ = await post_update(running, call_update(telegram, 5))
     assert status == 200
@@ -115,6 +125,10 @@ async def test_bad_bodies_get_400_and_nothing_is_handled(
     for body in (b"not json", b"[]", b'{"message": {}}', b'{"update_id": "x"}'):
         status, _ = await post_update(running, body)
         assert status == 400, body
+    huge = json.dumps(call_update(telegram, 6) | {"padding": "x" * 1024 * 1024}).encode()
+    status, _ = await post_update(running, huge)
+    assert status == 413
+    assert (counted(running, "malformed"), counted(running, "too_large")) == (4, 1)
     assert replies(telegram) == []
     assert running.pilot.calls_started() == []
 
@@ -133,6 +147,7 @@ async def test_a_redelivered_update_is_handled_once(
     assert (status, body.get("duplicate")) == (200, True)
     assert len(replies(telegram)) == 1
     assert len(running.pilot.calls_started()) == 1
+    assert (counted(running, "handled"), counted(running, "duplicate")) == (1, 2)
 
 
 async def test_a_handler_killed_before_its_200_is_redelivered_and_calls_once(
@@ -209,3 +224,66 @@ async def test_polling_without_redis_still_handles_a_duplicate_once(
     await telegram.wait_for_message(lambda m: str(OPERATOR) in m.plain and "id" in m.plain)
     assert len([r for r in replies(telegram) if ": started" in r]) == 1
     assert len(running.pilot.calls_started()) == 1
+
+
+# two replicas: one PostgreSQL, one Redis, the same fakes
+
+
+async def two_replicas(
+    start_bot: StartBot, db_url: str, shared_state: dict[str, str]
+) -> tuple[RunningBot, RunningBot]:
+    first = await start_bot(webhook=True, database_url=db_url, **shared_state)
+    second = await start_bot(webhook=True, database_url=db_url, **shared_state)
+    return first, second
+
+
+@pytest.mark.postgresql
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+async def test_two_replicas_given_the_same_update_at_once_call_once(
+    start_bot: StartBot, telegram: FakeTelegram, db_url: str, shared_state: dict[str, str]
+) -> None:
+    first, second = await two_replicas(start_bot, db_url, shared_state)
+    update = call_update(telegram, 900_000_001)
+    answers = await asyncio.gather(post_update(first, update), post_update(second, update))
+    statuses = sorted(status for status, _ in answers)
+    # the one holding it answers 200 once handled; the other 503 (busy) or 200 (done already)
+    assert statuses in ([200, 503], [200, 200])
+    if statuses == [200, 200]:
+        assert any(body.get("duplicate") for _, body in answers)
+    else:
+        assert counted(first, "busy") + counted(second, "busy") == 1
+    # Telegram redelivers the 503: whoever gets it finds it done
+    for replica in (first, second):
+        status, body = await post_update(replica, update)
+        assert (status, body.get("duplicate")) == (200, True)
+    [reply] = replies(telegram)
+    assert ": started" in reply
+    assert len(first.pilot.calls_started()) == 1
+
+
+@pytest.mark.postgresql
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+async def test_a_draining_replica_answers_503_and_the_other_handles_the_redelivery(
+    start_bot: StartBot, telegram: FakeTelegram, db_url: str, shared_state: dict[str, str]
+) -> None:
+    first, second = await two_replicas(start_bot, db_url, shared_state)
+    first.app.stop()  # SIGTERM: it drains, its web app still answers
+    telegram.webhook_targets = [first.webhook_url, second.webhook_url]  # the load balancer
+    update_id, _ = telegram.send_command(f"/call {PHONE}", user_id=OPERATOR)
+    delivered = await telegram.wait_delivered(update_id)
+    attempts = telegram.deliveries_of(update_id)
+    assert [(a.url, a.status) for a in attempts] == [
+        (first.webhook_url, 503),
+        (second.webhook_url, 200),
+    ]
+    assert delivered.url == second.webhook_url
+    [reply] = replies(telegram)
+    assert ": started" in reply
+    assert len(second.pilot.calls_started()) == 1
+    port = first.app.web_port
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{port}/readyz") as response,
+    ):
+        assert response.status == 503
+        assert (await response.json())["failing"] == {"shutdown": "draining"}
