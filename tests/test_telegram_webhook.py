@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import signal
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -15,8 +16,19 @@ import pytest
 from aiogram.types import TelegramObject
 
 import bot.app
-from tests.conftest import OPERATOR, WEBHOOK_SECRET, RunningBot, StartBot
+from tests.conftest import (
+    API_KEY,
+    OPERATOR,
+    TOKEN,
+    WEBHOOK_SECRET,
+    RunningBot,
+    StartBot,
+    free_port,
+)
+from tests.fakes.pilot_status import FakePilotStatus
 from tests.fakes.telegram import SECRET_HEADER, FakeTelegram
+from tests.processes import run_bot_process
+from tests.test_oncall_ring import created_by_pilot, posted, slow_post
 
 PHONE = "+5511999999999"
 
@@ -57,6 +69,22 @@ def counted(running: RunningBot, result: str) -> float:
         "callbot_telegram_webhook_requests_total", {"result": result}
     )
     return value or 0.0
+
+
+def tasks_handling(running: RunningBot) -> list[asyncio.Task[Any]]:
+    """The tasks that handle updates, as they begin (to kill one mid-update)."""
+    handling: list[asyncio.Task[Any]] = []
+
+    async def remember(
+        handler: Callable[[TelegramObject, dict[str, Any]], Awaitable[Any]],
+        event: TelegramObject,
+        data: dict[str, Any],
+    ) -> Any:
+        handling.append(asyncio.current_task())  # type: ignore[arg-type]
+        return await handler(event, data)
+
+    running.dp.update.outer_middleware(remember)
+    return handling
 
 
 def replies(telegram: FakeTelegram) -> list[str]:
@@ -156,17 +184,7 @@ async def test_a_handler_killed_before_its_200_is_redelivered_and_calls_once(
     """The call was POSTed, then the replica died before its reply and its 200: Telegram
     delivers the update again; it is handled, and the call it started is shown, not redone."""
     running = await start_bot(webhook=True)
-    handling: list[asyncio.Task[Any]] = []
-
-    async def remember(
-        handler: Callable[[TelegramObject, dict[str, Any]], Awaitable[Any]],
-        event: TelegramObject,
-        data: dict[str, Any],
-    ) -> Any:
-        handling.append(asyncio.current_task())  # type: ignore[arg-type]
-        return await handler(event, data)
-
-    running.dp.update.outer_middleware(remember)
+    handling = tasks_handling(running)
     telegram.fail_next("sendMessage", delay=60)  # the reply hangs: the replica is stuck
     update_id, _ = telegram.send_command(f"/call {PHONE}", user_id=OPERATOR)
     await telegram.wait_until(lambda: any(m == "sendMessage" for m, _ in telegram.requests))
@@ -177,6 +195,27 @@ async def test_a_handler_killed_before_its_200_is_redelivered_and_calls_once(
     assert not telegram.deliveries_of(update_id)[0].ok  # the first attempt got no answer
     [reply] = replies(telegram)
     assert ": started" in reply
+    assert len(running.pilot.calls_started()) == 1
+
+
+@pytest.mark.parametrize(
+    ("language", "expected"),
+    [("en", "whether its call started is not known yet"), ("pt-br", "ainda não se sabe")],
+)
+async def test_a_handler_killed_mid_post_is_redelivered_and_says_the_outcome_is_unknown(
+    start_bot: StartBot, telegram: FakeTelegram, language: str, expected: str
+) -> None:
+    """Killed while `POST /v1/calls` was on its way: the call may ring. The redelivery must
+    not POST again; it says the outcome is not known yet."""
+    running = await start_bot(webhook=True)
+    handling = tasks_handling(running)
+    slow_post(running.pilot, "call_slow", delay=60)
+    update_id, _ = telegram.send_command(f"/call {PHONE}", user_id=OPERATOR, language_code=language)
+    await posted(running.pilot, PHONE)
+    handling[0].cancel()
+    await telegram.wait_delivered(update_id)
+    [reply] = replies(telegram)
+    assert expected in reply
     assert len(running.pilot.calls_started()) == 1
 
 
@@ -287,3 +326,71 @@ async def test_a_draining_replica_answers_503_and_the_other_handles_the_redelive
     ):
         assert response.status == 503
         assert (await response.json())["failing"] == {"shutdown": "draining"}
+
+
+async def test_python_m_bot_in_webhook_mode_finishes_the_update_in_flight_on_sigterm(
+    tmp_path: Path, telegram: FakeTelegram, pilot: FakePilotStatus
+) -> None:
+    port = free_port()
+    env_file = (
+        f"BOT_TOKEN={TOKEN}\n"
+        f"TELEGRAM_API_URL={telegram.url}\n"
+        f"TELEGRAM_WEBHOOK_URL=http://127.0.0.1:{port}/tg/hook\n"
+        f"TELEGRAM_WEBHOOK_SECRET={WEBHOOK_SECRET}\n"
+        f"PILOT_STATUS_API_KEY={API_KEY}\n"
+        f"PILOT_STATUS_BASE_URL={pilot.url}\n"
+        "PILOT_STATUS_NUMBER_TYPE=web\n"
+        f"OPERATOR_IDS={OPERATOR}\n"
+        "WEB_HOST=127.0.0.1\n"
+        f"WEB_PORT={port}\n"
+        "SHUTDOWN_DRAIN_SECONDS=15\n"
+        "STUN_SERVERS=none\n"
+    )
+    process = await run_bot_process(tmp_path, env_file)
+    try:
+        await process.listening()
+        await process.started()
+        [params] = telegram.webhook_settings
+        assert params["url"] == f"http://127.0.0.1:{port}/tg/hook"
+        slow_post(pilot, "call_term", delay=1.5)
+        update_id, _ = telegram.send_command(f"/call {PHONE}", user_id=OPERATOR)
+        post = await posted(pilot, PHONE)
+        created_by_pilot(pilot, "call_term", post)
+        assert await process.signal(signal.SIGTERM) == 0
+    finally:
+        if process.process.returncode is None:
+            process.process.kill()
+            await process.exited(10)
+    # before it exited: the update in flight was handled, replied to and answered 200
+    [delivery] = telegram.deliveries_of(update_id)
+    assert delivery.status == 200
+    [reply] = replies(telegram)
+    assert "call_term" in reply
+    assert "draining" in process.text and "Traceback" not in process.text
+    # the webhook stays: the other replicas serve it
+    assert not any(method.lower() == "deletewebhook" for method, _ in telegram.requests)
+
+
+async def test_redis_down_an_update_gets_503_and_nothing_is_handled(
+    start_bot: StartBot, telegram: FakeTelegram, own_redis: Any
+) -> None:
+    """The ledger cannot be asked: nothing is handled (it might be a duplicate), Telegram
+    is told to come back."""
+    running = await start_bot(webhook=True, redis_url=own_redis.url)
+    own_redis.stop()
+    status, _ = await post_update(running, call_update(telegram, 700))
+    assert status == 503
+    assert counted(running, "unavailable") == 1
+    assert replies(telegram) == []
+    assert running.pilot.calls_started() == []
+
+
+async def test_polling_with_redis_down_still_handles_an_update(
+    start_bot: StartBot, telegram: FakeTelegram, own_redis: Any
+) -> None:
+    running = await start_bot(redis_url=own_redis.url)
+    own_redis.stop()
+    telegram.send_command(f"/call {PHONE}", user_id=OPERATOR)
+    reply = await telegram.wait_for_message(chat_id=OPERATOR, timeout=15)
+    assert ": started" in reply.plain
+    assert len(running.pilot.calls_started()) == 1

@@ -66,7 +66,7 @@ async def holding(
         yield
     except Exception:
         await _stop(renewer)
-        await ledger.done(update_id)
+        await _done(ledger, update_id)
         raise
     except BaseException:
         await _stop(renewer)
@@ -74,7 +74,15 @@ async def holding(
             await asyncio.shield(ledger.release(update_id))
         raise
     await _stop(renewer)
-    await ledger.done(update_id)
+    await _done(ledger, update_id)
+
+
+async def _done(ledger: UpdateLedger, update_id: int) -> None:
+    """Handled: a ledger that fails now only risks a second handling of a redelivery."""
+    try:
+        await ledger.done(update_id)
+    except Exception as err:
+        log.warning("update %s handled but not marked done (%s)", update_id, type(err).__name__)
 
 
 async def _stop(task: asyncio.Task[None]) -> None:

@@ -16,6 +16,7 @@ from aiogram.exceptions import TelegramRetryAfter
 from aiogram.methods import Response, TelegramMethod
 from aiogram.methods.base import TelegramType
 from aiogram.types import TelegramObject, Update
+from redis.exceptions import RedisError
 
 from bot.ops.metrics import mark_duplicate
 from bot.ops.shutdown import InFlight
@@ -56,7 +57,13 @@ class LedgerMiddleware(BaseMiddleware):
     ) -> Any:
         if not isinstance(event, Update):
             return await handler(event, data)
-        claim = await self._ledger.claim(event.update_id)
+        try:
+            claim = await self._ledger.claim(event.update_id)
+        except RedisError as err:
+            # Polling gets each update once but for rare redeliveries: handle it rather than
+            # lose it (its offset is confirmed already).
+            log.warning("update %s: ledger unavailable (%s)", event.update_id, type(err).__name__)
+            return await handler(event, data)
         if claim is not Claim.NEW:
             log.info("update %s delivered again (%s); ignored", event.update_id, claim.value)
             mark_duplicate()

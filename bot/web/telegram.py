@@ -94,8 +94,6 @@ class TelegramWebhook:
         try:
             async with holding(self.ledger, update.update_id):
                 await self.dispatcher.feed_update(self.bot, update)
-        except RedisError as err:  # handled, but not marked: a redelivery may find it again
-            log.warning("update %s: not marked done (%s)", update.update_id, type(err).__name__)
         except Exception:  # no error handler took it: reported here, and not handled again
             log.exception("update %s failed", update.update_id)
         count("handled")
