@@ -348,7 +348,7 @@ class UpdateMetricsMiddleware(BaseMiddleware):
 
 
 def mark_duplicate() -> None:
-    """Called by the dedup middleware: the update being handled was seen before."""
+    """Called by the ledger middleware: the update being handled was handled before."""
     outcome = _update_outcome.get()
     if outcome is not None:
         outcome[0] = "duplicate"
