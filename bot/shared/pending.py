@@ -1,4 +1,4 @@
-"""Short-lived state between a prompt and the button that answers it, and seen update ids.
+"""Short-lived state between a prompt and the button that answers it.
 
 `Pending` is the interface; `PendingStore` keeps the items in this process's memory (one
 process, no setup), `RedisPending` in Redis, where every replica sees them and `take` is one
@@ -152,19 +152,3 @@ def pending_store(
     if redis is None:
         return PendingStore(ttl)
     return RedisPending(redis, keys, name, item_type, ttl)
-
-
-class SeenUpdates:
-    """Remembers recent update ids so a redelivered update is handled once."""
-
-    def __init__(self, max_items: int = 50_000) -> None:
-        self._max = max_items
-        self._seen: OrderedDict[int, None] = OrderedDict()
-
-    def first_time(self, update_id: int) -> bool:
-        if update_id in self._seen:
-            return False
-        self._seen[update_id] = None
-        if len(self._seen) > self._max:
-            self._seen.popitem(last=False)
-        return True
