@@ -11,7 +11,8 @@
 # Debian's packages start system services (prometheus on :9090, haproxy with /etc/haproxy)
 # when they are installed. Tests never use them, so they must not run: the install is made under
 # a policy-rc.d that refuses every service start (exit 101, the documented "action forbidden"
-# answer invoke-rc.d and deb-systemd-invoke honour), and under systemd the units are then disabled and stopped as well.
+# answer invoke-rc.d and deb-systemd-invoke honour), and under systemd the units are then
+# disabled and stopped as well.
 PACKAGES="python3-gi gir1.2-gstreamer-1.0 gir1.2-gst-plugins-base-1.0 gir1.2-gst-plugins-bad-1.0
 gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-nice
 prometheus haproxy"
