@@ -24,7 +24,7 @@ import shutil
 import signal
 import socket
 import tempfile
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,8 +45,13 @@ START_TIMEOUT = 60.0
 STOP_TIMEOUT = 60.0
 
 
+def find_haproxy() -> str | None:
+    return shutil.which("haproxy", path="/usr/sbin:/usr/bin:/sbin:/bin")
+
+
 def haproxy_binary() -> str:
-    found = shutil.which("haproxy", path="/usr/sbin:/usr/bin:/sbin:/bin")
+    """HAProxy's path, or the test is skipped (failed under CALLBOT_REQUIRE_HAPROXY=1)."""
+    found = find_haproxy()
     if found is None:
         reason = "haproxy is not installed (Debian package haproxy; scripts/install-test-peers.sh)"
         if os.environ.get("CALLBOT_REQUIRE_HAPROXY") == "1":
@@ -73,6 +78,48 @@ async def _get_status(url: str) -> int | None:
             return response.status
     except (aiohttp.ClientError, TimeoutError):
         return None
+
+
+async def until(
+    condition: Callable[[], bool],
+    what: Callable[[], str],
+    timeout: float,  # noqa: ASYNC109
+) -> None:
+    """Until `condition()` holds; past `timeout` seconds, fails with `what()`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        if loop.time() > deadline:
+            raise AssertionError(what())
+        await asyncio.sleep(0.05)
+
+
+@dataclass(frozen=True)
+class Command:
+    """A `/call` sent by an operator in their private chat."""
+
+    update_id: int
+    chat_id: int
+    message_id: int
+    phone: str
+
+
+def phone_number(n: int) -> str:
+    """A valid Brazilian mobile number of its own for each n < 10,000,000 (+55 11 98xxx-xxxx)."""
+    return f"+551198{n:07d}"
+
+
+def push_calls(
+    telegram: FakeTelegram, count: int, chats: Sequence[int], first: int = 0
+) -> list[Command]:
+    """`count` `/call` updates at once, round robin over the private `chats` (user = chat), each
+    to a number of its own; the fake Telegram delivers them by webhook as Telegram would."""
+    commands = []
+    for n in range(first, first + count):
+        chat, phone = chats[n % len(chats)], phone_number(n)
+        update_id, message_id = telegram.send_command(f"/call {phone}", user_id=chat)
+        commands.append(Command(update_id, chat, message_id, phone))
+    return commands
 
 
 @dataclass
@@ -135,7 +182,8 @@ class Replica:
 class HAProxy:
     """`haproxy -f deploy/haproxy.cfg`, configured by the environment as the README shows."""
 
-    def __init__(self, port: int, replicas: list[Replica], socket_path: Path) -> None:
+    def __init__(self, binary: str, port: int, replicas: list[Replica], socket_path: Path) -> None:
+        self.binary = binary
         self.port = port
         self.replicas = replicas
         self.socket_path = socket_path
@@ -159,7 +207,7 @@ class HAProxy:
 
     async def start(self) -> None:
         self.process = await asyncio.create_subprocess_exec(
-            haproxy_binary(),
+            self.binary,
             "-db",  # foreground
             "-f",
             str(CONFIG),
@@ -266,6 +314,22 @@ class TestBed:
         await replica.ready()
         await self.haproxy.wait_for({replica.name: "UP"})
 
+    def answered(self) -> set[int]:
+        """The update ids some delivery got a 2xx for."""
+        return {d.update_id for d in self.telegram.deliveries if d.ok}
+
+    async def all_answered(self, commands: Sequence[Command], timeout: float = 240) -> None:  # noqa: ASYNC109
+        """Until every command's update was answered 2xx (the bot answers once it is handled)."""
+        wanted = {c.update_id for c in commands}
+
+        def missing() -> str:
+            left = wanted - self.answered()
+            return (
+                f"{len(left)} of {len(wanted)} updates never answered 2xx\n{self.logs()[-20000:]}"
+            )
+
+        await until(lambda: wanted <= self.answered(), missing, timeout)
+
     def logs(self) -> str:
         parts = [f"----- {r.name}\n{r.log}" for r in self.replicas]
         return "\n".join([*parts, f"----- haproxy\n{self.haproxy.text}"])
@@ -313,22 +377,25 @@ async def start_testbed(
     telegram: FakeTelegram,
     pilot: FakePilotStatus,
     database_url: str,
-    shared_state: Mapping[str, str],
+    shared_state: Mapping[str, str] | None,
     replicas: int = 3,
     settings: Mapping[str, str] | None = None,
+    haproxy: str | None = None,
 ) -> AsyncIterator[TestBed]:
     """`replicas` bots on `database_url` (SQLAlchemy asyncpg URL) and `shared_state` (the
-    redis_fixtures fixture) behind HAProxy, all ready and in the pool; everything stopped after.
-    `settings` are more .env lines for every replica."""
+    redis_fixtures fixture: REDIS_URL and REDIS_KEY_PREFIX) behind HAProxy, all ready and in the
+    pool; everything stopped after. `settings` are more .env lines for every replica. Without
+    `shared_state` (no Redis) only one replica makes sense. `haproxy`: its binary (default: found,
+    or the test skipped)."""
     assert 1 <= replicas <= 3, "deploy/haproxy.cfg names up to three replicas"
-    haproxy_binary()  # skip early, before anything starts
+    assert shared_state is not None or replicas == 1, "replicas share their state in Redis"
+    binary = haproxy or haproxy_binary()  # skip early, before anything starts
     frontend = free_port()
     webhook_url = f"http://127.0.0.1:{frontend}{WEBHOOK_PATH}"
-    extra = {
-        "REDIS_URL": shared_state["redis_url"],
-        "REDIS_KEY_PREFIX": shared_state["redis_key_prefix"],
-        **(settings or {}),
-    }
+    extra = dict(settings or {})
+    if shared_state is not None:
+        extra["REDIS_URL"] = shared_state["redis_url"]
+        extra["REDIS_KEY_PREFIX"] = shared_state["redis_key_prefix"]
     bed_replicas = []
     for number in range(1, replicas + 1):
         name, port = f"replica{number}", free_port()
@@ -345,11 +412,11 @@ async def start_testbed(
         bed_replicas.append(Replica(name, port, folder / name, env))
     # a Unix socket path must stay short (108 bytes): not under pytest's deep tmp_path
     sockets = Path(tempfile.mkdtemp(prefix="callbot-haproxy-"))
-    haproxy = HAProxy(frontend, bed_replicas, sockets / "stats.sock")
+    balancer = HAProxy(binary, frontend, bed_replicas, sockets / "stats.sock")
     plain_url = database_url.replace("postgresql+asyncpg://", "postgresql://", 1)
-    bed = TestBed(telegram, pilot, bed_replicas, haproxy, plain_url)
+    bed = TestBed(telegram, pilot, bed_replicas, balancer, plain_url)
     try:
-        await haproxy.start()
+        await balancer.start()
         await asyncio.gather(*(r.start() for r in bed_replicas))
         await bed.ready()
         yield bed
@@ -360,5 +427,5 @@ async def start_testbed(
                     await replica.terminate()
                 if replica.running:
                     await replica.kill()
-        await haproxy.stop()
+        await balancer.stop()
         shutil.rmtree(sockets, ignore_errors=True)
