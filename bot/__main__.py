@@ -1,4 +1,5 @@
-"""`python -m bot`: validate the configuration, then run the bot (long polling).
+"""`python -m bot`: validate the configuration, then run the bot (long polling, or webhook mode
+when TELEGRAM_WEBHOOK_URL is set).
 
 `python -m bot migrate` only brings the database schema up to date.
 """

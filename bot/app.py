@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import importlib.metadata
 import logging
+import signal
 import tomllib
 from collections.abc import Callable, Coroutine
 from contextlib import suppress
@@ -17,7 +18,11 @@ from aiogram.client.default import DefaultBotProperties
 from aiogram.client.session.aiohttp import AiohttpSession
 from aiogram.client.telegram import TelegramAPIServer
 from aiogram.enums import ParseMode
-from aiogram.exceptions import TelegramNetworkError, TelegramUnauthorizedError
+from aiogram.exceptions import (
+    TelegramAPIError,
+    TelegramNetworkError,
+    TelegramUnauthorizedError,
+)
 from aiogram.types import BotCommand
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -36,7 +41,7 @@ from bot.ops.retention import Retention
 from bot.ops.shutdown import InFlight
 from bot.pilot_status import PilotStatusClient, RetryPolicy, build_http_client
 from bot.pilot_status.errors import PilotStatusError
-from bot.shared.pending import PendingStore, SeenUpdates
+from bot.shared.pending import PendingStore
 from bot.shared.redis import Keys
 from bot.shared.redis import connect as connect_redis
 from bot.storage.db import (
@@ -52,9 +57,10 @@ from bot.storage.db import (
 from bot.storage.oncall import OnCallStore
 from bot.storage.retention import RetentionStore
 from bot.storage.store import Store, utcnow
+from bot.telegram.ledger import MemoryLedger, RedisLedger, UpdateLedger
 from bot.telegram.middlewares import (
-    DedupUpdatesMiddleware,
     InFlightUpdatesMiddleware,
+    LedgerMiddleware,
     RetryAfterMiddleware,
 )
 from bot.texts import COMMANDS, spoken_alert, spoken_default
@@ -62,13 +68,17 @@ from bot.voice.media import MediaEndpoint
 from bot.voice.service import LazyEndpoint, Voice, VoicePolicy
 from bot.voice.shelf import AudioShelf
 from bot.voice.speech import Speaker, Speech
-from bot.web.routes import build_web_app
+from bot.web.routes import Handler, build_web_app
 from bot.web.server import ConnectionLimits, WebServer
+from bot.web.telegram import TelegramWebhook
 from handlers import build_router
 
 log = logging.getLogger("callbot")
 STARTUP_PROBE_SECONDS = 10.0
 READY_TIMEOUT_SECONDS = 3.0  # a readiness probe's database check
+# setWebhook failed at start: tried again in the background, waiting this long, doubled each time
+WEBHOOK_RETRY_FIRST_SECONDS = 1.0
+WEBHOOK_RETRY_MAX_SECONDS = 60.0
 
 
 def build_version() -> str:
@@ -136,6 +146,13 @@ class CallbotApp:
             else None
         )
         self.keys = Keys(settings.redis_key_prefix)
+        # which updates were handled, across replicas when Redis is shared
+        self.ledger: UpdateLedger = (
+            RedisLedger(self.redis, self.keys) if self.redis is not None else MemoryLedger()
+        )
+        self.webhook_set = asyncio.Event()  # webhook mode: Telegram took our setWebhook
+        self._webhook_failure = "setWebhook not answered yet"
+        self._stop = asyncio.Event()  # webhook mode: SIGTERM/SIGINT (or stop()) came
         self._file_lock = SqliteFileLock.of(self.engine)
         self.store = Store(sessionmaker(self.engine))
         self.i18n = build_i18n(settings.default_locale)
@@ -261,7 +278,8 @@ class CallbotApp:
             i18n=self.i18n,
         )
         dp.update.outer_middleware(UpdateMetricsMiddleware(self.metrics))  # sees duplicates too
-        dp.update.outer_middleware(DedupUpdatesMiddleware(SeenUpdates()))
+        if not settings.webhook_mode:  # the webhook receiver claims its updates itself
+            dp.update.outer_middleware(LedgerMiddleware(self.ledger))
         dp.update.outer_middleware(InFlightUpdatesMiddleware(self.in_flight))
         LocaleMiddleware(self.i18n).setup(dp)
         dp.include_router(build_router())
@@ -291,6 +309,7 @@ class CallbotApp:
             metrics=self.metrics,
             metrics_token=metrics_token.get_secret_value() if metrics_token else None,
             readiness=self.readiness,
+            telegram=self._telegram_route(),
         )
         limits = ConnectionLimits(
             header_timeout=settings.web_header_timeout,
@@ -322,6 +341,22 @@ class CallbotApp:
             self._spawn(
                 self.retention.run_forever(settings.retention_interval_seconds), "retention"
             )
+
+    def _telegram_route(self) -> tuple[str, Handler] | None:
+        """Webhook mode: the receiver, at the path of TELEGRAM_WEBHOOK_URL."""
+        url, secret = self.settings.telegram_webhook_url, self.settings.telegram_webhook_secret
+        if url is None or secret is None:
+            return None
+        receiver = TelegramWebhook(
+            bot=self.bot,
+            dispatcher=self.dp,
+            ledger=self.ledger,
+            secret=secret.get_secret_value(),
+            in_flight=self.in_flight,
+            metrics=self.metrics,
+            draining=lambda: self.draining,
+        )
+        return url.path or "/", receiver.handle
 
     async def _load_oncall_file(self, path: Path) -> None:
         try:
@@ -365,6 +400,80 @@ class CallbotApp:
             self.bot, allowed_updates=self.dp.resolve_used_update_types(), **kwargs
         )
 
+    async def run_webhook(self, *, handle_signals: bool = True) -> None:
+        """Webhook mode: set the webhook, run until SIGTERM/SIGINT (or `stop()`), then drain:
+        /readyz and new updates get 503, updates in flight finish. The webhook is never
+        deleted at shutdown: the other replicas serve it."""
+        await self.start_webhook()
+        loop = asyncio.get_running_loop()
+        signals = (signal.SIGTERM, signal.SIGINT) if handle_signals else ()
+        for number in signals:
+            loop.add_signal_handler(number, self.stop)
+        try:
+            await self._stop.wait()
+        finally:
+            for number in signals:
+                loop.remove_signal_handler(number)
+        log.info("shutdown: draining (new updates are refused with 503)")
+        await self.drain()
+        await self.dp.emit_shutdown(**self._workflow())
+
+    def stop(self) -> None:
+        """Webhook mode: begin the shutdown, as SIGTERM does (from now on /readyz and new
+        updates get 503)."""
+        self.draining = True
+        self._stop.set()
+
+    async def start_webhook(self) -> None:
+        """setWebhook (retried in the background while Telegram fails), then the startup."""
+        try:
+            set_now = await self._set_webhook()
+        except TelegramUnauthorizedError:
+            raise StartupError("Telegram rejected BOT_TOKEN: check it with @BotFather") from None
+        if not set_now:
+            self._spawn(self._set_webhook_until_done(), "setWebhook")
+        await self.dp.emit_startup(**self._workflow())
+
+    def _workflow(self) -> dict[str, Any]:
+        """What aiogram's polling hands its startup and shutdown handlers."""
+        return {"bot": self.bot, "dispatcher": self.dp, "bots": [self.bot], **self.dp.workflow_data}
+
+    async def _set_webhook(self) -> bool:
+        settings = self.settings
+        assert settings.telegram_webhook_url is not None
+        assert settings.telegram_webhook_secret is not None
+        try:
+            await self.bot.set_webhook(
+                url=str(settings.telegram_webhook_url),
+                secret_token=settings.telegram_webhook_secret.get_secret_value(),
+                allowed_updates=self.dp.resolve_used_update_types(),
+                max_connections=settings.telegram_webhook_max_connections,
+                drop_pending_updates=False,
+            )
+        except TelegramUnauthorizedError:
+            raise
+        except (TelegramAPIError, TelegramNetworkError) as err:
+            self._webhook_failure = f"setWebhook failed: {err.message}"[:200]
+            log.warning("%s; trying again", self._webhook_failure)
+            return False
+        self.webhook_set.set()
+        log.info(
+            "telegram webhook set (max %d connections)", settings.telegram_webhook_max_connections
+        )
+        return True
+
+    async def _set_webhook_until_done(self) -> None:
+        delay = WEBHOOK_RETRY_FIRST_SECONDS
+        while True:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, WEBHOOK_RETRY_MAX_SECONDS)
+            try:
+                if await self._set_webhook():
+                    return
+            except TelegramUnauthorizedError:
+                self._webhook_failure = "setWebhook: Telegram rejected BOT_TOKEN"
+                log.error("%s; check it with @BotFather", self._webhook_failure)
+
     async def close(self) -> None:
         await self.drain()
         for task in list(self._background):
@@ -390,6 +499,8 @@ class CallbotApp:
         """What keeps this process from taking traffic (part → reason); empty when ready."""
         if self.draining:
             return {"shutdown": "draining"}
+        if self.settings.webhook_mode and not self.webhook_set.is_set():
+            return {"webhook": self._webhook_failure}
         head = self._head
         try:
             revision = await asyncio.wait_for(schema_revision(self.engine), READY_TIMEOUT_SECONDS)
@@ -453,7 +564,10 @@ async def run(settings: Settings) -> None:
     app = CallbotApp(settings)
     try:
         await app.start()
-        await app.run_polling()
+        if settings.webhook_mode:
+            await app.run_webhook()
+        else:
+            await app.run_polling()
     finally:
         await app.close()
 

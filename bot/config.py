@@ -21,6 +21,8 @@ IdList = Annotated[frozenset[int], NoDecode]
 UrlList = Annotated[tuple[str, ...], NoDecode]
 NumberTypeSetting = Literal["auto", "meta", "web"]
 _TOKEN = re.compile(r"^\d+:[A-Za-z0-9_-]{20,}$")
+# plain http is only for a webhook URL on this machine (tests, a local TLS terminator)
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "[::1]", "::1"})
 
 
 class Settings(BaseSettings):
@@ -34,6 +36,11 @@ class Settings(BaseSettings):
 
     bot_token: SecretStr
     telegram_api_url: AnyHttpUrl | None = None
+    # webhook mode (several replicas): Telegram POSTs updates to this URL's path on the web app;
+    # without it the bot uses long polling (one process)
+    telegram_webhook_url: AnyHttpUrl | None = None
+    telegram_webhook_secret: SecretStr | None = None  # X-Telegram-Bot-Api-Secret-Token
+    telegram_webhook_max_connections: int = Field(default=40, ge=1, le=100)
 
     pilot_status_api_key: SecretStr | None = None
     pilot_status_api_key_id: SecretStr | None = None
@@ -152,6 +159,26 @@ class Settings(BaseSettings):
             )
         return value
 
+    @field_validator("telegram_webhook_url")
+    @classmethod
+    def _webhook_https(cls, value: AnyHttpUrl | None) -> AnyHttpUrl | None:
+        if value is None:
+            return None
+        if value.scheme != "https" and value.host not in LOOPBACK_HOSTS:
+            raise ValueError("use the public https:// URL Telegram will POST updates to")
+        return value
+
+    @field_validator("telegram_webhook_secret")
+    @classmethod
+    def _webhook_secret(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        if value is None:
+            if info.data.get("telegram_webhook_url") is not None:
+                raise ValueError("required with TELEGRAM_WEBHOOK_URL (1-256 of A-Z a-z 0-9 _ -)")
+            return None
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,256}", value.get_secret_value()):
+            raise ValueError("use 1 to 256 letters, digits, _ or - (Telegram's rule)")
+        return value
+
     @field_validator("redis_url")
     @classmethod
     def _redis_scheme(cls, value: SecretStr | None) -> SecretStr | None:
@@ -205,6 +232,11 @@ class Settings(BaseSettings):
         if not value and info.data.get("operator_ids") == frozenset():
             raise ValueError("set OPERATOR_IDS or ADMIN_IDS: nobody could place a call")
         return value
+
+    @property
+    def webhook_mode(self) -> bool:
+        """Updates come by Telegram webhook (TELEGRAM_WEBHOOK_URL), not by long polling."""
+        return self.telegram_webhook_url is not None
 
     @property
     def caller_ids(self) -> frozenset[int]:

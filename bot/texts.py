@@ -111,6 +111,10 @@ ERRORS: dict[str, LazyProxy] = {
     "call_in_flight": __(
         "A call to this number is being started right now. Wait for its answer before trying again."
     ),
+    "call_repeated_unknown": __(
+        "This /call was received before, and whether its call started is not known yet. Check "
+        "/calls before you call again."
+    ),
     "permission_not_needed": __("This business number is a web number: it needs no permission."),
     "number_unsupported": __(
         "The business number cannot place calls: Pilot Status only calls from Meta Cloud API and "

@@ -15,6 +15,7 @@ from aiogram.types import CallbackQuery, InlineKeyboardMarkup, Message, ReplyPar
 from aiogram.utils.i18n import I18n
 from aiogram.utils.keyboard import InlineKeyboardBuilder
 
+from bot import states
 from bot.access import AccessPolicy
 from bot.calls.live import CallNow, call_markup
 from bot.calls.service import (
@@ -30,6 +31,7 @@ from bot.errors import CallbotError, describe
 from bot.oncall.engine import OnCall
 from bot.phones import Phone
 from bot.shared.pending import PendingStore, Taken
+from bot.storage.store import CallRecord
 from bot.texts import (
     button_ask_permission,
     button_cancel,
@@ -115,18 +117,40 @@ async def call_command(
         )
         await message.reply(text, reply_markup=_confirm_keyboard(token))
         return
+    # Telegram redelivers this update if a replica died before answering it: never call twice
+    key = f"tg:{message.chat.id}:{message.message_id}"
+    earlier = await calls.earlier_attempt(key)
+    if earlier is not None:
+        await _show_earlier(message, earlier, calls)
+        return
+    request = replace(request, request_key=key)
     outcome = await calls.start(request)
     text, markup = _render(outcome, request, pending_permissions=pending_permissions)
     if not isinstance(outcome, Started):
         await message.reply(text, reply_markup=markup)
         return
-    sent = await _reply_started(message, text, markup, outcome)
+    sent = await _reply_started(message, text, markup, outcome.record)
     if sent is not None:
-        await calls.attach(outcome, sent.message_id)
+        await calls.attach(outcome.record, sent.message_id)
+
+
+async def _show_earlier(message: Message, record: CallRecord, calls: CallService) -> None:
+    """The /call message made an attempt already: its reply, as it would have been."""
+    log.info("update of message %s again: attempt %s shown, no call", message.message_id, record.id)
+    if record.pilot_call_id is None:
+        unknown = record.status in (states.PENDING, states.UNKNOWN_OUTCOME)
+        code = "call_repeated_unknown" if unknown else record.error_code or "internal"
+        await message.reply(error_text(CallbotError(code)))
+        return
+    if record.message_id is not None:
+        return  # its reply was sent: that live message follows the call
+    sent = await _reply_started(message, call_text(record), call_markup(record), record)
+    if sent is not None:
+        await calls.attach(record, sent.message_id)
 
 
 async def _reply_started(
-    message: Message, text: str, markup: InlineKeyboardMarkup | None, started: Started
+    message: Message, text: str, markup: InlineKeyboardMarkup | None, started: CallRecord
 ) -> Message | None:
     """The reply to a call that was started must reach the chat: a generic "try again" would
     invite a second, billed call. Tried a few times, also if the /call message is gone."""
@@ -135,15 +159,13 @@ async def _reply_started(
         try:
             return await message.answer(text, reply_markup=markup, reply_parameters=reply_to)
         except TelegramBadRequest as err:
-            log.error("call %s started; its reply was refused: %s", started.record.id, err.message)
+            log.error("call %s started; its reply was refused: %s", started.id, err.message)
             return None
         except TelegramAPIError as err:
-            log.warning(
-                "call %s started; its reply failed (%s), try %d", started.record.id, err, attempt
-            )
+            log.warning("call %s started; its reply failed (%s), try %d", started.id, err, attempt)
             if attempt < REPLY_TRIES:
                 await asyncio.sleep(attempt)
-    log.error("call %s started; Telegram never took its reply", started.record.id)
+    log.error("call %s started; Telegram never took its reply", started.id)
     return None
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,8 @@ OPERATOR = 111
 ADMIN = 222
 STRANGER = 333
 GROUP = -100500
+WEBHOOK_SECRET = "webhook-secret_" + "s" * 20
+WEBHOOK_PATH = "/telegram/webhook"
 
 
 @pytest.fixture
@@ -77,12 +80,20 @@ class RunningBot:
 
     task: asyncio.Task[None] | None = None
 
+    @property
+    def webhook_url(self) -> str:
+        """Webhook mode: where Telegram delivers this bot's updates."""
+        return str(self.settings.telegram_webhook_url)
+
     async def stop(self) -> None:
-        """Stop polling and close everything, once."""
+        """Stop polling (or, in webhook mode, drain) and close everything, once."""
         if self.task is None:
             return
         task, self.task = self.task, None
-        await self.app.dp.stop_polling()
+        if self.settings.webhook_mode:
+            self.app.stop()
+        else:
+            await self.app.dp.stop_polling()
         await asyncio.wait_for(task, 10)
         await self.app.close()
 
@@ -105,8 +116,18 @@ async def start_bot(
     """Build the bot the way `python -m bot` does and run it against the fakes (long polling)."""
     running: list[RunningBot] = []
 
-    async def start(data: dict[str, Any] | None = None, **overrides: Any) -> RunningBot:
-        """`overrides` are settings; `data` replaces dispatcher dependencies before polling."""
+    async def start(
+        data: dict[str, Any] | None = None, *, webhook: bool = False, **overrides: Any
+    ) -> RunningBot:
+        """`overrides` are settings; `data` replaces dispatcher dependencies before polling.
+
+        `webhook=True`: webhook mode (TELEGRAM_WEBHOOK_URL on a free loopback port, with
+        WEBHOOK_SECRET); the fake Telegram then delivers updates to it, nothing polls."""
+        if webhook:
+            port = free_port()
+            overrides.setdefault("web_port", port)
+            overrides.setdefault("telegram_webhook_url", f"http://127.0.0.1:{port}{WEBHOOK_PATH}")
+            overrides.setdefault("telegram_webhook_secret", WEBHOOK_SECRET)
         overrides.setdefault("data_dir", str(tmp_path / f"data{len(running)}"))
         overrides.setdefault("telegram_edit_interval", 0.05)
         overrides.setdefault("call_poll_interval", 0.05)
@@ -116,7 +137,10 @@ async def start_bot(
         started = asyncio.Event()
         app.dp.startup.register(started.set)
         await app.start()
-        task = asyncio.create_task(app.run_polling(handle_signals=False, polling_timeout=1))
+        if settings.webhook_mode:
+            task = asyncio.create_task(app.run_webhook(handle_signals=False))
+        else:
+            task = asyncio.create_task(app.run_polling(handle_signals=False, polling_timeout=1))
         await asyncio.wait_for(started.wait(), 10)
         harness = RunningBot(app, telegram, pilot, task)
         running.append(harness)
@@ -125,3 +149,10 @@ async def start_bot(
     yield start
     for harness in running:
         await harness.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port

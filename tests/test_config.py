@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from bot.config import ConfigError, load_settings
+from bot.config import ConfigError, Settings, load_settings
 
 TOKEN = "123456:" + "A" * 35
 ROOT = Path(__file__).resolve().parent.parent
@@ -131,3 +131,49 @@ def test_migrate_command_creates_the_schema(tmp_path: Path) -> None:
     with sqlite3.connect(tmp_path / "data" / "callbot.db") as db:
         tables = {row[0] for row in db.execute("select name from sqlite_master where type='table'")}
     assert {"calls", "call_status", "audit", "permission_requests", "webhook_deliveries"} <= tables
+
+
+def _webhook_settings(**overrides: object) -> Settings:
+    base: dict[str, object] = {
+        "_env_file": None,
+        "bot_token": TOKEN,
+        "pilot_status_api_key": "ps_" + "d" * 48,
+        "operator_ids": "1",
+    }
+    return load_settings(**(base | overrides))
+
+
+def test_webhook_mode_needs_an_https_url_and_a_secret_telegram_accepts() -> None:
+    settings = _webhook_settings(
+        telegram_webhook_url="https://bot.example.com/tg/hook",
+        telegram_webhook_secret="s3cret_-X",
+    )
+    assert settings.webhook_mode
+    assert settings.telegram_webhook_max_connections == 40
+    assert not _webhook_settings().webhook_mode
+    # plain http only on this machine (a local TLS terminator, tests)
+    local = _webhook_settings(
+        telegram_webhook_url="http://127.0.0.1:8080/hook", telegram_webhook_secret="x"
+    )
+    assert local.webhook_mode
+    cases = {
+        "TELEGRAM_WEBHOOK_URL": {
+            "telegram_webhook_url": "http://bot.example.com/hook",
+            "telegram_webhook_secret": "ok",
+        },
+        "TELEGRAM_WEBHOOK_SECRET": {"telegram_webhook_url": "https://bot.example.com/hook"},
+        "TELEGRAM_WEBHOOK_MAX_CONNECTIONS": {"telegram_webhook_max_connections": 101},
+    }
+    for name, values in cases.items():
+        with pytest.raises(ConfigError) as caught:
+            _webhook_settings(**values)
+        assert f"{name}:" in str(caught.value), caught.value
+    with pytest.raises(ConfigError) as caught:
+        _webhook_settings(
+            telegram_webhook_url="https://bot.example.com/hook",
+            telegram_webhook_secret="has space SECRET",
+        )
+    assert "TELEGRAM_WEBHOOK_SECRET" in str(caught.value)
+    assert "SECRET" not in str(caught.value).replace("TELEGRAM_WEBHOOK_SECRET", "")
+    with pytest.raises(ConfigError):
+        _webhook_settings(telegram_webhook_max_connections=0)

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import html
+import socket
 from collections.abc import AsyncIterator
 
 import aiohttp
+import aiohttp.web
 import pytest
 from aiogram import Bot, Dispatcher
 from aiogram.client.session.aiohttp import AiohttpSession
 from aiogram.client.telegram import TelegramAPIServer
 from aiogram.exceptions import (
     TelegramBadRequest,
+    TelegramConflictError,
     TelegramForbiddenError,
     TelegramNetworkError,
     TelegramRetryAfter,
@@ -318,3 +322,76 @@ async def test_dispatcher_polling_roundtrip(fake: FakeTelegram, bot: Bot) -> Non
         await dp.stop_polling()
         await polling
     assert [m for m, _ in fake.requests][:1] == ["getMe"]
+
+
+async def test_webhook_delivery_parallel_redelivered_and_recorded(
+    fake: FakeTelegram, bot: Bot
+) -> None:
+    """setWebhook makes the fake POST each update with the secret, at most max_connections at
+    once, again after a non-2xx answer, a timeout or a refused connection; getUpdates is 409."""
+    seen: list[tuple[int, str | None]] = []
+    current, most = 0, 0
+    pair = asyncio.Event()
+
+    async def receive(request: aiohttp.web.Request) -> aiohttp.web.Response:
+        nonlocal current, most
+        update = await request.json()
+        update_id = update["update_id"]
+        seen.append((update_id, request.headers.get("X-Telegram-Bot-Api-Secret-Token")))
+        attempt = sum(1 for u, _ in seen if u == update_id)
+        if update_id == first and attempt == 1:
+            return aiohttp.web.Response(status=500)
+        if update_id == first and attempt == 2:
+            await asyncio.sleep(5)  # past webhook_timeout: no answer in time
+        current += 1
+        most = max(most, current)
+        if current >= 2:
+            pair.set()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(pair.wait(), 2)
+        current -= 1
+        return aiohttp.web.json_response({"ok": True})
+
+    app = aiohttp.web.Application()
+    app.router.add_post("/hook", receive)
+    runner = aiohttp.web.AppRunner(app, shutdown_timeout=0.5)
+    await runner.setup()
+    site = aiohttp.web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    url = f"http://127.0.0.1:{port}/hook"
+    fake.webhook_timeout, fake.webhook_retry_delay = 0.5, 0.01
+    try:
+        first, _ = fake.send_command("/start", user_id=5)  # queued before the webhook: sent too
+        assert await bot.set_webhook(url, secret_token="s-1", max_connections=2)
+        others = [fake.send_command(f"/n{i}", user_id=5)[0] for i in range(4)]
+        with pytest.raises(TelegramConflictError, match="webhook is active"):
+            await bot.get_updates()
+        for update_id in [first, *others]:
+            await fake.wait_delivered(update_id)
+        assert [d.status for d in fake.deliveries_of(first)] == [500, "timeout", 200]
+        assert most == 2
+        assert {secret for _, secret in seen} == {"s-1"}
+        info = await bot.get_webhook_info()
+        assert (info.url, info.pending_update_count, info.max_connections) == (url, 0, 2)
+        # a load balancer whose first backend is down: the attempt fails, the next one lands
+        dead = f"http://127.0.0.1:{_closed_port()}/hook"
+        fake.webhook_targets = [dead, url]
+        again, _ = fake.send_command("/again", user_id=5)
+        await fake.wait_delivered(again)
+        assert [(d.url, d.status) for d in fake.deliveries_of(again)] == [
+            (dead, "error"),
+            (url, 200),
+        ]
+        # back to polling: nothing left to deliver, getUpdates works again
+        assert await bot.delete_webhook()
+        assert await bot.get_updates(timeout=0) == []
+    finally:
+        await runner.cleanup()
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port

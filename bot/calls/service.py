@@ -8,6 +8,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from sqlalchemy.exc import IntegrityError
+
 from bot import states
 from bot.calls.lifecycle import CallTracker
 from bot.calls.numbers import NumberTypes
@@ -51,6 +53,8 @@ class CallRequest:
     message_id: int | None = None  # the message that will follow the call, when known already
     speech: Speech | None = None  # said to the callee once they answer
     origin: str = "operator"  # or "alert": an on-call ring (counted apart in the metrics)
+    # the Telegram message of a direct /call: a second attempt with it starts no call
+    request_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -219,6 +223,17 @@ class CallService:
     async def _write_ahead(
         self, request: CallRequest, correlation_id: str, number_type: NumberType
     ) -> CallRecord:
+        try:
+            return await self._create(request, correlation_id, number_type)
+        except IntegrityError:
+            if request.request_key is None:
+                raise
+            # the same /call message, being started by another replica right now
+            raise CallbotError("call_in_flight") from None
+
+    async def _create(
+        self, request: CallRequest, correlation_id: str, number_type: NumberType
+    ) -> CallRecord:
         record = await self._store.create_call(
             NewCall(
                 id=correlation_id,
@@ -233,6 +248,7 @@ class CallService:
                 note=cut_note(request.note),
                 message_id=request.message_id,
                 spoken=request.speech is not None,
+                request_key=request.request_key,
             ),
             audit=Audit(
                 "call.requested",
@@ -252,14 +268,19 @@ class CallService:
             audit=Audit("call.failed", record.operator_id, {"error": code}),
         )
 
-    async def attach(self, started: Started, message_id: int) -> None:
-        """The message that announced the call; it is edited from now on."""
-        current = await self._store.set_message(started.record.id, message_id)
+    async def attach(self, started: CallRecord, message_id: int) -> None:
+        """The message that announced the call (`started` as it showed it); it is edited from
+        now on."""
+        current = await self._store.set_message(started.id, message_id)
         if current is not None and (
-            current.status != started.record.status
-            or current.duration_seconds != started.record.duration_seconds
+            current.status != started.status or current.duration_seconds != started.duration_seconds
         ):
             await self._tracker.show(current)
+
+    async def earlier_attempt(self, request_key: str) -> CallRecord | None:
+        """The attempt a /call message made already: Telegram redelivered its update (a replica
+        died before answering it). It is shown again, never started twice."""
+        return await self._store.call_by_request(request_key)
 
     async def check_permission(self, phone: Phone) -> PermissionProbe | None:
         """The Meta permission probe; None on web numbers, which need no permission."""

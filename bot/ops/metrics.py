@@ -89,6 +89,21 @@ WEBHOOK_EVENTS = frozenset(
     }
 )
 WEBHOOK_RESULTS = frozenset({"applied", "duplicate", "bad_signature", "too_large", "malformed"})
+# what the Telegram webhook answered: handled (200), duplicate (200, done before), busy (503,
+# another replica holds it), draining (503), unavailable (503, the ledger did not answer),
+# unauthorized (401), malformed (400), too_large (413)
+TELEGRAM_WEBHOOK_RESULTS = frozenset(
+    {
+        "handled",
+        "duplicate",
+        "busy",
+        "draining",
+        "unavailable",
+        "unauthorized",
+        "malformed",
+        "too_large",
+    }
+)
 ALERT_SOURCES = frozenset({"alertmanager", "grafana", "generic"})
 ALERT_RESULTS = frozenset(
     {
@@ -204,6 +219,13 @@ class Metrics:
             ["event", "result"],
             registry=r,
         )
+        self.telegram_webhook = Counter(
+            "callbot_telegram_webhook_requests_total",
+            "Telegram webhook requests, by result (handled, duplicate, busy, draining, "
+            "unavailable, unauthorized, malformed, too_large).",
+            ["result"],
+            registry=r,
+        )
         self.alerts = Counter(
             "callbot_alerts_received_total",
             "Alerts received from monitoring, by source and result.",
@@ -289,6 +311,9 @@ class Metrics:
         label = "none" if event is None else closed(event, WEBHOOK_EVENTS)
         self.webhooks.labels(label, closed(result, WEBHOOK_RESULTS)).inc()
 
+    def telegram_update(self, result: str) -> None:
+        self.telegram_webhook.labels(closed(result, TELEGRAM_WEBHOOK_RESULTS)).inc()
+
     def alert(self, source: str, result: str) -> None:
         self.alerts.labels(closed(source, ALERT_SOURCES), closed(result, ALERT_RESULTS)).inc()
 
@@ -323,7 +348,7 @@ class UpdateMetricsMiddleware(BaseMiddleware):
 
 
 def mark_duplicate() -> None:
-    """Called by the dedup middleware: the update being handled was seen before."""
+    """Called by the ledger middleware: the update being handled was handled before."""
     outcome = _update_outcome.get()
     if outcome is not None:
         outcome[0] = "duplicate"

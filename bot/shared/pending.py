@@ -1,4 +1,4 @@
-"""Short-lived state between a prompt and the button that answers it, and seen update ids.
+"""Short-lived state between a prompt and the button that answers it.
 
 In memory for one process; the scale-out issue swaps in Redis behind the same methods.
 """
@@ -65,19 +65,3 @@ class PendingStore(Generic[T]):
             if len(self._items) <= self._max and entry.expires_at >= horizon:
                 break
             del self._items[token]
-
-
-class SeenUpdates:
-    """Remembers recent update ids so a redelivered update is handled once."""
-
-    def __init__(self, max_items: int = 50_000) -> None:
-        self._max = max_items
-        self._seen: OrderedDict[int, None] = OrderedDict()
-
-    def first_time(self, update_id: int) -> bool:
-        if update_id in self._seen:
-            return False
-        self._seen[update_id] = None
-        if len(self._seen) > self._max:
-            self._seen.popitem(last=False)
-        return True

@@ -73,6 +73,7 @@ class NewCall:
     note: str | None = None
     message_id: int | None = None
     spoken: bool = False
+    request_key: str | None = None  # the Telegram message of a direct /call
 
 
 @dataclass(frozen=True)
@@ -185,6 +186,7 @@ class Store:
                 locale=new.locale,
                 note=new.note,
                 spoken=new.spoken,
+                request_key=new.request_key,
                 status=states.PENDING,
                 created_at=now,
                 updated_at=now,
@@ -413,6 +415,13 @@ class Store:
             query = select(CallRow).where(match).options(selectinload(CallRow.history))
             row = (await session.execute(query)).scalars().first()
             return _record(row, history=True) if row else None
+
+    async def call_by_request(self, request_key: str) -> CallRecord | None:
+        """The attempt a /call message already made (NewCall.request_key), if any."""
+        async with self._sessions() as session:
+            query = select(CallRow).where(CallRow.request_key == request_key)
+            row = (await session.execute(query)).scalars().first()
+            return _record(row) if row else None
 
     async def call_by_message(self, chat_id: int, message_id: int) -> CallRecord | None:
         async with self._sessions() as session:

@@ -102,6 +102,9 @@ class CallRow(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
     connected_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # the Telegram message a direct /call came from ("tg:<chat>:<message>"): a redelivered update
+    # finds its attempt here instead of starting a second call
+    request_key: Mapped[str | None] = mapped_column(Cut(64, key=True), unique=True)
 
     # Loaded only where asked for (Store.get_call): the hot path just appends rows.
     history: Mapped[list[StatusRow]] = relationship(

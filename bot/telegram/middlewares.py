@@ -1,4 +1,4 @@
-"""Middlewares: drop updates Telegram delivers twice; wait out Telegram's flood control."""
+"""Middlewares: handle each update once (the ledger); wait out Telegram's flood control."""
 
 from __future__ import annotations
 
@@ -16,10 +16,11 @@ from aiogram.exceptions import TelegramRetryAfter
 from aiogram.methods import Response, TelegramMethod
 from aiogram.methods.base import TelegramType
 from aiogram.types import TelegramObject, Update
+from redis.exceptions import RedisError
 
 from bot.ops.metrics import mark_duplicate
 from bot.ops.shutdown import InFlight
-from bot.shared.pending import SeenUpdates
+from bot.telegram.ledger import Claim, UpdateLedger, holding
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +42,12 @@ class InFlightUpdatesMiddleware(BaseMiddleware):
             return await handler(event, data)
 
 
-class DedupUpdatesMiddleware(BaseMiddleware):
-    def __init__(self, seen: SeenUpdates) -> None:
-        self._seen = seen
+class LedgerMiddleware(BaseMiddleware):
+    """Long polling: an update already handled, or being handled, is not handled again (the
+    webhook receiver claims its updates itself, before answering Telegram)."""
+
+    def __init__(self, ledger: UpdateLedger) -> None:
+        self._ledger = ledger
 
     async def __call__(
         self,
@@ -51,11 +55,21 @@ class DedupUpdatesMiddleware(BaseMiddleware):
         event: TelegramObject,
         data: dict[str, Any],
     ) -> Any:
-        if isinstance(event, Update) and not self._seen.first_time(event.update_id):
-            log.info("update %s delivered again; ignored", event.update_id)
+        if not isinstance(event, Update):
+            return await handler(event, data)
+        try:
+            claim = await self._ledger.claim(event.update_id)
+        except RedisError as err:
+            # Polling gets each update once but for rare redeliveries: handle it rather than
+            # lose it (its offset is confirmed already).
+            log.warning("update %s: ledger unavailable (%s)", event.update_id, type(err).__name__)
+            return await handler(event, data)
+        if claim is not Claim.NEW:
+            log.info("update %s delivered again (%s); ignored", event.update_id, claim.value)
             mark_duplicate()
             return None
-        return await handler(event, data)
+        async with holding(self._ledger, event.update_id):
+            return await handler(event, data)
 
 
 class RetryAfterMiddleware(BaseRequestMiddleware):

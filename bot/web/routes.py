@@ -8,6 +8,7 @@ intake from monitoring, health.
   401 for a bad token, 413 over `ALERT_MAX_BODY`, 400 with a reason for a bad body, nothing
   stored in any of these cases.
 - `GET /audio/<signed ref>.wav`: a spoken message for Pilot's `/play`, served once, short-lived.
+- `POST <path of TELEGRAM_WEBHOOK_URL>`: Telegram updates in webhook mode (bot/web/telegram.py).
 - `GET /healthz`: the process is alive. `GET /readyz`: 200 when the database answers and its
   schema is at the newest migration, 503 naming what is not ready otherwise (and while draining).
 - `GET /metrics`: Prometheus text format (bot/metrics.py), behind `METRICS_TOKEN` when set.
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import logging
 import time
 from collections import OrderedDict
@@ -40,6 +40,7 @@ from bot.ops.metrics import CONTENT_TYPE, Metrics
 from bot.pilot_status.webhooks import parse_delivery
 from bot.storage.store import Unstorable
 from bot.voice.shelf import AudioShelf
+from bot.web.bodies import BODY, parse_json, read_body, refuse
 
 log = logging.getLogger(__name__)
 TRACKER = web.AppKey("tracker", CallTracker)
@@ -53,7 +54,6 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SIGNATURE = "x-pilot-status-signature"
 METRICS = web.AppKey("metrics", Metrics)
 Readiness = Callable[[], Awaitable[dict[str, str]]]  # what is not ready → why; empty: ready
-BODY = web.RequestKey("body", bytes)  # the raw body, once read (for the error middleware)
 MAX_DELIVERY_KEY = 256  # DeliveryRow.key
 # The storage or the network is down for now: the sender's retry is what we want (503).
 TRANSIENT = (
@@ -78,6 +78,7 @@ def build_web_app(
     metrics: Metrics | None = None,
     metrics_token: str | None = None,
     readiness: Readiness | None = None,
+    telegram: tuple[str, Handler] | None = None,
 ) -> web.Application:
     app = web.Application(client_max_size=max_body, middlewares=[_contain()])
     app[TRACKER] = tracker
@@ -86,6 +87,8 @@ def build_web_app(
     if path_token:
         app.router.add_post(f"/pilot-status/{path_token}", _receiver(secret, max_body))
     app.router.add_post("/alerts/{kind}/{team}", _intake(alert_max_body))
+    if telegram is not None:  # webhook mode: (path, receiver), bot/web/telegram.py
+        app.router.add_post(*telegram)
     app.router.add_get("/healthz", _health)
     if readiness is not None:
         app.router.add_get("/readyz", _ready(readiness))
@@ -102,19 +105,19 @@ def _receiver(secret: str | None, max_body: int) -> Handler:
     async def receive(request: web.Request) -> web.StreamResponse:
         count = request.app[METRICS].webhook
         try:
-            raw = await _read(request, max_body)
+            raw = await read_body(request, max_body)
         except web.HTTPRequestEntityTooLarge:
             count(None, "too_large")
             raise
         if key is not None and not _signed(key, raw, request.headers.get(SIGNATURE)):
             log.warning("webhook refused: bad or missing signature")
             count(None, "bad_signature")
-            return _refuse(401, "bad signature")
+            return refuse(401, "bad signature")
         try:
-            events = parse_delivery(_json(raw))
+            events = parse_delivery(parse_json(raw))
         except ValueError as err:  # WebhookError is a ValueError, and so is bad JSON
             count(None, "malformed")
-            return _refuse(400, str(err) or "bad body")
+            return refuse(400, str(err) or "bad body")
         first = events[0].event if events else None
         delivery = _delivery_key(request.headers.get("Idempotency-Key"), raw)
         try:
@@ -122,7 +125,7 @@ def _receiver(secret: str | None, max_body: int) -> Handler:
         except Unstorable as err:
             log.warning("webhook delivery %s refused by the database: %s", delivery, err)
             count(first, "malformed")
-            return _refuse(400, str(err))
+            return refuse(400, str(err))
         if not applied:
             count(first, "duplicate")
             return web.json_response({"ok": True, "duplicate": True})
@@ -147,17 +150,17 @@ def _intake(max_body: int) -> Handler:
             team = await oncall.authorize(name, token)
         if team is None:
             count(source, "unauthorized")
-            return _refuse(401, "unknown team or bad token")
+            return refuse(401, "unknown team or bad token")
         try:
-            raw = await _read(request, max_body)
+            raw = await read_body(request, max_body)
         except web.HTTPRequestEntityTooLarge:
             count(source, "too_large")
             raise
         try:
-            alert = parser(_json(raw))
+            alert = parser(parse_json(raw))
         except ValueError as err:  # AlertError is a ValueError, and so is bad JSON
             count(source, "malformed")
-            return _refuse(400, str(err) or "bad body")
+            return refuse(400, str(err) or "bad body")
         result, incident = await oncall.intake(team, alert)
         count(source, result)
         return web.json_response({"result": result, "incident": incident.id if incident else None})
@@ -197,39 +200,6 @@ def _metrics(metrics: Metrics, token: str | None) -> Handler:
 
 
 # --------------------------------------------------------------------------- input hygiene
-
-
-def _refuse(status: int, reason: str) -> web.Response:
-    return web.json_response({"error": reason[:300]}, status=status)
-
-
-async def _read(request: web.Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it is known to pass `limit` (header or stream)."""
-    too_large = web.HTTPRequestEntityTooLarge(
-        max_size=limit,
-        actual_size=request.content_length or limit + 1,
-        text=json.dumps({"error": f"body over {limit} bytes"}),
-        content_type="application/json",
-    )
-    if request.content_length is not None and request.content_length > limit:
-        raise too_large
-    body = bytearray()
-    async for chunk in request.content.iter_chunked(64 * 1024):
-        body += chunk
-        if len(body) > limit:
-            raise too_large
-    request[BODY] = raw = bytes(body)
-    return raw
-
-
-def _json(raw: bytes) -> object:
-    """The parsed body; ValueError with a short reason when it is not JSON we can hold."""
-    try:
-        return json.loads(raw)
-    except RecursionError:
-        raise ValueError("body is nested too deeply") from None
-    except ValueError:  # UnicodeDecodeError too; also integers too long to convert
-        raise ValueError("body is not JSON") from None
 
 
 def _signed(key: bytes, raw: bytes, given: str | None) -> bool:
@@ -295,7 +265,7 @@ def _contain() -> Middleware:
             raise
         except TRANSIENT as err:
             log.warning("%s: unavailable (%s)", _route(request), type(err).__name__)
-            response = _refuse(503, "temporarily unavailable, retry later")
+            response = refuse(503, "temporarily unavailable, retry later")
             response.headers["Retry-After"] = "30"
             return response
         except Exception:
@@ -303,9 +273,9 @@ def _contain() -> Middleware:
             digest = hashlib.sha256(request.path.encode() + b"\0" + raw).hexdigest()
             if poison.again(digest):
                 log.error("%s: the same body failed again; answered 422", _route(request))
-                return _refuse(422, "this body cannot be processed; see the bot's log")
+                return refuse(422, "this body cannot be processed; see the bot's log")
             log.exception("%s failed", _route(request))
-            return _refuse(500, "internal error")
+            return refuse(500, "internal error")
 
     return contain
 

@@ -9,7 +9,14 @@ What it fakes:
 
 * ``getUpdates`` long polling with ``offset`` confirmation, ``limit``, ``timeout`` and
   (persistent) ``allowed_updates``; a newer poll terminates an older pending one with 409.
-* ``getMe``, ``deleteWebhook``, ``getWebhookInfo``, ``setMyCommands``/``getMyCommands``/
+* webhook mode: ``setWebhook`` (url, ``secret_token``, ``max_connections``, ``allowed_updates``,
+  ``drop_pending_updates``), ``deleteWebhook``, ``getWebhookInfo``. While a webhook is set, every
+  update is DELIVERED by ``POST`` to its URL with ``X-Telegram-Bot-Api-Secret-Token``, up to
+  ``max_connections`` at once, and delivered again after ``webhook_retry_delay`` seconds while the
+  answer is not 2xx (or times out, or the connection fails); ``deliveries`` records every attempt.
+  ``getUpdates`` then answers 409, as Telegram does. ``webhook_targets`` stands in for a load
+  balancer: attempts go round robin to those URLs instead of the one set.
+* ``getMe``,  ``setMyCommands``/``getMyCommands``/
   ``deleteMyCommands``, ``sendMessage``, ``sendDocument``, ``editMessageText``,
   ``editMessageReplyMarkup``, ``deleteMessage``, ``answerCallbackQuery``, ``sendChatAction``.
 * Telegram's HTML parse mode validation (``can't parse entities``), text length limits,
@@ -35,9 +42,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 
-__all__ = ["FakeTelegram", "HtmlParseError", "SentMessage", "parse_html"]
+__all__ = ["FakeTelegram", "HtmlParseError", "SentMessage", "WebhookDelivery", "parse_html"]
 
 JSON = dict[str, Any]
 
@@ -55,6 +63,12 @@ CONFLICT = (
     "Conflict: terminated by other getUpdates request; "
     "make sure that only one bot instance is running"
 )
+WEBHOOK_ACTIVE = (
+    "Conflict: can't use getUpdates method while webhook is active; "
+    "use deleteWebhook to delete the webhook first"
+)
+SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
+_SECRET_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,256}")
 
 # --------------------------------------------------------------------------- HTML parse mode
 
@@ -307,6 +321,35 @@ class SentMessage:
         ]
 
 
+@dataclass(frozen=True)
+class WebhookDelivery:
+    """One attempt to deliver an update: the HTTP status, or "timeout" / "error" (no answer)."""
+
+    update_id: int
+    status: int | str
+    url: str
+
+    @property
+    def ok(self) -> bool:
+        return isinstance(self.status, int) and 200 <= self.status < 300
+
+
+@dataclass
+class _Webhook:
+    url: str
+    secret: str | None
+    max_connections: int
+
+
+@dataclass(eq=False)
+class _Job:
+    """An update to deliver by webhook, until a 2xx answer."""
+
+    update_id: int
+    not_before: float = 0.0
+    busy: bool = False
+
+
 class _ApiError(Exception):
     def __init__(self, code: int, description: str, retry_after: int | None = None) -> None:
         super().__init__(description)
@@ -377,6 +420,7 @@ _INT_FIELDS = frozenset(
         "user_id",
         "message_thread_id",
         "from_chat_id",
+        "max_connections",
     }
 )
 _BOOL_FIELDS = frozenset(
@@ -441,7 +485,13 @@ class FakeTelegram:
     """In-process Telegram Bot API server; see the module docstring."""
 
     def __init__(
-        self, token: str, *, bot_id: int = 1000, bot_username: str = "callbot_test_bot"
+        self,
+        token: str,
+        *,
+        bot_id: int = 1000,
+        bot_username: str = "callbot_test_bot",
+        webhook_retry_delay: float = 0.05,
+        webhook_timeout: float = 10.0,
     ) -> None:
         self._token = token
         self.bot_id = bot_id
@@ -471,6 +521,20 @@ class FakeTelegram:
         self._poll_generation = 0
         self._updates_signal = _Signal()
 
+        # webhook mode
+        self.webhook_retry_delay = webhook_retry_delay
+        self.webhook_timeout = webhook_timeout
+        self.webhook_targets: list[str] | None = None  # a load balancer's backends, round robin
+        self.deliveries: list[WebhookDelivery] = []
+        self.webhook_settings: list[dict[str, Any]] = []  # each setWebhook's parameters
+        self._webhook: _Webhook | None = None
+        self._jobs: list[_Job] = []
+        self._deliverer: asyncio.Task[None] | None = None
+        self._webhook_signal = _Signal()
+        self._client: aiohttp.ClientSession | None = None
+        self._next_target = 0
+        self._last_webhook_error: str | None = None
+
         # chat state
         self._chats: dict[int, JSON] = {}
         self._users: dict[int, JSON] = {}
@@ -484,6 +548,7 @@ class FakeTelegram:
 
         self._methods: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {
             "getme": self._get_me,
+            "setwebhook": self._set_webhook,
             "deletewebhook": self._delete_webhook,
             "getwebhookinfo": self._get_webhook_info,
             "setmycommands": self._set_my_commands,
@@ -520,6 +585,10 @@ class FakeTelegram:
     async def close(self) -> None:
         self._closing = True
         self._updates_signal.fire()
+        await self._stop_delivering()
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -545,12 +614,17 @@ class FakeTelegram:
         self._queue[update_id] = update
         self._register_incoming(update)
         self._updates_signal.fire()
+        if self._webhook is not None:
+            self._enqueue(int(update_id))
         return int(update_id)
 
     def push_raw_duplicate(self, update_id: int) -> None:
         """Deliver an already pushed update once more, with the same id, even if confirmed."""
         if update_id not in self._all_updates:
             raise KeyError(f"update {update_id} was never pushed")
+        if self._webhook is not None:
+            self._enqueue(update_id)
+            return
         self._duplicates.append(update_id)
         self._updates_signal.fire()
 
@@ -762,6 +836,7 @@ class FakeTelegram:
         except _ApiError as error:
             return _error_response(error)
         self.requests.append((method, params))
+        self._activity.fire()
         key = method.lower()
         handler = self._methods.get(key)
         if handler is None and key != "getupdates":
@@ -809,6 +884,8 @@ class FakeTelegram:
     # ------------------------------------------------------------------ getUpdates
 
     async def _get_updates(self, params: dict[str, Any], request: web.Request) -> list[JSON]:
+        if self._webhook is not None:
+            raise _ApiError(409, WEBHOOK_ACTIVE)
         offset = params.get("offset")
         limit = min(max(_as_int(params.get("limit"), 100), 1), 100)
         timeout = max(_as_int(params.get("timeout"), 0), 0)
@@ -1048,14 +1125,188 @@ class FakeTelegram:
             "has_main_web_app": False,
         }
 
+    async def _set_webhook(self, params: dict[str, Any]) -> bool:
+        url = str(params.get("url") or "")
+        if not url:
+            return await self._delete_webhook(params)
+        if not re.match(r"https?://[^/\s]+", url):
+            raise _bad_request("bad webhook: HTTPS url must be provided for webhook")
+        secret = params.get("secret_token") or None
+        if secret is not None and not _SECRET_TOKEN.fullmatch(str(secret)):
+            raise _bad_request("secret token contains unallowed characters")
+        max_connections = _as_int(params.get("max_connections"), 40)
+        if not 1 <= max_connections <= 100:
+            raise _bad_request("bad webhook: max_connections must be between 1 and 100")
+        self.webhook_settings.append(dict(params))
+        if "allowed_updates" in params:
+            allowed = params["allowed_updates"]
+            self._allowed_updates = set(allowed) if allowed else None
+        if params.get("drop_pending_updates"):
+            self._confirm(self._next_update_id)
+        self._webhook = _Webhook(url, secret and str(secret), max_connections)
+        pending = sorted(u for u in self._queue if u >= self._confirmed) + self._duplicates
+        self._duplicates = []
+        for update_id in pending:
+            self._enqueue(update_id)
+        if self._deliverer is None:
+            self._deliverer = asyncio.create_task(self._deliver_forever(), name="fake webhook")
+        return True
+
     async def _delete_webhook(self, params: dict[str, Any]) -> bool:
+        if self._webhook is not None:
+            self._webhook = None
+            await self._stop_delivering()
         if params.get("drop_pending_updates"):
             self._confirm(self._next_update_id)
         return True
 
     async def _get_webhook_info(self, params: dict[str, Any]) -> JSON:
-        pending = sum(1 for u in self._queue if u >= self._confirmed)
-        return {"url": "", "has_custom_certificate": False, "pending_update_count": pending}
+        hook = self._webhook
+        if hook is None:
+            pending = sum(1 for u in self._queue if u >= self._confirmed)
+            return {"url": "", "has_custom_certificate": False, "pending_update_count": pending}
+        info: JSON = {
+            "url": hook.url,
+            "has_custom_certificate": False,
+            "pending_update_count": len(self._jobs),
+            "max_connections": hook.max_connections,
+        }
+        if self._allowed_updates is not None:
+            info["allowed_updates"] = sorted(self._allowed_updates)
+        if self._last_webhook_error is not None:
+            info["last_error_message"] = self._last_webhook_error
+        return info
+
+    # ------------------------------------------------------------------ webhook delivery
+
+    def _enqueue(self, update_id: int) -> None:
+        self._jobs.append(_Job(update_id))
+        self._webhook_signal.fire()
+
+    async def _stop_delivering(self) -> None:
+        task, self._deliverer = self._deliverer, None
+        self._jobs = []
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _deliver_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        running: set[asyncio.Task[None]] = set()
+        if self._client is None:
+            self._client = aiohttp.ClientSession()
+        try:
+            while (hook := self._webhook) is not None:
+                now = loop.time()
+                for job in [j for j in self._jobs if not j.busy and j.not_before <= now]:
+                    if sum(j.busy for j in self._jobs) >= hook.max_connections:
+                        break
+                    job.busy = True
+                    task = asyncio.create_task(self._deliver(hook, job))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                waiting = [j.not_before - now for j in self._jobs if not j.busy]
+                await self._webhook_signal.wait(max(min(waiting, default=1.0), 0.001))
+        finally:
+            for task in running:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
+
+    async def _deliver(self, hook: _Webhook, job: _Job) -> None:
+        update = self._all_updates[job.update_id]
+        if not self._allowed(update):  # Telegram never sends those
+            self._settle(job, None)
+            return
+        url = hook.url
+        if self.webhook_targets:
+            url = self.webhook_targets[self._next_target % len(self.webhook_targets)]
+            self._next_target += 1
+        headers = {SECRET_HEADER: hook.secret} if hook.secret else {}
+        status: int | str
+        assert self._client is not None
+        try:
+            async with self._client.post(
+                url,
+                json=update,
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=self.webhook_timeout),
+            ) as response:
+                await response.read()
+                status = response.status
+        except TimeoutError:
+            status = "timeout"
+        except aiohttp.ClientError:
+            status = "error"
+        delivery = WebhookDelivery(job.update_id, status, url)
+        self.deliveries.append(delivery)
+        self._settle(job, delivery)
+
+    def _settle(self, job: _Job, delivery: WebhookDelivery | None) -> None:
+        if delivery is None or delivery.ok:
+            if job in self._jobs:
+                self._jobs.remove(job)
+            self._queue.pop(job.update_id, None)
+        else:
+            self._last_webhook_error = f"Wrong response from the webhook: {delivery.status}"
+            job.busy = False
+            job.not_before = asyncio.get_running_loop().time() + self.webhook_retry_delay
+        self._activity.fire()
+        self._webhook_signal.fire()
+
+    async def wait_until(
+        self,
+        condition: Callable[[], bool],
+        timeout: float = 10.0,  # noqa: ASYNC109 - public test-helper API
+    ) -> None:
+        """Wait until `condition()` holds; checked after each request, message and delivery."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not condition():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise AssertionError(f"condition not reached within {timeout}s")
+            await self._activity.wait(remaining)
+
+    def deliveries_of(self, update_id: int) -> list[WebhookDelivery]:
+        return [d for d in self.deliveries if d.update_id == update_id]
+
+    async def wait_delivered(
+        self,
+        update_id: int,
+        timeout: float = 10.0,  # noqa: ASYNC109 - public test-helper API
+    ) -> WebhookDelivery:
+        """Wait until the update was answered 2xx by the webhook; that delivery."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            for delivery in self.deliveries_of(update_id):
+                if delivery.ok:
+                    return delivery
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise AssertionError(
+                    f"update {update_id} not delivered within {timeout}s; attempts: "
+                    f"{self.deliveries_of(update_id)}"
+                )
+            await self._activity.wait(remaining)
+
+    async def wait_for_delivery(
+        self,
+        predicate: Callable[[WebhookDelivery], bool],
+        timeout: float = 10.0,  # noqa: ASYNC109 - public test-helper API
+    ) -> WebhookDelivery:
+        """Wait for a delivery attempt that matches (any answer, or none)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            for delivery in self.deliveries:
+                if predicate(delivery):
+                    return delivery
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise AssertionError(f"no such delivery within {timeout}s: {self.deliveries}")
+            await self._activity.wait(remaining)
 
     @staticmethod
     def _commands_key(params: dict[str, Any]) -> tuple[str, str | None]:
