@@ -11,7 +11,7 @@ from collections.abc import Callable, Coroutine
 from contextlib import suppress
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from aiogram import Bot, Dispatcher
 from aiogram.client.default import DefaultBotProperties
@@ -28,10 +28,10 @@ from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bot.access import AccessPolicy
-from bot.calls.lifecycle import CallTracker, PollPolicy
+from bot.calls.lifecycle import EARLY_EVENTS_TTL, CallTracker, PollPolicy
 from bot.calls.live import LiveMessages
 from bot.calls.numbers import NumberTypes
-from bot.calls.service import CallRequest, CallService
+from bot.calls.service import CallRequest, CallService, PendingPermission
 from bot.config import Settings
 from bot.errors import CallbotError, describe
 from bot.i18n import LOCALES, LocaleMiddleware, build_i18n
@@ -41,7 +41,9 @@ from bot.ops.retention import Retention
 from bot.ops.shutdown import InFlight
 from bot.pilot_status import PilotStatusClient, RetryPolicy, build_http_client
 from bot.pilot_status.errors import PilotStatusError
-from bot.shared.pending import PendingStore
+from bot.shared.early_events import early_events
+from bot.shared.locks import locks
+from bot.shared.pending import Pending, pending_store
 from bot.shared.redis import Keys
 from bot.shared.redis import connect as connect_redis
 from bot.storage.db import (
@@ -66,7 +68,7 @@ from bot.telegram.middlewares import (
 from bot.texts import COMMANDS, spoken_alert, spoken_default
 from bot.voice.media import MediaEndpoint
 from bot.voice.service import LazyEndpoint, Voice, VoicePolicy
-from bot.voice.shelf import AudioShelf
+from bot.voice.shelf import audio_shelf
 from bot.voice.speech import Speaker, Speech
 from bot.web.routes import Handler, build_web_app
 from bot.web.server import ConnectionLimits, WebServer
@@ -74,6 +76,7 @@ from bot.web.telegram import TelegramWebhook
 from handlers import build_router
 
 log = logging.getLogger("callbot")
+T = TypeVar("T")
 STARTUP_PROBE_SECONDS = 10.0
 READY_TIMEOUT_SECONDS = 3.0  # a readiness probe's database check
 # setWebhook failed at start: tried again in the background, waiting this long, doubled each time
@@ -156,7 +159,7 @@ class CallbotApp:
         self._file_lock = SqliteFileLock.of(self.engine)
         self.store = Store(sessionmaker(self.engine))
         self.i18n = build_i18n(settings.default_locale)
-        self.call_again: PendingStore[CallRequest] = PendingStore(24 * 3600)
+        self.call_again: Pending[CallRequest] = self._pending("call_again", CallRequest, 24 * 3600)
         self.live = LiveMessages(
             self.bot,
             self.i18n,
@@ -177,6 +180,7 @@ class CallbotApp:
             self.pilot,
             self.live,
             poll=poll,
+            early=early_events(self.redis, self.keys, EARLY_EVENTS_TTL),
             follow_for=settings.call_poll_timeout,
             confirm_after=settings.call_poll_interval,
         )
@@ -187,7 +191,9 @@ class CallbotApp:
         base = settings.public_base_url
         # a /play URL lives while the call may still ring, and at least two minutes
         ttl = max(120.0, settings.call_ring_timeout + 60)
-        self.shelf = AudioShelf(str(base), ttl=ttl) if base is not None else None
+        self.shelf = (
+            audio_shelf(self.redis, self.keys, str(base), ttl=ttl) if base is not None else None
+        )
         self.voice = Voice(
             self.pilot,
             self.store,
@@ -213,6 +219,7 @@ class CallbotApp:
             self.tracker,
             self.voice,
             drain=self.in_flight,
+            in_flight=locks(self.redis, self.keys, "call"),
             counts=self.metrics,
         )
         self.oncall_store = OnCallStore(sessionmaker(self.engine))
@@ -240,6 +247,10 @@ class CallbotApp:
         self.web_port: int | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._started_at = utcnow()
+
+    def _pending(self, name: str, item_type: type[T], ttl: float) -> Pending[T]:
+        """Prompts awaiting a button: in Redis with REDIS_URL (any replica takes the press)."""
+        return pending_store(self.redis, self.keys, name, item_type, ttl)
 
     def _say(self, text: Callable[..., str]) -> Callable[..., str]:
         """A text of bot.texts in a given locale, outside any Telegram update."""
@@ -269,8 +280,8 @@ class CallbotApp:
             access=access,
             number_types=self.number_types,
             calls=self.calls,
-            pending_calls=PendingStore(settings.confirm_ttl_seconds),
-            pending_permissions=PendingStore(24 * 3600),
+            pending_calls=self._pending("calls", CallRequest, settings.confirm_ttl_seconds),
+            pending_permissions=self._pending("permissions", PendingPermission, 24 * 3600),
             call_again=self.call_again,
             store=self.store,
             oncall=self.oncall,

@@ -115,6 +115,10 @@ ERRORS: dict[str, LazyProxy] = {
         "This /call was received before, and whether its call started is not known yet. Check "
         "/calls before you call again."
     ),
+    "shared_state_unavailable": __(
+        "I cannot reach my shared state (Redis) right now, so nothing was done. Try again in a "
+        "minute; if it keeps happening, tell an admin."
+    ),
     "permission_not_needed": __("This business number is a web number: it needs no permission."),
     "number_unsupported": __(
         "The business number cannot place calls: Pilot Status only calls from Meta Cloud API and "

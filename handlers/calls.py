@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Protocol, TypeVar
 
 from aiogram import Router
@@ -23,14 +23,14 @@ from bot.calls.service import (
     CallRequest,
     CallService,
     NeedsPermission,
+    PendingPermission,
     Started,
     cut_note,
 )
 from bot.config import Settings
 from bot.errors import CallbotError, describe
 from bot.oncall.engine import OnCall
-from bot.phones import Phone
-from bot.shared.pending import PendingStore, Taken
+from bot.shared.pending import Pending, Taken
 from bot.storage.store import CallRecord
 from bot.texts import (
     button_ask_permission,
@@ -61,15 +61,6 @@ class AskPermission(CallbackData, prefix="perm"):
     token: str
 
 
-@dataclass(frozen=True)
-class PendingPermission:
-    operator_id: int
-    phone: Phone
-    note: str | None
-    masked: bool
-    locale: str
-
-
 def build_router() -> Router:
     router = Router(name="calls")
     router.message.register(call_command, Command("call"))
@@ -89,8 +80,8 @@ async def call_command(
     access: AccessPolicy,
     calls: CallService,
     settings: Settings,
-    pending_calls: PendingStore[CallRequest],
-    pending_permissions: PendingStore[PendingPermission],
+    pending_calls: Pending[CallRequest],
+    pending_permissions: Pending[PendingPermission],
     i18n: I18n,
     oncall: OnCall,
 ) -> None:
@@ -111,7 +102,7 @@ async def call_command(
         speech=speech,
     )
     if request.masked:
-        token = pending_calls.put(request)
+        token = await pending_calls.put(request)
         text = confirm_text(
             phone, note, masked=True, ttl=settings.confirm_ttl_seconds, spoken=speech is not None
         )
@@ -125,7 +116,7 @@ async def call_command(
         return
     request = replace(request, request_key=key)
     outcome = await calls.start(request)
-    text, markup = _render(outcome, request, pending_permissions=pending_permissions)
+    text, markup = await _render(outcome, request, pending_permissions=pending_permissions)
     if not isinstance(outcome, Started):
         await message.reply(text, reply_markup=markup)
         return
@@ -174,8 +165,8 @@ async def confirm_call(
     callback_data: ConfirmCall,
     access: AccessPolicy,
     calls: CallService,
-    pending_calls: PendingStore[CallRequest],
-    pending_permissions: PendingStore[PendingPermission],
+    pending_calls: Pending[CallRequest],
+    pending_permissions: Pending[PendingPermission],
 ) -> None:
     request = await _take(query, pending_calls, callback_data.token)
     if request is None or not isinstance(query.message, Message):
@@ -193,8 +184,8 @@ async def call_now(
     callback_data: CallNow,
     access: AccessPolicy,
     calls: CallService,
-    call_again: PendingStore[CallRequest],
-    pending_permissions: PendingStore[PendingPermission],
+    call_again: Pending[CallRequest],
+    pending_permissions: Pending[PendingPermission],
 ) -> None:
     """The button under "now allows calls": pressing it is the confirmation."""
     request = await _take(query, call_again, callback_data.token)
@@ -212,7 +203,7 @@ async def _dial_from(
     request: CallRequest,
     access: AccessPolicy,
     calls: CallService,
-    pending_permissions: PendingStore[PendingPermission],
+    pending_permissions: Pending[PendingPermission],
 ) -> None:
     """Start the call and let the pressed message follow it; it shows why if none started."""
     try:
@@ -224,7 +215,7 @@ async def _dial_from(
         # A one-time button, answered already: its message says why no call was started.
         await message.edit_text(error_text(describe(err)))
         raise
-    text, markup = _render(outcome, request, pending_permissions=pending_permissions)
+    text, markup = await _render(outcome, request, pending_permissions=pending_permissions)
     try:
         await message.edit_text(text, reply_markup=markup)
     except TelegramAPIError as err:
@@ -237,7 +228,7 @@ async def ask_permission(
     query: CallbackQuery,
     callback_data: AskPermission,
     calls: CallService,
-    pending_permissions: PendingStore[PendingPermission],
+    pending_permissions: Pending[PendingPermission],
 ) -> None:
     pending = await _take(query, pending_permissions, callback_data.token)
     if pending is None or not isinstance(query.message, Message):
@@ -267,15 +258,15 @@ class _Owned(Protocol):
 T = TypeVar("T", bound=_Owned)
 
 
-async def _take(query: CallbackQuery, store: PendingStore[T], token: str) -> T | None:
+async def _take(query: CallbackQuery, store: Pending[T], token: str) -> T | None:
     """The pending item behind a button, if this user may press it and it is still valid."""
-    item = store.peek(token)
+    item = await store.peek(token)
     # Items the bot made itself (operator 0: the on-call escalation) are anyone's to answer;
     # whether the presser may call is checked when the call starts.
     if item is not None and item.operator_id not in (0, query.from_user.id):
         await query.answer(error_text(CallbotError("not_your_button")), show_alert=True)
         return None
-    taken, item = store.take(token)
+    taken, item = await store.take(token)
     if taken is Taken.OK:
         return item
     if taken is Taken.EXPIRED:
@@ -287,11 +278,11 @@ async def _take(query: CallbackQuery, store: PendingStore[T], token: str) -> T |
     return None
 
 
-def _render(
+async def _render(
     outcome: CallOutcome,
     request: CallRequest,
     *,
-    pending_permissions: PendingStore[PendingPermission],
+    pending_permissions: Pending[PendingPermission],
 ) -> tuple[str, InlineKeyboardMarkup | None]:
     masked = request.masked
     if isinstance(outcome, NeedsPermission):
@@ -300,7 +291,7 @@ def _render(
             pending = PendingPermission(
                 request.operator_id, request.phone, request.note, masked, request.locale
             )
-            token = pending_permissions.put(pending)
+            token = await pending_permissions.put(pending)
             builder = InlineKeyboardBuilder()
             builder.button(text=button_ask_permission(), callback_data=AskPermission(token=token))
             markup = builder.as_markup()

@@ -21,6 +21,7 @@ from bot.pilot_status.client import PilotStatusClient
 from bot.pilot_status.errors import NotFoundError, PilotStatusError
 from bot.pilot_status.models import Call
 from bot.pilot_status.webhooks import CallEvent
+from bot.shared.early_events import EarlyEvents, LocalEarlyEvents
 from bot.storage.store import (
     Applied,
     Audit,
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 # Why a call was settled as states.LOST (texts.ERRORS explains each).
 NO_LONGER_KNOWN = "call_lost"  # 404 CALL_NOT_FOUND, seen twice
 NOT_SEEN_ENDING = "call_unfollowed"  # no end within CALL_POLL_TIMEOUT
+EARLY_EVENTS_TTL = 120.0  # seconds an event for a call not known yet waits for its POST's reply
 
 
 def _unknown_call(error: PilotStatusError) -> bool:
@@ -109,7 +111,7 @@ class CallTracker:
         view: CallView,
         *,
         poll: PollPolicy | None = None,
-        orphan_ttl: float = 120.0,
+        early: EarlyEvents | None = None,
         clock: Callable[[], float] = time.monotonic,
         follow_for: float = 900.0,
         confirm_after: float = 2.0,
@@ -120,9 +122,9 @@ class CallTracker:
         self._poll = poll  # None: webhooks deliver the changes
         self._follow_for = follow_for  # a call not seen ending by then is settled as lost
         self._confirm_after = confirm_after  # seconds before a CALL_NOT_FOUND is asked again
-        self._orphan_ttl = orphan_ttl
         self._clock = clock
-        self._orphans: dict[str, tuple[float, list[CallEvent]]] = {}
+        # events that outran the POST's reply (shared by replicas with Redis)
+        self._early = early or LocalEarlyEvents(EARLY_EVENTS_TTL, clock=clock)
         self._commits = GroupCommit(store)
         self._observers: list[Callable[[CallRecord], Awaitable[None]]] = []
         self._answer_observers: list[Callable[[str, str], Awaitable[None]]] = []
@@ -151,7 +153,7 @@ class CallTracker:
                 await self._answered(event)
         return True
 
-    async def on_event(self, event: CallEvent) -> CallRecord | None:
+    async def on_event(self, event: CallEvent, *, replayed: bool = False) -> CallRecord | None:
         """Store what a webhook says, then show it. Unknown calls are kept briefly: a webhook can
         outrun the answer to our own POST."""
         if event.is_permission:
@@ -167,7 +169,7 @@ class CallTracker:
         )
         if record is None:
             record, changed = await self._by_external_id(event)
-        await self._settle(event, record, changed)
+        await self._settle(event, record, changed, replayed=replayed)
         return record
 
     async def _by_external_id(self, event: CallEvent) -> tuple[CallRecord | None, bool]:
@@ -183,10 +185,17 @@ class CallTracker:
             duration_seconds=event.duration,
         )
 
-    async def _settle(self, event: CallEvent, record: CallRecord | None, changed: bool) -> None:
+    async def _settle(
+        self, event: CallEvent, record: CallRecord | None, changed: bool, *, replayed: bool = False
+    ) -> None:
         """After an event is stored: show a change, or keep an event for a call not known yet."""
         if record is None:
-            self._keep_orphan(event.ref or "", event)
+            ref = event.ref or ""
+            await self._early.keep(ref, event)
+            # The POST's reply may have been stored meanwhile, and its early events replayed
+            # (by another replica, or before this one was kept): then they are replayed here.
+            if not replayed and ref and await self._store.get_call(ref) is not None:
+                await self._replay(ref)
         elif changed:
             await self.changed(record)
             if record.terminal:
@@ -206,13 +215,9 @@ class CallTracker:
             )
             await self._view.permission_answered(request)
 
-    def _keep_orphan(self, ref: str, event: CallEvent) -> None:
-        now = self._clock()
-        for key, (since, _) in list(self._orphans.items()):
-            if now - since > self._orphan_ttl:
-                del self._orphans[key]
-        if len(self._orphans) < 10_000:
-            self._orphans.setdefault(ref, (now, []))[1].append(event)
+    async def _replay(self, ref: str) -> None:
+        for event in await self._early.take(ref):
+            await self.on_event(event, replayed=True)
 
     async def show(self, record: CallRecord) -> None:
         """Display only (e.g. a message that learnt of its call late)."""
@@ -244,9 +249,12 @@ class CallTracker:
     async def started(self, record: CallRecord) -> None:
         """A call the API accepted: replay early events, show it, and poll if no webhooks."""
         for ref in filter(None, (record.pilot_call_id, record.external_call_id)):
-            _, early = self._orphans.pop(ref, (0.0, []))
-            for event in early:
-                await self.on_event(event)
+            try:
+                await self._replay(ref)
+            except Exception as err:  # e.g. Redis is down: the call is started all the same
+                log.warning(
+                    "call %s: its early events are out of reach (%s)", record.id, type(err).__name__
+                )
         self.follow(record)
 
     def follow(self, record: CallRecord) -> None:

@@ -35,7 +35,7 @@ from aiogram.utils.keyboard import InlineKeyboardBuilder
 from bot.calls.service import CallRequest
 from bot.oncall.engine import PostFailed
 from bot.phones import Phone
-from bot.shared.pending import PendingStore
+from bot.shared.pending import Pending
 from bot.storage.oncall import Incident, Team
 from bot.storage.store import CallRecord, PermissionRequestRecord
 from bot.texts import (
@@ -95,7 +95,7 @@ class LiveMessages:
         self,
         bot: Bot,
         i18n: I18n,
-        call_again: PendingStore[CallRequest],
+        call_again: Pending[CallRequest],
         *,
         min_interval: float = 1.0,
         give_up_after: float = 900.0,
@@ -251,19 +251,21 @@ class LiveMessages:
         return sent.message_id
 
     async def permission_answered(self, request: PermissionRequestRecord) -> None:
+        token = None
+        if request.status == "granted":
+            again = CallRequest(
+                operator_id=request.operator_id,
+                chat_id=request.chat_id,
+                phone=Phone(request.phone, request.phone_display),
+                locale=request.locale,
+                masked=request.masked,
+            )
+            token = await self._call_again.put(again)
         with self._i18n.context(), self._i18n.use_locale(request.locale):
             text = permission_answered_text(request)
             markup = None
-            if request.status == "granted":
-                again = CallRequest(
-                    operator_id=request.operator_id,
-                    chat_id=request.chat_id,
-                    phone=Phone(request.phone, request.phone_display),
-                    locale=request.locale,
-                    masked=request.masked,
-                )
+            if token is not None:
                 builder = InlineKeyboardBuilder()
-                token = self._call_again.put(again)
                 builder.button(text=button_call_now(), callback_data=CallNow(token=token))
                 markup = builder.as_markup()
         try:

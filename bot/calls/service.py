@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
+from redis.exceptions import RedisError
 from sqlalchemy.exc import IntegrityError
 
 from bot import states
@@ -26,6 +28,7 @@ from bot.pilot_status.models import (
     PermissionRequested,
     StartCall,
 )
+from bot.shared.locks import Held, LocalLocks, Locks
 from bot.storage.store import Audit, CallRecord, NewCall, Store, utcnow
 from bot.voice.media import Leg, VoiceSide
 from bot.voice.speech import Speech
@@ -55,6 +58,17 @@ class CallRequest:
     origin: str = "operator"  # or "alert": an on-call ring (counted apart in the metrics)
     # the Telegram message of a direct /call: a second attempt with it starts no call
     request_key: str | None = None
+
+
+@dataclass(frozen=True)
+class PendingPermission:
+    """What the Ask-for-permission button under a "needs permission" reply asks for."""
+
+    operator_id: int
+    phone: Phone
+    note: str | None
+    masked: bool
+    locale: str
 
 
 @dataclass(frozen=True)
@@ -110,6 +124,7 @@ class CallService:
         voice: VoiceSide | None = None,
         *,
         drain: InFlight | None = None,
+        in_flight: Locks | None = None,
         counts: CallCounts | None = None,
     ) -> None:
         self._counts = counts
@@ -118,7 +133,7 @@ class CallService:
         self._store = store
         self._tracker = tracker
         self._voice = voice
-        self._in_flight: set[str] = set()
+        self._in_flight = in_flight or LocalLocks()  # one attempt per number at a time
         self._drain = drain or InFlight()  # a shutdown waits for calls being started
 
     async def start(
@@ -129,23 +144,26 @@ class CallService:
         `before_post` is given the written-ahead attempt right before `POST /v1/calls`; if it
         raises, nothing is sent (the attempt is settled as not started) and the error goes on.
         """
-        key = request.phone.e164
-        if key in self._in_flight:
-            raise CallbotError("call_in_flight")
-        self._in_flight.add(key)
         try:
-            async with self._drain.track():
+            async with self._holding(request.phone), self._drain.track():
                 outcome = await self._start(request, before_post)
-        except (CallbotError, PilotStatusError) as err:
+        except (CallbotError, PilotStatusError, RedisError) as err:
             if self._counts is not None:
                 known = self._types.known
                 self._counts.call_failed(known.value if known else None, describe(err).code)
             raise
-        finally:
-            self._in_flight.discard(key)
         if self._counts is not None and isinstance(outcome, Started):
             self._counts.call_started(outcome.number_type.value, request.origin)
         return outcome
+
+    @asynccontextmanager
+    async def _holding(self, phone: Phone) -> AsyncIterator[None]:
+        """The number's in-flight guard (across replicas with Redis)."""
+        try:
+            async with self._in_flight.hold(phone.e164):
+                yield
+        except Held:
+            raise CallbotError("call_in_flight") from None
 
     async def _start(self, request: CallRequest, before_post: BeforePost | None) -> CallOutcome:
         number_type = await self._types.get()

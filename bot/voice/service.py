@@ -31,7 +31,7 @@ from bot.storage.store import CallRecord, Store, utcnow
 from bot.voice.media import Leg, MediaEndpoint, MediaSession
 from bot.voice.realtime import stream_pcm
 from bot.voice.sdp import SDPError
-from bot.voice.shelf import AudioShelf
+from bot.voice.shelf import Shelf
 from bot.voice.speech import Audio, Speaker, Speech, SpeechError, tone
 
 log = logging.getLogger(__name__)
@@ -127,7 +127,7 @@ class Voice:
         endpoint: MediaEndpoint,
         *,
         policy: VoicePolicy | None = None,
-        shelf: AudioShelf | None = None,
+        shelf: Shelf | None = None,
         default_text: Callable[[str], str] = lambda _locale: "This is an automated call.",
     ) -> None:
         self._client = client
@@ -241,7 +241,7 @@ class Voice:
         finally:
             await leg.close()
             if leg.shelved is not None and self._shelf is not None:
-                self._shelf.discard(leg.shelved)
+                await self._shelf.forget(leg.shelved)
             self._watches.pop(record.id, None)
             for ref in (record.pilot_call_id, record.external_call_id):
                 self._refs.pop(ref or "", None)
@@ -359,7 +359,9 @@ class Voice:
         """`/play` with `hangupAfterPlay`; the spec's field first, every documented name if that
         is refused (API.md D4). False when the API will not play it."""
         assert self._shelf is not None and record.pilot_call_id is not None
-        url = self._shelf.put(leg.audio.wav())
+        url = await self._shelf.shelve(leg.audio.wav())
+        if url is None:
+            return False
         leg.shelved = url
         for every_name in (False, True):
             try:

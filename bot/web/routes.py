@@ -39,7 +39,7 @@ from bot.oncall.engine import OnCall, valid_alias
 from bot.ops.metrics import CONTENT_TYPE, Metrics
 from bot.pilot_status.webhooks import parse_delivery
 from bot.storage.store import Unstorable
-from bot.voice.shelf import AudioShelf
+from bot.voice.shelf import Shelf
 from bot.web.bodies import BODY, parse_json, read_body, refuse
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ def build_web_app(
     secret: str | None,
     max_body: int = 64 * 1024,
     alert_max_body: int = 1024 * 1024,
-    shelf: AudioShelf | None = None,
+    shelf: Shelf | None = None,
     metrics: Metrics | None = None,
     metrics_token: str | None = None,
     readiness: Readiness | None = None,
