@@ -168,10 +168,19 @@ class Replica:
         self.process.process.kill()
         await self.process.exited(STOP_TIMEOUT)
 
-    async def terminate(self) -> int:
-        """SIGTERM, as a rolling restart sends it: the exit code, after the drain."""
+    def sigterm(self) -> None:
+        """SIGTERM, as a rolling restart sends it: the replica drains, then exits."""
         assert self.process is not None and self.running
-        return await self.process.signal(signal.SIGTERM, STOP_TIMEOUT)
+        self.process.process.send_signal(signal.SIGTERM)
+
+    async def exited(self) -> int:
+        assert self.process is not None
+        return await self.process.exited(STOP_TIMEOUT)
+
+    async def terminate(self) -> int:
+        """SIGTERM, then its exit code once drained."""
+        self.sigterm()
+        return await self.exited()
 
     def _keep_log(self) -> None:
         if self.process is not None:
@@ -291,18 +300,25 @@ class TestBed:
     replicas: list[Replica]
     haproxy: HAProxy
     database_url: str  # asyncpg's plain postgresql:// form, for checks
+    pushed: int = 0  # /call commands pushed so far: the next one's number
 
     __test__ = False  # not a test class, for pytest
+
+    def push_calls(self, count: int, chats: Sequence[int]) -> list[Command]:
+        """`count` /call at once (see `push_calls`), to numbers not called before on this bed."""
+        commands = push_calls(self.telegram, count, chats, first=self.pushed)
+        self.pushed += count
+        return commands
 
     @property
     def webhook_url(self) -> str:
         return self.haproxy.url + WEBHOOK_PATH
 
     async def ready(self) -> None:
-        """Every running replica ready on its own, and in HAProxy's pool."""
-        running = [r for r in self.replicas if r.running]
-        await asyncio.gather(*(r.ready() for r in running))
-        await self.haproxy.wait_for({r.name: "UP" for r in running})
+        """Every replica running (started again if it is not), ready, and in HAProxy's pool."""
+        await asyncio.gather(*(r.start() for r in self.replicas if not r.running))
+        await asyncio.gather(*(r.ready() for r in self.replicas))
+        await self.haproxy.wait_for({r.name: "UP" for r in self.replicas})
 
     async def kill(self, replica: Replica) -> None:
         await replica.kill()
@@ -417,7 +433,6 @@ async def start_testbed(
     bed = TestBed(telegram, pilot, bed_replicas, balancer, plain_url)
     try:
         await balancer.start()
-        await asyncio.gather(*(r.start() for r in bed_replicas))
         await bed.ready()
         yield bed
     finally:
