@@ -403,7 +403,7 @@ async def start_testbed(
     pool; everything stopped after. `settings` are more .env lines for every replica. Without
     `shared_state` (no Redis) only one replica makes sense. `haproxy`: its binary (default: found,
     or the test skipped)."""
-    assert 1 <= replicas <= 3, "deploy/haproxy.cfg names up to three replicas"
+    assert 1 <= replicas <= 3, "deploy/haproxy.cfg names one to three replicas"
     assert shared_state is not None or replicas == 1, "replicas share their state in Redis"
     binary = haproxy or haproxy_binary()  # skip early, before anything starts
     frontend = free_port()
