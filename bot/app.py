@@ -175,6 +175,9 @@ class CallbotApp:
                 first_interval=settings.call_poll_interval, give_up_after=settings.call_poll_timeout
             )
         )
+        # one attempt per number at a time, across replicas with Redis; recovery after a
+        # restart leaves alone the attempts a live process holds it for
+        number_guard = locks(self.redis, self.keys, "call")
         self.tracker = CallTracker(
             self.store,
             self.pilot,
@@ -183,6 +186,7 @@ class CallbotApp:
             early=early_events(self.redis, self.keys, EARLY_EVENTS_TTL),
             follow_for=settings.call_poll_timeout,
             confirm_after=settings.call_poll_interval,
+            guard=number_guard,
         )
         self.number_types = NumberTypes(self.pilot, settings.pilot_status_number_type)
         self.speaker = Speaker(
@@ -219,7 +223,7 @@ class CallbotApp:
             self.tracker,
             self.voice,
             drain=self.in_flight,
-            in_flight=locks(self.redis, self.keys, "call"),
+            in_flight=number_guard,
             counts=self.metrics,
         )
         self.oncall_store = OnCallStore(sessionmaker(self.engine))
