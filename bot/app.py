@@ -344,6 +344,11 @@ class CallbotApp:
         log.info("web app listening on port %s", self.web_port)
         if token is None:
             log.info("no PILOT_STATUS_WEBHOOK_TOKEN: calls are followed by polling")
+        if settings.webhook_mode and self.redis is None:
+            log.warning(
+                "telegram webhook mode without REDIS_URL: an update is handled once per process "
+                "only; run one replica, or set REDIS_URL for several"
+            )
         if not self.speaker.available:
             log.warning(
                 "%s is not installed: speaking is off (install the Debian package espeak-ng); "

@@ -133,6 +133,7 @@ async def _show_earlier(message: Message, record: CallRecord, calls: CallService
         code = "call_repeated_unknown" if unknown else record.error_code or "internal"
         await message.reply(error_text(CallbotError(code)))
         return
+    calls.resume(record)  # the replica that started it may have died
     if record.message_id is not None:
         return  # its reply was sent: that live message follows the call
     sent = await _reply_started(message, call_text(record), call_markup(record), record)

@@ -300,6 +300,10 @@ class CallService:
         died before answering it). It is shown again, never started twice."""
         return await self._store.call_by_request(request_key)
 
+    def resume(self, record: CallRecord) -> None:
+        """Follow a started call here too (its starter may be gone); once per process."""
+        self._tracker.follow(record)
+
     async def check_permission(self, phone: Phone) -> PermissionProbe | None:
         """The Meta permission probe; None on web numbers, which need no permission."""
         if await self._types.get() is not NumberType.META:
