@@ -47,12 +47,14 @@ from bot.shared.pending import Pending, pending_store
 from bot.shared.redis import Keys
 from bot.shared.redis import connect as connect_redis
 from bot.storage.db import (
+    ONCALL_FILE_LOCK,
     DatabaseInUse,
     SqliteFileLock,
     create_engine,
     database_url,
     head_revision,
     migrate,
+    one_at_a_time,
     schema_revision,
     sessionmaker,
 )
@@ -309,7 +311,9 @@ class CallbotApp:
         await migrate(self.engine)
         self._head = head_revision()
         if settings.oncall_file is not None:
-            await self._load_oncall_file(settings.oncall_file)
+            # replicas starting together would insert the same contacts at once
+            async with one_at_a_time(self.engine, ONCALL_FILE_LOCK):
+                await self._load_oncall_file(settings.oncall_file)
         token = settings.pilot_status_webhook_token
         secret = settings.pilot_status_webhook_secret
         metrics_token = settings.metrics_token
