@@ -78,6 +78,11 @@ from bot.web.telegram import TelegramWebhook
 from handlers import build_router
 
 log = logging.getLogger("callbot")
+# A replica killed while starting a call frees its number's guard within this lease. It must be
+# shorter than the least an update it held stays claimed after its death (the ledger's lease
+# minus one renewal period, 20 s): Telegram's redelivery of that /call then finds the number
+# free, and is not told "being started right now" by a dead replica's guard.
+NUMBER_GUARD_LEASE_SECONDS = 15.0
 T = TypeVar("T")
 STARTUP_PROBE_SECONDS = 10.0
 READY_TIMEOUT_SECONDS = 3.0  # a readiness probe's database check
@@ -179,7 +184,7 @@ class CallbotApp:
         )
         # one attempt per number at a time, across replicas with Redis; recovery after a
         # restart leaves alone the attempts a live process holds it for
-        number_guard = locks(self.redis, self.keys, "call")
+        number_guard = locks(self.redis, self.keys, "call", lease=NUMBER_GUARD_LEASE_SECONDS)
         self.tracker = CallTracker(
             self.store,
             self.pilot,
