@@ -40,6 +40,30 @@ BED_SETTINGS = {
     "TELEGRAM_GROUP_SENDS_PER_MINUTE": "0",
     "TELEGRAM_CHAT_SENDS_PER_SECOND": "0",
 }
+TEAMS = 50  # one incident each, two members each: two steps, one ring per member
+RING_WAIT = 4  # seconds between steps
+
+
+def team_phone(team: int, member: int) -> str:
+    return f"+5511970{team:02d}000{member}"
+
+
+def oncall_file() -> str:
+    """ONCALL_FILE of every replica: TEAMS teams of two members, one attempt each, one round."""
+    lines = ["[contacts]"]
+    for team in range(TEAMS):
+        lines += [f'm{team}a = "{team_phone(team, 1)}"', f'm{team}b = "{team_phone(team, 2)}"']
+    for team in range(TEAMS):
+        lines += [
+            f"[teams.t{team}]",
+            f"chat_id = {-100_900_000 - team}",
+            f'token = "team-token-{team:02d}-{"x" * 24}"',
+            f'members = ["m{team}a", "m{team}b"]',
+            "attempts_per_person = 1",
+            f"wait_seconds = {RING_WAIT}",
+            "max_rounds = 1",
+        ]
+    return "\n".join(lines) + "\n"
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -60,14 +84,16 @@ async def bed(
         await telegram.start()
         await pilot.start()
         url = server.set(database=database, drivername="postgresql+asyncpg")
+        folder = tmp_path_factory.mktemp("replicas")
+        (folder / "oncall.toml").write_text(oncall_file())
         async with start_testbed(
-            tmp_path_factory.mktemp("replicas"),
+            folder,
             telegram=telegram,
             pilot=pilot,
             database_url=url.render_as_string(hide_password=False),
             shared_state={"redis_url": redis_url, "redis_key_prefix": prefix},
             replicas=3,
-            settings=BED_SETTINGS,
+            settings={**BED_SETTINGS, "ONCALL_FILE": str(folder / "oncall.toml")},
         ) as running:
             yield running
         assert pilot.contract_violations == [], "the client broke the OpenAPI contract"
@@ -296,3 +322,42 @@ async def test_a_rolling_restart_mid_burst_loses_and_doubles_nothing(ready_bed: 
     await bed.all_answered(commands)
 
     await assert_each_call_once(bed, commands)
+
+
+async def post_alert(session: aiohttp.ClientSession, bed: TestBed, team: int) -> int:
+    url = f"{bed.haproxy.url}/alerts/generic/t{team}"
+    body = {"title": f"disk full on db-{team}", "severity": "critical", "dedupKey": f"db-{team}"}
+    headers = {"Authorization": f"Bearer team-token-{team:02d}-{'x' * 24}"}
+    async with session.post(url, json=body, headers=headers) as response:
+        return response.status
+
+
+async def test_fifty_incidents_escalate_once_while_replicas_race_and_one_restarts(
+    ready_bed: TestBed,
+) -> None:
+    bed = ready_bed
+    phones = {team_phone(t, m) for t in range(TEAMS) for m in (1, 2)}
+
+    def rings() -> Counter[str]:
+        return Counter(r.json["to"] for r in bed.pilot.calls_started() if r.json["to"] in phones)
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+        statuses = await asyncio.gather(*(post_alert(session, bed, t) for t in range(TEAMS)))
+    assert {s // 100 for s in statuses} == {2}, statuses
+    # the three replicas' timers race for the due steps; one restarts while they ring
+    await until(
+        lambda: len(rings()) >= TEAMS // 2,
+        lambda: f"the escalations did not start: {rings()}\n{bed.logs()[-20000:]}",
+        timeout=60,
+    )
+    restarted = bed.replicas[2]
+    assert await restarted.terminate() == 0
+    await bed.restart(restarted)
+
+    exhausted = "SELECT id FROM incidents WHERE status <> 'exhausted'"
+    await until_rows_gone(bed, exhausted, timeout=120)
+    assert rings() == Counter(dict.fromkeys(phones, 1))  # every step rung once, none twice
+    stored = await database_rows(bed, "SELECT phone FROM rings")
+    assert Counter(r["phone"] for r in stored if r["phone"] in phones) == Counter(
+        dict.fromkeys(phones, 1)
+    )
