@@ -48,12 +48,14 @@ from bot.shared.redis import Keys
 from bot.shared.redis import connect as connect_redis
 from bot.shared.turns import LocalTurns, SharedTurns
 from bot.storage.db import (
+    ONCALL_FILE_LOCK,
     DatabaseInUse,
     SqliteFileLock,
     create_engine,
     database_url,
     head_revision,
     migrate,
+    one_at_a_time,
     schema_revision,
     sessionmaker,
 )
@@ -79,6 +81,11 @@ from bot.web.telegram import TelegramWebhook
 from handlers import build_router
 
 log = logging.getLogger("callbot")
+# A replica killed while starting a call frees its number's guard within this lease. It must be
+# shorter than the least an update it held stays claimed after its death (the ledger's lease
+# minus one renewal period, 20 s): Telegram's redelivery of that /call then finds the number
+# free, and is not told "being started right now" by a dead replica's guard.
+NUMBER_GUARD_LEASE_SECONDS = 15.0
 T = TypeVar("T")
 STARTUP_PROBE_SECONDS = 10.0
 READY_TIMEOUT_SECONDS = 3.0  # a readiness probe's database check
@@ -193,6 +200,9 @@ class CallbotApp:
                 first_interval=settings.call_poll_interval, give_up_after=settings.call_poll_timeout
             )
         )
+        # one attempt per number at a time, across replicas with Redis; recovery after a
+        # restart leaves alone the attempts a live process holds it for
+        number_guard = locks(self.redis, self.keys, "call", lease=NUMBER_GUARD_LEASE_SECONDS)
         self.tracker = CallTracker(
             self.store,
             self.pilot,
@@ -201,6 +211,7 @@ class CallbotApp:
             early=early_events(self.redis, self.keys, EARLY_EVENTS_TTL),
             follow_for=settings.call_poll_timeout,
             confirm_after=settings.call_poll_interval,
+            guard=number_guard,
         )
         self.number_types = NumberTypes(self.pilot, settings.pilot_status_number_type)
         self.speaker = Speaker(
@@ -238,7 +249,7 @@ class CallbotApp:
             self.tracker,
             self.voice,
             drain=self.in_flight,
-            in_flight=locks(self.redis, self.keys, "call"),
+            in_flight=number_guard,
             counts=self.metrics,
         )
         self.oncall_store = OnCallStore(sessionmaker(self.engine))
@@ -325,7 +336,9 @@ class CallbotApp:
         await migrate(self.engine)
         self._head = head_revision()
         if settings.oncall_file is not None:
-            await self._load_oncall_file(settings.oncall_file)
+            # replicas starting together would insert the same contacts at once
+            async with one_at_a_time(self.engine, ONCALL_FILE_LOCK):
+                await self._load_oncall_file(settings.oncall_file)
         token = settings.pilot_status_webhook_token
         secret = settings.pilot_status_webhook_secret
         metrics_token = settings.metrics_token

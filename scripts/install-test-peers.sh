@@ -6,13 +6,16 @@
 # - prometheus (and its promtool): tests/test_metrics.py runs the binary itself, on a free
 #   loopback port with a temporary config, to scrape the bot and check deploy/prometheus-rules.yml.
 #   Skipped without it, unless CALLBOT_REQUIRE_PROMETHEUS=1.
-#   Debian's package starts a system service on :9090 when it is installed. Tests never use it,
-#   so it must not run: the install is made under a policy-rc.d that refuses every service start
-#   (exit 101, the documented "action forbidden" answer invoke-rc.d and deb-systemd-invoke
-#   honour), and under systemd the unit is then disabled and stopped as well.
+# - haproxy: tests/test_replicas.py runs it with deploy/haproxy.cfg in front of several bot
+#   processes. Skipped without it, unless CALLBOT_REQUIRE_HAPROXY=1.
+# Debian's packages start system services (prometheus on :9090, haproxy with /etc/haproxy)
+# when they are installed. Tests never use them, so they must not run: the install is made under
+# a policy-rc.d that refuses every service start (exit 101, the documented "action forbidden"
+# answer invoke-rc.d and deb-systemd-invoke honour), and under systemd the units are then
+# disabled and stopped as well.
 PACKAGES="python3-gi gir1.2-gstreamer-1.0 gir1.2-gst-plugins-base-1.0 gir1.2-gst-plugins-bad-1.0
 gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-nice
-prometheus"
+prometheus haproxy"
 # shellcheck disable=SC2086
 set -- $PACKAGES
 installed=$(dpkg-query -W -f='${db:Status-Abbrev}\n' "$@" 2>/dev/null | grep -c '^ii')
@@ -28,6 +31,7 @@ fi
     || echo "test peers could not be installed (apt-get): the tests that need them are skipped" >&2
 [ -n "$ours" ] && $SUDO rm -f "$POLICY"
 if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
-    $SUDO systemctl disable --now prometheus.service prometheus-node-exporter.service >/dev/null 2>&1 || true
+    $SUDO systemctl disable --now prometheus.service prometheus-node-exporter.service \
+        haproxy.service >/dev/null 2>&1 || true
 fi
 exit 0

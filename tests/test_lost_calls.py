@@ -11,6 +11,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
+from redis.asyncio import Redis
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -19,7 +21,8 @@ from bot.storage.db import sessionmaker
 from bot.storage.store import NewCall, Store, utcnow
 from bot.storage.tables import CallRow
 from tests.conftest import OPERATOR, RunningBot, StartBot
-from tests.fakes.telegram import SentMessage
+from tests.fakes.pilot_status import FakePilotStatus
+from tests.fakes.telegram import FakeTelegram, SentMessage
 from tests.speech import espeak
 from tests.test_lifecycle import PHONE, SECRET, TOKEN, command, shown, start_call
 from tests.test_voice import MESSAGE, OTHER, hung_up, pilot_id_of, terminated, web_bot
@@ -204,3 +207,73 @@ async def test_attaching_the_message_sees_a_status_stored_meanwhile(
         await asyncio.sleep(0.3)
     current = await attaching
     assert current is not None and (current.status, current.message_id) == ("ACCEPTED", 42)
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+async def test_a_replica_starting_leaves_alone_the_call_another_is_starting(
+    start_bot: StartBot,
+    telegram: FakeTelegram,
+    pilot: FakePilotStatus,
+    db_url: str,
+    shared_state: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    """At start, recovery settles attempts a crash left half done; one whose number's guard a
+    live replica holds (its POST on the way) is that replica's to finish, not "not placed"."""
+    shared = {"database_url": db_url, "pilot_status_read_timeout": 10.0, **shared_state}
+    first = await webhook_bot(start_bot, tmp_path / "a", webhook=True, **shared)
+    pilot.script("start_call", status=201, body={"id": "call_slow", "status": "INITIATED"}, delay=2)
+    mark = telegram.mark()
+    telegram.send_command(f"/call {PHONE}", user_id=OPERATOR)
+    for _ in range(250):  # written ahead, its POST on the way
+        if await first.app.store.calls_in(states.PENDING) and pilot.calls_started():
+            break
+        await asyncio.sleep(0.02)
+    else:
+        raise AssertionError("the call was never started")
+
+    second = await webhook_bot(start_bot, tmp_path / "b", webhook=True, **shared)
+    await asyncio.wait_for(second.app.oncall.calls_recovered.wait(), 10)
+    reply = await telegram.wait_for_message(
+        lambda m: "call_slow" in m.plain, chat_id=OPERATOR, after=mark, timeout=10
+    )
+    assert reply.reply_to_message_id is not None
+    [record] = await first.app.store.calls_in("INITIATED")
+    assert record.pilot_call_id == "call_slow"
+    assert await first.app.store.calls_in(states.NOT_STARTED) == []
+    told = [m.plain for m in telegram.sent + telegram.edits if m.chat_id == OPERATOR]
+    assert not any("no call was placed" in text.lower() for text in told), told
+    assert len(pilot.calls_started()) == 1
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+async def test_an_attempt_whose_holder_died_is_settled_once_its_guard_lease_runs_out(
+    start_bot: StartBot,
+    telegram: FakeTelegram,
+    db_url: str,
+    shared_state: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    shared = {"database_url": db_url, **shared_state}
+    first = await webhook_bot(start_bot, tmp_path / "a", webhook=True, **shared)
+    new = NewCall("cb_orphan", OPERATOR, "Op", OPERATOR, "web", PHONE, PHONE, False, "en")
+    await first.app.store.create_call(new)
+    # the replica that wrote it died holding the number's guard: a lease that just runs out
+    redis = Redis.from_url(shared_state["redis_url"])
+    key = f"{shared_state['redis_key_prefix']}lock:call:{PHONE}"
+    assert await redis.set(key, "dead-replica", px=1500)
+    await redis.aclose()
+
+    second = await webhook_bot(start_bot, tmp_path / "b", webhook=True, **shared)
+    await asyncio.wait_for(second.app.oncall.calls_recovered.wait(), 10)
+    [left] = await second.app.store.calls_in(states.PENDING)  # held: not settled at once
+    assert left.id == "cb_orphan"
+    told = await telegram.wait_for_message(
+        lambda m: "no call was placed" in m.plain, chat_id=OPERATOR, timeout=30
+    )
+    assert told.plain.count("no call was placed") == 1
+    record = await second.app.store.get_call("cb_orphan")
+    assert record is not None and (record.status, record.error_code) == (
+        states.NOT_STARTED,
+        "interrupted",
+    )

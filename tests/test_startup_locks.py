@@ -38,7 +38,7 @@ async def launch(
     """Run `python -m bot [args]` in tmp_path, on the .env an admin would write."""
     processes: list[BotProcess] = []
 
-    async def start(*args: str, database_url: str | None = None) -> BotProcess:
+    async def start(*args: str, database_url: str | None = None, more: str = "") -> BotProcess:
         env_file = (
             f"BOT_TOKEN={TOKEN}\n"
             f"TELEGRAM_API_URL={telegram.url}\n"
@@ -49,6 +49,7 @@ async def launch(
             "WEB_PORT=0\n"
             "SPEECH_ENGINE=no-such-tts\n"
             + (f"DATABASE_URL={database_url}\n" if database_url else "")
+            + more
         )
         started = await run_bot_process(tmp_path, env_file, *args)
         processes.append(started)
@@ -119,6 +120,33 @@ async def test_three_replicas_starting_together_on_a_fresh_postgresql_migrate_on
     finally:
         await connection.close()
     assert [row["version_num"] for row in versions] == [head_revision()]
+
+
+@pytest.mark.postgresql
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+async def test_three_replicas_starting_together_load_one_oncall_file_without_clashing(
+    launch: Launch, db_url: str, tmp_path: Path
+) -> None:
+    contacts = "".join(f'c{n} = "+55119700{n:05d}"\n' for n in range(40))
+    members = ", ".join(f'"c{n}"' for n in range(40))
+    oncall = tmp_path / "oncall.toml"
+    oncall.write_text(
+        f'[contacts]\n{contacts}[teams.infra]\nchat_id = -100123\ntoken = "{"t" * 32}"\n'
+        f"members = [{members}]\n"
+    )
+    replicas = await asyncio.gather(
+        *(launch(database_url=db_url, more=f"ONCALL_FILE={oncall}\n") for _ in range(3))
+    )
+    await asyncio.gather(*(replica.started(timeout=30) for replica in replicas))
+    for replica in replicas:
+        assert "on-call file loaded: 40 contacts, 1 teams" in replica.text, replica.text
+    plain = make_url(db_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    connection = await asyncpg.connect(plain)
+    try:
+        count = await connection.fetchval("SELECT count(*) FROM contacts")
+    finally:
+        await connection.close()
+    assert count == 40
 
 
 def test_the_lock_file_names_the_holder(tmp_path: Path) -> None:

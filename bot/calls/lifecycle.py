@@ -10,6 +10,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import partial
@@ -22,6 +23,7 @@ from bot.pilot_status.errors import NotFoundError, PilotStatusError
 from bot.pilot_status.models import Call
 from bot.pilot_status.webhooks import CallEvent
 from bot.shared.early_events import EarlyEvents, LocalEarlyEvents
+from bot.shared.locks import Held, LocalLocks, Locks
 from bot.storage.store import (
     Applied,
     Audit,
@@ -115,6 +117,8 @@ class CallTracker:
         clock: Callable[[], float] = time.monotonic,
         follow_for: float = 900.0,
         confirm_after: float = 2.0,
+        guard: Locks | None = None,
+        recheck_after: float = 10.0,
     ) -> None:
         self._store = store
         self._client = client
@@ -129,6 +133,12 @@ class CallTracker:
         self._observers: list[Callable[[CallRecord], Awaitable[None]]] = []
         self._answer_observers: list[Callable[[str, str], Awaitable[None]]] = []
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        # the per-number guard CallService holds from the write-ahead to the stored answer: an
+        # open attempt whose number it holds is being started by a live process (this one, or
+        # another replica), not left behind by a crash
+        self._guard = guard or LocalLocks()
+        self._recheck_after = recheck_after
+        self._recheck: asyncio.Task[None] | None = None
 
     # events
 
@@ -343,8 +353,9 @@ class CallTracker:
     async def recover(self) -> None:
         """Settle attempts a crash left half-done, and pick up calls still in progress."""
         open_attempts = await self._store.calls_in(states.PENDING, states.UNKNOWN_OUTCOME)
-        if open_attempts:
-            await self._reconcile(open_attempts)
+        busy = await self._reconcile(open_attempts) if open_attempts else []
+        if busy:
+            self._recheck = asyncio.create_task(self._recheck_later(busy), name="recheck attempts")
         for record in await self._store.live_calls():
             age = (utcnow() - record.created_at).total_seconds()
             if age >= self._follow_for:
@@ -370,7 +381,38 @@ class CallTracker:
         if current is not None and not current.terminal:
             await self._settle_lost(current, NOT_SEEN_ENDING)
 
-    async def _reconcile(self, attempts: list[CallRecord]) -> None:
+    async def _recheck_later(self, busy: list[CallRecord]) -> None:
+        """Attempts being started when we looked: settled by whoever started them, unless that
+        process died; then its guard's lease runs out and they are reconciled here."""
+        while busy:
+            await asyncio.sleep(self._recheck_after)
+            ids = {a.id for a in busy}
+            still = await self._store.calls_in(states.PENDING, states.UNKNOWN_OUTCOME)
+            attempts = [a for a in still if a.id in ids]
+            busy = await self._reconcile(attempts) if attempts else []
+
+    async def _reconcile(self, attempts: list[CallRecord]) -> list[CallRecord]:
+        """Settle open attempts nobody is starting; returns those a live process is starting."""
+        async with AsyncExitStack() as held:
+            busy, mine = [], []
+            for attempt in attempts:
+                try:
+                    await held.enter_async_context(self._guard.hold(attempt.phone))
+                except Held:
+                    busy.append(attempt)
+                    continue
+                mine.append(attempt)
+            # read again under the guards: an attempt its process finished meanwhile is done
+            ids = {a.id for a in mine}
+            still = await self._store.calls_in(states.PENDING, states.UNKNOWN_OUTCOME)
+            await self._settle_attempts([a for a in still if a.id in ids])
+        if busy:
+            log.info("%d open attempts are being started by a live process: not settled", len(busy))
+        return busy
+
+    async def _settle_attempts(self, attempts: list[CallRecord]) -> None:
+        if not attempts:
+            return
         oldest = min(a.created_at for a in attempts) - timedelta(minutes=5)
         try:
             by_tag = await self._recent_calls_by_tag(oldest)
@@ -426,6 +468,8 @@ class CallTracker:
 
     async def stop(self) -> None:
         tasks = list(self._tasks.values())
+        if self._recheck is not None:
+            tasks.append(self._recheck)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

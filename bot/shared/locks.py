@@ -97,6 +97,6 @@ class RedisLocks:
                 log.warning("a %s lock: renewal failed (%s)", self._space, type(err).__name__)
 
 
-def locks(redis: Redis | None, keys: Keys, space: str) -> Locks:
+def locks(redis: Redis | None, keys: Keys, space: str, *, lease: float = 30.0) -> Locks:
     """Across replicas when there is Redis, else in this process."""
-    return LocalLocks() if redis is None else RedisLocks(redis, keys, space)
+    return LocalLocks() if redis is None else RedisLocks(redis, keys, space, lease=lease)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import fcntl
 import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 from alembic import command
@@ -21,6 +23,8 @@ from sqlalchemy.ext.asyncio import (
 MIGRATIONS = Path(__file__).parent / "migrations"
 # One PostgreSQL advisory lock key ("callbot" in ASCII) for every replica's migrations.
 MIGRATION_LOCK = 0x63616C6C626F74
+# And one for loading ONCALL_FILE at start: replicas starting together take turns.
+ONCALL_FILE_LOCK = MIGRATION_LOCK + 1
 
 
 def database_url(url: str | None, data_dir: Path) -> str:
@@ -101,6 +105,21 @@ async def migrate(engine: AsyncEngine) -> None:
                 text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK}
             )
         await connection.run_sync(upgrade)
+
+
+@asynccontextmanager
+async def one_at_a_time(engine: AsyncEngine, key: int) -> AsyncIterator[None]:
+    """On PostgreSQL, one process at a time inside (a session advisory lock on a connection of
+    its own, freed by PostgreSQL if the process dies); on SQLite, one process per file already."""
+    if engine.dialect.name != "postgresql":
+        yield
+        return
+    async with engine.connect() as connection:
+        await connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": key})
+        try:
+            yield
+        finally:
+            await connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
 
 
 class DatabaseInUse(Exception):
