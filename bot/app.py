@@ -88,6 +88,9 @@ log = logging.getLogger("callbot")
 NUMBER_GUARD_LEASE_SECONDS = 15.0
 T = TypeVar("T")
 STARTUP_PROBE_SECONDS = 10.0
+# replicas: how often open call attempts of a replica that died are looked for, and how old
+ATTEMPT_SWEEP_SECONDS = 30.0
+ATTEMPT_SWEEP_AGE = timedelta(minutes=1)
 READY_TIMEOUT_SECONDS = 3.0  # a readiness probe's database check
 # setWebhook failed at start: tried again in the background, waiting this long, doubled each time
 WEBHOOK_RETRY_FIRST_SECONDS = 1.0
@@ -386,6 +389,9 @@ class CallbotApp:
             )
         if self.voice.relay.shared:  # one subscriber per replica, for its Meta calls' media
             self._spawn(self.voice.relay.run(self.voice), "media relay")
+        if self.redis is not None:  # replicas: one may die after the others started
+            sweep = self.tracker.sweep_forever(ATTEMPT_SWEEP_SECONDS, ATTEMPT_SWEEP_AGE)
+            self._spawn(sweep, "attempt sweep")
         if settings.oncall_tick_seconds > 0:
             self._spawn(self.oncall.run_forever(settings.oncall_tick_seconds), "on-call timer")
         if settings.retention_interval_seconds > 0:

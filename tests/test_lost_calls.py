@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+import bot.app
 from bot import states
 from bot.storage.db import sessionmaker
 from bot.storage.store import NewCall, Store, utcnow
@@ -277,3 +278,37 @@ async def test_an_attempt_whose_holder_died_is_settled_once_its_guard_lease_runs
         states.NOT_STARTED,
         "interrupted",
     )
+
+
+async def test_an_attempt_left_by_a_replica_that_died_after_the_others_started_is_swept(
+    start_bot: StartBot,
+    telegram: FakeTelegram,
+    db_url: str,
+    shared_state: dict[str, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No replica restarts, so no `recover` runs: the live one's sweep settles the attempt."""
+    monkeypatch.setattr(bot.app, "ATTEMPT_SWEEP_SECONDS", 0.2)
+    monkeypatch.setattr(bot.app, "ATTEMPT_SWEEP_AGE", timedelta(seconds=1))
+    shared = {"database_url": db_url, **shared_state}
+    live = await webhook_bot(start_bot, tmp_path / "a", webhook=True, **shared)
+    await asyncio.wait_for(live.app.oncall.calls_recovered.wait(), 10)
+    # after it started, another replica wrote an attempt, took the number's guard and died
+    new = NewCall("cb_orphan", OPERATOR, "Op", OPERATOR, "web", PHONE, PHONE, False, "en")
+    await live.app.store.create_call(new)
+    redis = Redis.from_url(shared_state["redis_url"])
+    key = f"{shared_state['redis_key_prefix']}lock:call:{PHONE}"
+    assert await redis.set(key, "dead-replica", px=2000)
+    await redis.aclose()
+
+    told = await telegram.wait_for_message(
+        lambda m: "no call was placed" in m.plain, chat_id=OPERATOR, timeout=30
+    )
+    assert told.plain.count("no call was placed") == 1
+    record = await live.app.store.get_call("cb_orphan")
+    assert record is not None and (record.status, record.error_code) == (
+        states.NOT_STARTED,
+        "interrupted",
+    )
+    assert live.pilot.calls_started() == []  # settled, never dialled

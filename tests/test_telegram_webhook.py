@@ -343,7 +343,7 @@ async def test_python_m_bot_in_webhook_mode_finishes_the_update_in_flight_on_sig
         f"OPERATOR_IDS={OPERATOR}\n"
         "WEB_HOST=127.0.0.1\n"
         f"WEB_PORT={port}\n"
-        "SHUTDOWN_DRAIN_SECONDS=15\n"
+        "SHUTDOWN_GRACE_SECONDS=15\n"
         "STUN_SERVERS=none\n"
     )
     process = await run_bot_process(tmp_path, env_file)

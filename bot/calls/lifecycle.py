@@ -391,6 +391,20 @@ class CallTracker:
             attempts = [a for a in still if a.id in ids]
             busy = await self._reconcile(attempts) if attempts else []
 
+    async def sweep_forever(self, interval: float, older_than: timedelta) -> None:
+        """Replicas: attempts left open by a replica that died after every other one started
+        (no restart runs `recover` for them) are reconciled here once their guard is free."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                horizon = utcnow() - older_than
+                still = await self._store.calls_in(states.PENDING, states.UNKNOWN_OUTCOME)
+                stale = [a for a in still if a.created_at <= horizon]
+                if stale:
+                    await self._reconcile(stale)
+            except Exception:
+                log.exception("sweep of open attempts failed; it runs again in %.0f s", interval)
+
     async def _reconcile(self, attempts: list[CallRecord]) -> list[CallRecord]:
         """Settle open attempts nobody is starting; returns those a live process is starting."""
         async with AsyncExitStack() as held:
