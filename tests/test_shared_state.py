@@ -36,6 +36,8 @@ from tests.fakes.telegram import FakeTelegram, SentMessage
 from tests.redis_fixtures import OwnRedis
 from tests.speech import espeak
 from tests.test_lifecycle import SECRET, TOKEN
+from tests.test_oncall import ALICE, generic
+from tests.test_oncall_replicas import OPS_FILE, OPS_TOKEN, SILENT, raise_alert
 from tests.test_oncall_ring import created_by_pilot, posted, slow_post
 from tests.test_voice import free_port, pilot_id_of
 
@@ -363,3 +365,28 @@ async def test_a_redis_lock_held_past_its_lease_is_renewed(
                 pass
     async with on_b.hold(PHONE):  # released: the next one gets it
         pass
+
+
+async def test_with_redis_down_an_alert_still_rings_the_person_on_call(
+    start_bot: StartBot, own_redis: OwnRedis, tmp_path: Path
+) -> None:
+    """An operator's /call is refused without the shared number guard; a page is not: it rings
+    under this process's guard, once."""
+
+    path = tmp_path / "oncall.toml"
+    path.write_text(OPS_FILE)
+    running = await start_bot(
+        redis_url=own_redis.url,
+        oncall_file=str(path),
+        pilot_status_number_type="web",
+        pilot_status_webhook_token=TOKEN,
+        speech_engine=SILENT,
+    )
+    own_redis.stop()
+    await raise_alert(running, "ops", OPS_TOKEN, generic())
+    for _ in range(200):
+        if running.pilot.calls_started():
+            break
+        await asyncio.sleep(0.05)
+    [ring] = running.pilot.calls_started()
+    assert ring.json is not None and ring.json["to"] == ALICE

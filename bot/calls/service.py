@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -134,6 +134,7 @@ class CallService:
         self._tracker = tracker
         self._voice = voice
         self._in_flight = in_flight or LocalLocks()  # one attempt per number at a time
+        self._fallback = LocalLocks()  # on-call rings while Redis does not answer
         self._drain = drain or InFlight()  # a shutdown waits for calls being started
 
     async def start(
@@ -145,7 +146,7 @@ class CallService:
         raises, nothing is sent (the attempt is settled as not started) and the error goes on.
         """
         try:
-            async with self._holding(request.phone), self._drain.track():
+            async with self._holding(request), self._drain.track():
                 outcome = await self._start(request, before_post)
         except (CallbotError, PilotStatusError, RedisError) as err:
             if self._counts is not None:
@@ -157,13 +158,28 @@ class CallService:
         return outcome
 
     @asynccontextmanager
-    async def _holding(self, phone: Phone) -> AsyncIterator[None]:
-        """The number's in-flight guard (across replicas with Redis)."""
-        try:
-            async with self._in_flight.hold(phone.e164):
-                yield
-        except Held:
-            raise CallbotError("call_in_flight") from None
+    async def _holding(self, request: CallRequest) -> AsyncIterator[None]:
+        """The number's in-flight guard (across replicas with Redis). When Redis does not
+        answer, an operator's /call is refused (bot.errors says why), but an on-call ring goes
+        on under this process's guard: a page matters more than the rare double dial."""
+        key = request.phone.e164
+        async with AsyncExitStack() as held:
+            try:
+                await held.enter_async_context(self._in_flight.hold(key))
+            except Held:
+                raise CallbotError("call_in_flight") from None
+            except RedisError as err:
+                if request.origin != "alert":
+                    raise
+                log.warning(
+                    "on-call ring without the shared number guard: Redis does not answer (%s)",
+                    type(err).__name__,
+                )
+                try:
+                    await held.enter_async_context(self._fallback.hold(key))
+                except Held:
+                    raise CallbotError("call_in_flight") from None
+            yield
 
     async def _start(self, request: CallRequest, before_post: BeforePost | None) -> CallOutcome:
         number_type = await self._types.get()
