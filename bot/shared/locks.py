@@ -21,6 +21,7 @@ from redis.exceptions import LockError, RedisError
 from bot.shared.redis import Keys
 
 log = logging.getLogger(__name__)
+WAIT_POLL = 0.02  # seconds between two tries at a name another holder has, when waiting
 
 
 class Held(Exception):
@@ -55,18 +56,22 @@ class RedisLocks:
     release that fails is logged: the block is not cut short (the POST it guards may be on its
     way), and the lease ends by itself."""
 
-    def __init__(self, redis: Redis, keys: Keys, space: str, *, lease: float = 30.0) -> None:
+    def __init__(
+        self, redis: Redis, keys: Keys, space: str, *, lease: float = 30.0, wait: bool = False
+    ) -> None:
         self._redis = redis
         self._keys = keys
         self._space = space
         self._lease = lease
+        self._wait = wait  # wait for a holder to finish instead of raising Held
 
     @asynccontextmanager
     async def hold(self, name: str) -> AsyncIterator[None]:
         lock = self._redis.lock(
             self._keys("lock", self._space, name),
             timeout=self._lease,
-            blocking=False,
+            blocking=self._wait,
+            sleep=WAIT_POLL,  # no event to wait for: the holder may be another host
             thread_local=False,  # renewed from another task
         )
         if not await lock.acquire():

@@ -12,31 +12,22 @@ updates matters more than the lock.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import uuid
 from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from typing import Protocol
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from bot.shared.locks import RedisLocks
 from bot.shared.redis import Keys
 
 log = logging.getLogger(__name__)
 LEASE = 10.0  # seconds a turn is held unless renewed; a replica that dies frees it after this
-POLL = 0.02  # seconds between two tries at a turn another replica holds
 SHOWN_TTL = 24 * 3600  # seconds the order of the last state shown is remembered
 
-# Lua: renew / release the lock only while it is still ours; raise the order shown, never lower
-_RENEW = (
-    "if redis.call('get', KEYS[1]) == ARGV[1] then "
-    "return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
-)
-_RELEASE = (
-    "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
-)
+# Lua: raise the order shown, never lower it
 _SHOWN = (
     "local current = tonumber(redis.call('get', KEYS[1])) "
     "if current == nil or current < tonumber(ARGV[1]) then "
@@ -97,55 +88,24 @@ class _SharedTurn:
 
 
 class SharedTurns:
-    """Several replicas: a turn is a Redis lock per message, and the order shown is kept."""
+    """Several replicas: a turn is a Redis lock per message (waited for), and the order shown
+    is kept."""
 
     def __init__(self, redis: Redis, keys: Keys, *, lease: float = LEASE) -> None:
         self._redis = redis
         self._keys = keys
-        self._lease = lease
+        self._locks = RedisLocks(redis, keys, "edit", lease=lease, wait=True)
 
     @asynccontextmanager
     async def turn(self, chat_id: int, message_id: int) -> AsyncIterator[Turn]:
-        lock = self._keys("edit", chat_id, message_id, "lock")
         shown = self._keys("edit", chat_id, message_id, "shown")
-        token = uuid.uuid4().hex
-        try:
-            await self._acquire(lock, token)
-            locked = True
-        except RedisError as err:
-            log.warning(
-                "no edit lock for message %s in chat %s (%s); editing", message_id, chat_id, err
-            )
-            locked = False
-        if not locked:
-            yield _FreeTurn()
-            return
-        renewing = asyncio.create_task(self._renew(lock, token), name=f"edit lock {lock}")
-        try:
-            yield _SharedTurn(self._redis, shown)
-        finally:
-            renewing.cancel()
-            with suppress(asyncio.CancelledError):
-                await renewing
+        async with AsyncExitStack() as held:
+            turn: Turn = _SharedTurn(self._redis, shown)
             try:
-                await self._redis.eval(_RELEASE, 1, lock, token)
-            except RedisError as err:  # it runs out by itself after the lease
-                log.warning("cannot release the edit lock of message %s (%s)", message_id, err)
-
-    async def _acquire(self, lock: str, token: str) -> None:
-        lease_ms = int(self._lease * 1000)
-        while True:
-            if await self._redis.set(lock, token, nx=True, px=lease_ms):
-                return
-            await asyncio.sleep(POLL)  # no event to wait for: the holder may be another host
-
-    async def _renew(self, lock: str, token: str) -> None:
-        lease_ms = int(self._lease * 1000)
-        while True:
-            await asyncio.sleep(self._lease / 3)
-            try:
-                if not await self._redis.eval(_RENEW, 1, lock, token, lease_ms):
-                    log.warning("edit lock %s was lost while editing", lock)
-                    return
+                await held.enter_async_context(self._locks.hold(f"{chat_id}:{message_id}"))
             except RedisError as err:
-                log.warning("cannot renew edit lock %s (%s)", lock, err)
+                log.warning(
+                    "no edit lock for message %s in chat %s (%s); editing", message_id, chat_id, err
+                )
+                turn = _FreeTurn()
+            yield turn
