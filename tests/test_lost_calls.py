@@ -70,6 +70,31 @@ async def webhook_bot(start_bot: StartBot, data_dir: Path, **overrides: Any) -> 
     )
 
 
+async def orphan_of_a_dead_replica(
+    store: Store, shared_state: dict[str, str], *, lease_ms: int
+) -> None:
+    """An attempt "cb_orphan" written by a replica that died holding its number's guard, whose
+    lease runs out after `lease_ms`."""
+    new = NewCall("cb_orphan", OPERATOR, "Op", OPERATOR, "web", PHONE, PHONE, False, "en")
+    await store.create_call(new)
+    redis = Redis.from_url(shared_state["redis_url"])
+    key = f"{shared_state['redis_key_prefix']}lock:call:{PHONE}"
+    assert await redis.set(key, "dead-replica", px=lease_ms)
+    await redis.aclose()
+
+
+async def assert_settled_once_as_interrupted(telegram: FakeTelegram, store: Store) -> None:
+    told = await telegram.wait_for_message(
+        lambda m: "no call was placed" in m.plain, chat_id=OPERATOR, timeout=30
+    )
+    assert told.plain.count("no call was placed") == 1
+    record = await store.get_call("cb_orphan")
+    assert record is not None and (record.status, record.error_code) == (
+        states.NOT_STARTED,
+        "interrupted",
+    )
+
+
 async def assert_lost(store: Store, pilot_id: str, reason: str) -> None:
     record = await store.get_call(pilot_id)
     assert record is not None
@@ -257,27 +282,14 @@ async def test_an_attempt_whose_holder_died_is_settled_once_its_guard_lease_runs
 ) -> None:
     shared = {"database_url": db_url, **shared_state}
     first = await webhook_bot(start_bot, tmp_path / "a", webhook=True, **shared)
-    new = NewCall("cb_orphan", OPERATOR, "Op", OPERATOR, "web", PHONE, PHONE, False, "en")
-    await first.app.store.create_call(new)
     # the replica that wrote it died holding the number's guard: a lease that just runs out
-    redis = Redis.from_url(shared_state["redis_url"])
-    key = f"{shared_state['redis_key_prefix']}lock:call:{PHONE}"
-    assert await redis.set(key, "dead-replica", px=1500)
-    await redis.aclose()
+    await orphan_of_a_dead_replica(first.app.store, shared_state, lease_ms=1500)
 
     second = await webhook_bot(start_bot, tmp_path / "b", webhook=True, **shared)
     await asyncio.wait_for(second.app.oncall.calls_recovered.wait(), 10)
     [left] = await second.app.store.calls_in(states.PENDING)  # held: not settled at once
     assert left.id == "cb_orphan"
-    told = await telegram.wait_for_message(
-        lambda m: "no call was placed" in m.plain, chat_id=OPERATOR, timeout=30
-    )
-    assert told.plain.count("no call was placed") == 1
-    record = await second.app.store.get_call("cb_orphan")
-    assert record is not None and (record.status, record.error_code) == (
-        states.NOT_STARTED,
-        "interrupted",
-    )
+    await assert_settled_once_as_interrupted(telegram, second.app.store)
 
 
 async def test_an_attempt_left_by_a_replica_that_died_after_the_others_started_is_swept(
@@ -295,20 +307,7 @@ async def test_an_attempt_left_by_a_replica_that_died_after_the_others_started_i
     live = await webhook_bot(start_bot, tmp_path / "a", webhook=True, **shared)
     await asyncio.wait_for(live.app.oncall.calls_recovered.wait(), 10)
     # after it started, another replica wrote an attempt, took the number's guard and died
-    new = NewCall("cb_orphan", OPERATOR, "Op", OPERATOR, "web", PHONE, PHONE, False, "en")
-    await live.app.store.create_call(new)
-    redis = Redis.from_url(shared_state["redis_url"])
-    key = f"{shared_state['redis_key_prefix']}lock:call:{PHONE}"
-    assert await redis.set(key, "dead-replica", px=2000)
-    await redis.aclose()
+    await orphan_of_a_dead_replica(live.app.store, shared_state, lease_ms=2000)
 
-    told = await telegram.wait_for_message(
-        lambda m: "no call was placed" in m.plain, chat_id=OPERATOR, timeout=30
-    )
-    assert told.plain.count("no call was placed") == 1
-    record = await live.app.store.get_call("cb_orphan")
-    assert record is not None and (record.status, record.error_code) == (
-        states.NOT_STARTED,
-        "interrupted",
-    )
+    await assert_settled_once_as_interrupted(telegram, live.app.store)
     assert live.pilot.calls_started() == []  # settled, never dialled
