@@ -314,3 +314,26 @@ async def test_outbound_heartbeat_stops_while_steps_are_overdue(
         assert await pulse.beat() and len(hits) == 3
     finally:
         await runner.cleanup()
+
+
+@pytest.mark.postgresql
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+async def test_two_replicas_checking_a_missed_heartbeat_at_once_open_one_incident(
+    start_bot: StartBot, tmp_path: Path, clock: Clock, db_url: str
+) -> None:
+    bots = [
+        await watch_bot(start_bot, tmp_path, clock, database_url=db_url, data_dir=str(tmp_path / n))
+        for n in ("a", "b")
+    ]
+    assert (await ping(bots[0])).json() == {"result": "ok"}
+    clock.advance(7 * 60 + 1)
+    opened = await asyncio.gather(*(bot.app.heartbeats.check_due() for bot in bots))
+    assert sorted(opened) == [0, 1]
+    await post_in(bots[0], INFRA_CHAT, "heartbeat backup missed since")
+    await asyncio.gather(*(bot.app.oncall.run_due() for bot in bots))
+    assert len(calls_to(bots[0], ALICE)) == 1
+    posts = [m for m in bots[0].telegram.bot_messages(INFRA_CHAT) if "missed since" in m.plain]
+    assert len(posts) == 1
+    # the ping that comes back resolves it, whichever replica it reaches
+    assert (await ping(bots[1])).json() == {"result": "recovered"}
+    assert (await ping(bots[0])).json() == {"result": "ok"}
