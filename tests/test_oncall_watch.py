@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import shutil
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,7 @@ import httpx
 import pytest
 from aiohttp import web
 
-from tests.conftest import ADMIN, OPERATOR, RunningBot, StartBot
+from tests.conftest import ADMIN, OPERATOR, RunningBot, StartBot, free_port
 from tests.test_oncall import (
     ALICE,
     BOB,
@@ -228,6 +230,27 @@ async def test_during_a_silence_alerts_post_quietly_ring_nobody_and_page_when_it
     assert audit.subject == "infra" and audit.actor_id == OPERATOR
 
 
+async def test_a_silence_started_mid_escalation_holds_its_next_step(
+    start_bot: StartBot, tmp_path: Path, clock: Clock
+) -> None:
+    bot = await watch_bot(start_bot, tmp_path, clock, extra="")
+    await alert(bot, generic())
+    assert await bot.app.oncall.run_due() == 1
+    assert len(calls_to(bot, ALICE)) == 1
+    await say(bot, "/silence infra 30m", user=OPERATOR)
+    clock.advance(301)  # bob's step is due: the silence holds it
+    assert await bot.app.oncall.run_due() == 1
+    await post_in(
+        bot,
+        INFRA_CHAT,
+        f"silenced until {hm(clock.now - timedelta(seconds=301) + timedelta(minutes=30))}",
+    )
+    assert calls_to(bot, BOB) == []
+    clock.advance(30 * 60)
+    assert await bot.app.oncall.run_due() == 1
+    assert len(calls_to(bot, BOB)) == 1
+
+
 async def test_unsilence_pages_at_once_what_the_silence_held_back(
     start_bot: StartBot, tmp_path: Path, clock: Clock
 ) -> None:
@@ -337,3 +360,97 @@ async def test_two_replicas_checking_a_missed_heartbeat_at_once_open_one_inciden
     # the ping that comes back resolves it, whichever replica it reaches
     assert (await ping(bots[1])).json() == {"result": "recovered"}
     assert (await ping(bots[0])).json() == {"result": "ok"}
+
+
+def alertmanager_binary() -> str:
+    """Alertmanager's path, or the test is skipped (failed under CALLBOT_REQUIRE_ALERTMANAGER=1)."""
+    found = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
+    if found is None:
+        reason = "alertmanager is not installed (Debian package prometheus-alertmanager)"
+        if os.environ.get("CALLBOT_REQUIRE_ALERTMANAGER") == "1":
+            pytest.fail(f"{reason} (CALLBOT_REQUIRE_ALERTMANAGER=1)", pytrace=False)
+        pytest.skip(reason)
+    return found
+
+
+# The README's route ("Heartbeats"), with a test's short timers.
+ALERTMANAGER_CONFIG = """
+route:
+  receiver: default
+  routes:
+    - matchers: ['alertname = "Watchdog"']
+      receiver: callbot-heartbeat
+      group_wait: 0s
+      group_interval: 1s
+      repeat_interval: 1m
+receivers:
+  - name: default
+  - name: callbot-heartbeat
+    webhook_configs:
+      - url: "http://127.0.0.1:{port}/heartbeat/infra/backup"
+        send_resolved: true
+        http_config:
+          authorization:
+            credentials: "{token}"
+"""
+
+
+async def test_the_real_alertmanager_watchdog_route_pings_the_heartbeat(
+    start_bot: StartBot, tmp_path: Path, clock: Clock
+) -> None:
+    binary = alertmanager_binary()
+    bot = await watch_bot(start_bot, tmp_path, clock)
+    config = tmp_path / "alertmanager.yml"
+    config.write_text(ALERTMANAGER_CONFIG.format(port=bot.app.web_port, token=INFRA_TOKEN))
+    port = free_port()
+    log = (tmp_path / "alertmanager.log").open("wb")
+    process = await asyncio.create_subprocess_exec(
+        binary,
+        f"--config.file={config}",
+        f"--storage.path={tmp_path / 'am'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+        "--cluster.listen-address=",
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=log,
+    )
+    watchdog_alert = json.loads((SAMPLES / "alertmanager_watchdog.json").read_text())["alerts"][0]
+    sent = {k: watchdog_alert[k] for k in ("labels", "annotations", "generatorURL")}
+    store = bot.app.watch_store
+    infra = await bot.app.oncall_store.team("infra")
+    assert infra is not None
+    registry = bot.app.metrics.registry
+
+    def received(result: str) -> float:
+        labels = {"source": "heartbeat", "result": result}
+        return registry.get_sample_value("callbot_alerts_received_total", labels) or 0.0
+
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            for _ in range(200):  # until it listens
+                try:
+                    if (await client.get("/-/ready")).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                await asyncio.sleep(0.05)
+            assert (await client.post("/api/v2/alerts", json=[sent])).status_code == 200
+
+            for _ in range(200):
+                if received("ok"):
+                    break
+                await asyncio.sleep(0.05)
+            assert received("ok") == 1, "Alertmanager's Watchdog notification did not come"
+            beat = await store.heartbeat(infra.id, "backup")
+            assert beat is not None and beat.state == "ok" and beat.last_ping_at == clock.now
+            # The Watchdog stops (Prometheus died): Alertmanager sends it resolved; no ping.
+            ended = sent | {"endsAt": datetime.now(UTC).isoformat()}
+            assert (await client.post("/api/v2/alerts", json=[ended])).status_code == 200
+            for _ in range(200):
+                if received("ignored"):
+                    break
+                await asyncio.sleep(0.05)
+            assert received("ignored") == 1 and received("ok") == 1
+    finally:
+        process.terminate()
+        await asyncio.wait_for(process.wait(), 10)
+        log.close()
