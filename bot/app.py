@@ -35,7 +35,7 @@ from bot.calls.service import CallRequest, CallService, PendingPermission
 from bot.config import Settings
 from bot.errors import CallbotError, describe
 from bot.i18n import LOCALES, LocaleMiddleware, build_i18n
-from bot.oncall.engine import OnCall, Throttle
+from bot.oncall.engine import OnCall, Throttle, valid_alias
 from bot.oncall.heartbeats import Heartbeats
 from bot.oncall.silences import Silences
 from bot.ops.metrics import Metrics, TelegramRequestMetrics, UpdateMetricsMiddleware
@@ -451,7 +451,7 @@ class CallbotApp:
         """Each team's heartbeats and maintenance windows of ONCALL_FILE."""
         now = self.oncall.clock()
         for name, spec in config.get("teams", {}).items():
-            team = await self.oncall_store.team(name.lower())
+            team = await self.oncall_store.team(valid_alias(name))
             if team is None or not isinstance(spec, dict):
                 continue
             await self.heartbeats.load(team, spec.get("heartbeats"))

@@ -20,7 +20,6 @@ from tests.conftest import ADMIN, OPERATOR, RunningBot, StartBot, free_port
 from tests.test_oncall import (
     ALICE,
     BOB,
-    HOOK,
     INFRA_CHAT,
     INFRA_TOKEN,
     ONCALL_FILE,
@@ -28,8 +27,10 @@ from tests.test_oncall import (
     alert,
     calls_to,
     generic,
+    oncall_bot,
     post_in,
 )
+from tests.test_oncall import Clock as OnCallClock
 
 SAMPLES = Path(__file__).parent / "samples"
 HEARTBEATS = """
@@ -39,17 +40,11 @@ grace = "2m"
 """
 
 
-class Clock:
+class Clock(OnCallClock):
     """Starts at the current minute: ONCALL_FILE is loaded with the real clock at start."""
 
     def __init__(self) -> None:
         self.now = datetime.now(UTC).replace(second=0, microsecond=0) + timedelta(minutes=1)
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += timedelta(seconds=seconds)
 
 
 @pytest.fixture
@@ -65,19 +60,7 @@ async def watch_bot(
     start_bot: StartBot, tmp_path: Path, clock: Clock, extra: str = HEARTBEATS, **overrides: Any
 ) -> RunningBot:
     """The bot of tests/test_oncall.py, its ONCALL_FILE extended with `extra`."""
-    path = tmp_path / "oncall.toml"
-    path.write_text(ONCALL_FILE + extra)
-    overrides.setdefault("pilot_status_number_type", "web")
-    overrides.setdefault("data_dir", str(tmp_path / "data"))
-    bot = await start_bot(
-        oncall_file=str(path),
-        oncall_tick_seconds=0,
-        pilot_status_webhook_token=HOOK,
-        web_port=0,
-        **overrides,
-    )
-    bot.app.oncall.clock = clock
-    return bot
+    return await oncall_bot(start_bot, tmp_path, clock, ONCALL_FILE + extra, **overrides)
 
 
 async def ping(
@@ -179,7 +162,7 @@ async def test_alertmanager_watchdog_body_is_a_ping_while_it_fires(
     assert (await ping(bot, body=b"backup done in 31 s")).json() == {"result": "recovered"}
 
 
-async def test_heartbeats_from_chat_are_stored_and_survive_a_restart(
+async def test_heartbeats_and_silences_from_chat_are_stored_and_survive_a_restart(
     start_bot: StartBot, tmp_path: Path, clock: Clock
 ) -> None:
     bot = await watch_bot(start_bot, tmp_path, clock, extra="")
@@ -189,11 +172,13 @@ async def test_heartbeats_from_chat_are_stored_and_survive_a_restart(
     assert "POST /heartbeat/infra/nightly" in added and "every 10 m, grace 5 m" in added
     listed = await say(bot, "/heartbeat list", user=OPERATOR)
     assert "infra/nightly every 10 m, grace 5 m: ⏳ never pinged" in listed
+    await say(bot, "/silence infra 3h cabling", user=OPERATOR)
     await bot.stop()
 
     bot = await watch_bot(start_bot, tmp_path, clock, extra="")
     assert (await ping(bot, "nightly")).json() == {"result": "ok"}
     assert f"✅ last ping {hm(clock.now)} UTC" in await say(bot, "/heartbeat list", user=OPERATOR)
+    assert "cabling" in await say(bot, "/silence list", user=OPERATOR)
     assert "Done" in await say(bot, "/heartbeat remove nightly")
     assert (await ping(bot, "nightly")).status_code == 404
 
