@@ -60,11 +60,11 @@ async def oncall_bot(
     start_bot: StartBot,
     tmp_path: Path,
     clock: Clock,
-    oncall_file: str = ONCALL_FILE,
+    oncall_file: str | None = None,
     **overrides: Any,
 ) -> RunningBot:
     config = tmp_path / "oncall.toml"
-    config.write_text(oncall_file)
+    config.write_text(oncall_file or ONCALL_FILE)
     overrides.setdefault("pilot_status_number_type", "web")
     overrides.setdefault("data_dir", str(tmp_path / "data"))
     bot = await start_bot(
