@@ -21,7 +21,8 @@ a new one). Ringing does not wait for it; when the chat cannot be reached, the a
 in private, with an Acknowledge button that works there. Acknowledging ends the ring in
 progress and holds for the team's `ack_timeout`, then the incident fires again. An exhausted
 escalation stays open: a repeat of its alert updates it, and pages again only after the team's
-`repage_after`.
+`repage_after`. While a silence holds an alert (bot/oncall/silences.py), its incident is posted
+quietly and each step it comes to waits for the silence's end instead of ringing.
 """
 
 from __future__ import annotations

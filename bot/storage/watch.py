@@ -204,11 +204,6 @@ class WatchStore:
             row.state, row.missed_since, row.attempt = "missed", since, row.attempt + 1
             return True
 
-    async def next_heartbeat_due(self) -> datetime | None:
-        async with self._sessions() as session:
-            query = select(HeartbeatRow.due_at).where(HeartbeatRow.state != "missed")
-            return (await session.execute(query.order_by(HeartbeatRow.due_at).limit(1))).scalar()
-
     # silences
 
     async def add_silence(
