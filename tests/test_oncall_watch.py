@@ -15,7 +15,9 @@ from zoneinfo import ZoneInfo
 import httpx
 import pytest
 from aiohttp import web
+from sqlalchemy.exc import OperationalError
 
+from bot.ops.pulse import Pulse
 from tests.conftest import ADMIN, OPERATOR, RunningBot, StartBot, free_port
 from tests.test_oncall import (
     ALICE,
@@ -439,3 +441,25 @@ async def test_the_real_alertmanager_watchdog_route_pings_the_heartbeat(
         process.terminate()
         await asyncio.wait_for(process.wait(), 10)
         log.close()
+
+
+async def test_outbound_heartbeat_is_held_back_when_the_database_does_not_answer() -> None:
+    requested: list[httpx.Request] = []
+
+    def receive(request: httpx.Request) -> httpx.Response:
+        requested.append(request)
+        return httpx.Response(200, text="OK")
+
+    async def unreachable(_now: datetime) -> tuple[dict[str, int], float]:
+        raise OperationalError("SELECT 1", {}, ConnectionRefusedError(111, "refused"))
+
+    client = httpx.AsyncClient(transport=httpx.MockTransport(receive))
+    pulse = Pulse(
+        "https://hc-ping.example.com/uuid", client, unreachable, lambda: datetime.now(UTC)
+    )
+    try:
+        assert await pulse.beat() is False
+        assert pulse.last_problem == "database unavailable (OperationalError)"
+        assert requested == []
+    finally:
+        await pulse.aclose()
