@@ -35,8 +35,11 @@ from bot.calls.service import CallRequest, CallService, PendingPermission
 from bot.config import Settings
 from bot.errors import CallbotError, describe
 from bot.i18n import LOCALES, LocaleMiddleware, build_i18n
-from bot.oncall.engine import OnCall, Throttle
+from bot.oncall.engine import OnCall, Throttle, valid_alias
+from bot.oncall.heartbeats import Heartbeats
+from bot.oncall.silences import Silences
 from bot.ops.metrics import Metrics, TelegramRequestMetrics, UpdateMetricsMiddleware
+from bot.ops.pulse import Pulse, build_pulse_client
 from bot.ops.retention import Retention
 from bot.ops.shutdown import InFlight
 from bot.pilot_status import PilotStatusClient, RetryPolicy, build_http_client
@@ -62,6 +65,7 @@ from bot.storage.db import (
 from bot.storage.oncall import OnCallStore
 from bot.storage.retention import RetentionStore
 from bot.storage.store import Store, utcnow
+from bot.storage.watch import WatchStore
 from bot.telegram.ledger import MemoryLedger, RedisLedger, UpdateLedger
 from bot.telegram.middlewares import (
     InFlightUpdatesMiddleware,
@@ -256,6 +260,8 @@ class CallbotApp:
             counts=self.metrics,
         )
         self.oncall_store = OnCallStore(sessionmaker(self.engine))
+        self.watch_store = WatchStore(sessionmaker(self.engine))
+        self.silences = Silences(self.watch_store)
         self.oncall = OnCall(
             self.oncall_store,
             self.calls,
@@ -267,7 +273,18 @@ class CallbotApp:
             drain=self.in_flight,
             admins=tuple(sorted(settings.admin_ids)),
             on_step=self.metrics.step,
+            silences=self.silences,
         )
+        self.heartbeats = Heartbeats(self.oncall, self.watch_store, self.oncall_store)
+        self.pulse: Pulse | None = None
+        if settings.heartbeat_url is not None:
+            self.pulse = Pulse(
+                settings.heartbeat_url.get_secret_value(),
+                build_pulse_client(),
+                self.oncall_store.open_summary,
+                lambda: self.oncall.clock(),
+                stopping=lambda: self.draining,
+            )
         self.tracker.subscribe(self.oncall.call_changed)
         self.tracker.subscribe(self.metrics.call_changed)
         self.metrics.media("meta", lambda: self.voice.open_sessions)
@@ -320,6 +337,8 @@ class CallbotApp:
             store=self.store,
             oncall=self.oncall,
             oncall_store=self.oncall_store,
+            heartbeats=self.heartbeats,
+            silences=self.silences,
             i18n=self.i18n,
         )
         dp.update.outer_middleware(UpdateMetricsMiddleware(self.metrics))  # sees duplicates too
@@ -357,6 +376,7 @@ class CallbotApp:
             metrics_token=metrics_token.get_secret_value() if metrics_token else None,
             readiness=self.readiness,
             telegram=self._telegram_route(),
+            heartbeats=self.heartbeats,
         )
         limits = ConnectionLimits(
             header_timeout=settings.web_header_timeout,
@@ -394,6 +414,9 @@ class CallbotApp:
             self._spawn(sweep, "attempt sweep")
         if settings.oncall_tick_seconds > 0:
             self._spawn(self.oncall.run_forever(settings.oncall_tick_seconds), "on-call timer")
+            self._spawn(self.heartbeats.run_forever(settings.oncall_tick_seconds), "heartbeats")
+        if self.pulse is not None:
+            self._spawn(self.pulse.run_forever(), "outbound heartbeat")
         if settings.retention_interval_seconds > 0:
             self._spawn(
                 self.retention.run_forever(settings.retention_interval_seconds), "retention"
@@ -419,9 +442,20 @@ class CallbotApp:
         try:
             config = tomllib.loads(await asyncio.to_thread(path.read_text, encoding="utf-8"))
             contacts, teams = await self.oncall.load(config, region=self.settings.default_region)
+            await self._load_watch(config)
         except (OSError, ValueError, CallbotError) as err:
             raise StartupError(f"ONCALL_FILE {path}: {err}") from None
         log.info("on-call file loaded: %d contacts, %d teams", contacts, teams)
+
+    async def _load_watch(self, config: dict[str, Any]) -> None:
+        """Each team's heartbeats and maintenance windows of ONCALL_FILE."""
+        now = self.oncall.clock()
+        for name, spec in config.get("teams", {}).items():
+            team = await self.oncall_store.team(valid_alias(name))
+            if team is None or not isinstance(spec, dict):
+                continue
+            await self.heartbeats.load(team, spec.get("heartbeats"))
+            await self.silences.load_windows(team.id, team.name, spec.get("windows"), now=now)
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.create_task(coroutine, name=name)
@@ -539,6 +573,8 @@ class CallbotApp:
         await self.voice.stop()
         await self.tracker.stop()
         await self.oncall.close()
+        if self.pulse is not None:
+            await self.pulse.aclose()
         with suppress(TimeoutError):
             await asyncio.wait_for(self.live.wait_idle(), 5)
         await self.live.stop()
@@ -583,6 +619,7 @@ class CallbotApp:
         (bounded by SHUTDOWN_GRACE_SECONDS)."""
         self.draining = True
         self.oncall.stop()
+        self.heartbeats.stop()
         seconds = self.settings.shutdown_grace_seconds
         if self.in_flight.count:
             log.info(

@@ -103,6 +103,9 @@ class Settings(BaseSettings):
     oncall_tick_seconds: float = Field(default=1.0, ge=0, le=60)
     # a step taken is reserved this long, renewed while it runs: it is retaken after a crash
     oncall_lease_seconds: float = Field(default=15.0, ge=0.1, le=600)
+    # outbound heartbeat: requested (GET) every minute while the escalation engine is healthy,
+    # e.g. a healthchecks.io ping URL; unset: none
+    heartbeat_url: SecretStr | None = None
     # on SIGTERM/SIGINT, seconds to let updates, calls being started (and their replies) and
     # escalation steps in flight finish; SHUTDOWN_DRAIN_SECONDS is its old name, still read
     shutdown_grace_seconds: float = Field(
@@ -197,6 +200,16 @@ class Settings(BaseSettings):
         if value is not None and not re.match(r"^(redis|rediss|unix)://", value.get_secret_value()):
             raise ValueError("use a redis:// (or rediss://) URL, e.g. redis://127.0.0.1:6379/0")
         return value
+
+    @field_validator("heartbeat_url")
+    @classmethod
+    def _heartbeat_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value().strip():
+            return None
+        url = value.get_secret_value().strip()
+        if not re.fullmatch(r"https?://[^\s/]+\S*", url):
+            raise ValueError("must be an http(s) URL")
+        return SecretStr(url)
 
     @field_validator("oncall_throttle")
     @classmethod

@@ -289,6 +289,21 @@ ERRORS: dict[str, LazyProxy] = {
         "/ack in a private chat with me)."
     ),
     "unknown_incident": __("I know no incident <b>{id}</b>."),
+    "heartbeat_usage": __(
+        "Usage: <code>/heartbeat add &lt;name&gt; every 5m grace 2m</code>, "
+        "<code>/heartbeat remove &lt;name&gt;</code> (in the team's chat; elsewhere "
+        "<code>&lt;team&gt;/&lt;name&gt;</code>) or <code>/heartbeat list</code>. The interval "
+        "is 1m to 7d, the grace up to 1d."
+    ),
+    "unknown_heartbeat": __(
+        "Team <b>{team}</b> has no heartbeat <b>{name}</b>. See /heartbeat list."
+    ),
+    "silence_usage": __(
+        "Usage: <code>/silence &lt;team&gt; &lt;duration&gt; [label=value…] [reason]</code>, e.g. "
+        "<code>/silence infra 2h alertname=DiskFull disk swap</code> (up to 30d), "
+        "<code>/silence list</code> or <code>/unsilence &lt;id&gt;</code>."
+    ),
+    "unknown_silence": __("No silence <b>{id}</b> is holding now. See /silence list."),
     "ack_usage": __("Usage: <code>/ack &lt;incident id&gt;</code>, e.g. <code>/ack 12</code>."),
     "interrupted": __(
         "The bot restarted before Pilot Status confirmed this call, and Pilot Status has no record "
@@ -838,6 +853,11 @@ def help_text(*, is_caller: bool, is_admin: bool, number_type: NumberType | None
             "/ack &lt;incident id&gt; — acknowledge an alert: in its team's chat, or an admin in "
             "private (when the team's chat cannot be reached)."
         ),
+        _(
+            "/silence &lt;team&gt; &lt;duration&gt; [label=value] [reason], /silence list, "
+            "/unsilence &lt;id&gt; — hold a team's pages back (alerts are posted quietly); "
+            "/heartbeat list — the team's heartbeats and their last ping."
+        ),
         _("/whoami — your Telegram id and this chat's id, for the admins' configuration."),
         _("/help — this message."),
     ]
@@ -854,6 +874,7 @@ def help_text(*, is_caller: bool, is_admin: bool, number_type: NumberType | None
             _("Admin: business number type: {kind}").format(kind=kind),
             _("/export [days] — the audit trail as a CSV file."),
             _("/contact add|remove, /team add|members|policy|rotation|token, /oncall set."),
+            _("/heartbeat add &lt;name&gt; every 5m grace 2m, /heartbeat remove &lt;name&gt;."),
         ]
     return "\n".join(lines)
 
@@ -868,6 +889,9 @@ COMMANDS: tuple[tuple[str, LazyProxy], ...] = (
     ("contact", __("Contacts: /contact list")),
     ("team", __("Teams: /team list")),
     ("ack", __("Acknowledge an incident: /ack <incident id>")),
+    ("silence", __("Silence a team's pages: /silence <team> <duration> [reason]")),
+    ("unsilence", __("End a silence: /unsilence <id>")),
+    ("heartbeat", __("Heartbeats: /heartbeat list")),
     ("whoami", __("Show your Telegram id and this chat's id")),
     ("help", __("How to use the bot")),
 )

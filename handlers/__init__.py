@@ -2,7 +2,7 @@
 
 from aiogram import Router
 
-from handlers import calls, common, errors, lifecycle, oncall
+from handlers import calls, common, errors, lifecycle, oncall, watch
 
 
 def build_router() -> Router:
@@ -13,6 +13,7 @@ def build_router() -> Router:
         calls.build_router(),
         lifecycle.build_router(),
         oncall.build_router(),
+        watch.build_router(),
         errors.build_router(),
     )
     return root

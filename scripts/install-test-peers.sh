@@ -8,14 +8,18 @@
 #   Skipped without it, unless CALLBOT_REQUIRE_PROMETHEUS=1.
 # - haproxy: tests/test_replicas.py runs it with deploy/haproxy.cfg in front of several bot
 #   processes. Skipped without it, unless CALLBOT_REQUIRE_HAPROXY=1.
-# Debian's packages start system services (prometheus on :9090, haproxy with /etc/haproxy)
+# - prometheus-alertmanager: tests/test_oncall_watch.py runs it on a free loopback port with the
+#   README's Watchdog route to the heartbeat endpoint. Skipped without it, unless
+#   CALLBOT_REQUIRE_ALERTMANAGER=1.
+# Debian's packages start system services (prometheus on :9090, haproxy with /etc/haproxy,
+# alertmanager on :9093)
 # when they are installed. Tests never use them, so they must not run: the install is made under
 # a policy-rc.d that refuses every service start (exit 101, the documented "action forbidden"
 # answer invoke-rc.d and deb-systemd-invoke honour), and under systemd the units are then
 # disabled and stopped as well.
 PACKAGES="python3-gi gir1.2-gstreamer-1.0 gir1.2-gst-plugins-base-1.0 gir1.2-gst-plugins-bad-1.0
 gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-nice
-prometheus haproxy"
+prometheus haproxy prometheus-alertmanager"
 # shellcheck disable=SC2086
 set -- $PACKAGES
 installed=$(dpkg-query -W -f='${db:Status-Abbrev}\n' "$@" 2>/dev/null | grep -c '^ii')
@@ -32,6 +36,6 @@ fi
 [ -n "$ours" ] && $SUDO rm -f "$POLICY"
 if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
     $SUDO systemctl disable --now prometheus.service prometheus-node-exporter.service \
-        haproxy.service >/dev/null 2>&1 || true
+        haproxy.service prometheus-alertmanager.service >/dev/null 2>&1 || true
 fi
 exit 0

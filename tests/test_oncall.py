@@ -57,10 +57,14 @@ def clock() -> Clock:
 
 
 async def oncall_bot(
-    start_bot: StartBot, tmp_path: Path, clock: Clock, **overrides: Any
+    start_bot: StartBot,
+    tmp_path: Path,
+    clock: Clock,
+    oncall_file: str | None = None,
+    **overrides: Any,
 ) -> RunningBot:
     config = tmp_path / "oncall.toml"
-    config.write_text(ONCALL_FILE)
+    config.write_text(oncall_file or ONCALL_FILE)
     overrides.setdefault("pilot_status_number_type", "web")
     overrides.setdefault("data_dir", str(tmp_path / "data"))
     bot = await start_bot(

@@ -32,6 +32,8 @@ TABLES = {
     "contacts",
     "teams",
     "incidents",
+    "heartbeats",
+    "silences",
     "rings",
 }
 

@@ -164,7 +164,11 @@ class LiveMessages:
                     if not any(gone in err.message.lower() for gone in _GONE):
                         raise
                     log.info("post of incident %s is gone; posting it anew", incident.id)
-            sent = await self._bot.send_message(team.chat_id, text, reply_markup=markup)
+            # a silenced alert is posted without a notification sound
+            quiet = incident.silence_id is not None and incident.status == "firing"
+            sent = await self._bot.send_message(
+                team.chat_id, text, reply_markup=markup, disable_notification=quiet or None
+            )
         except TelegramRetryAfter as err:
             raise PostFailed(err.message, unreachable=False, retry_after=err.retry_after) from err
         except (TelegramServerError, TelegramNetworkError) as err:

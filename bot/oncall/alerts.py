@@ -83,7 +83,7 @@ class AlertError(ValueError):
 class Alert:
     """One incident notification, whatever system sent it."""
 
-    source: Literal["alertmanager", "grafana", "generic"]
+    source: Literal["alertmanager", "grafana", "generic", "heartbeat"]
     dedup_key: str  # stable per incident; the resolved notification carries the same key
     firing: bool  # False = resolved
     title: str  # one line, <= MAX_TITLE_CHARS

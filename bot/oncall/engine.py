@@ -21,7 +21,8 @@ a new one). Ringing does not wait for it; when the chat cannot be reached, the a
 in private, with an Acknowledge button that works there. Acknowledging ends the ring in
 progress and holds for the team's `ack_timeout`, then the incident fires again. An exhausted
 escalation stays open: a repeat of its alert updates it, and pages again only after the team's
-`repage_after`.
+`repage_after`. While a silence holds an alert (bot/oncall/silences.py), its incident is posted
+quietly and each step it comes to waits for the silence's end instead of ringing.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import hmac
 import logging
 import re
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import suppress
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -47,6 +48,7 @@ from bot.phones import Phone, mask, parse_phone, split_phone_and_note
 from bot.pilot_status.errors import APIConnectionError, PilotStatusError
 from bot.storage.oncall import Contact, Held, Incident, NewIncident, OnCallStore, Team
 from bot.storage.store import CallRecord, utcnow
+from bot.storage.watch import Silence
 from bot.voice.speech import Speech
 
 log = logging.getLogger(__name__)
@@ -113,6 +115,14 @@ class Throttle:
             calls, _, seconds = part.partition("/")
             limits.append(cls(int(calls), int(seconds)))
         return tuple(limits)
+
+
+class SilenceCheck(Protocol):
+    """Whether a silence holds a team's alert now (bot/oncall/silences.py)."""
+
+    async def holding(
+        self, team_id: int, labels: Mapping[str, str], now: datetime
+    ) -> Silence | None: ...
 
 
 class IncidentView(Protocol):
@@ -192,8 +202,10 @@ class OnCall:
         drain: InFlight | None = None,
         admins: tuple[int, ...] = (),
         on_step: Callable[[str], None] | None = None,
+        silences: SilenceCheck | None = None,
     ) -> None:
         self._store = store
+        self._silences = silences  # held back from ringing while one holds
         self._on_step = on_step  # told what each step did (bot.ops.metrics counts it)
         self.lease = lease  # a claimed step is renewed every third of it while it runs
         self._drain = drain or InFlight()
@@ -316,6 +328,7 @@ class OnCall:
             assert incident is not None
             await self._publish(incident.id)
             return "updated", incident
+        silence = await self._silence(team, alert.labels, now)
         incident = await self._store.create_incident(
             NewIncident(
                 team_id=team.id,
@@ -328,6 +341,9 @@ class OnCall:
                 links=alert.links,
                 items=alert.items,
                 alert_count=alert.count,
+                silence_id=silence.id if silence else None,
+                held_until=silence.ends_at if silence else None,
+                note=_silenced_note(silence, now) if silence else None,
             ),
             at=now,
         )
@@ -368,6 +384,13 @@ class OnCall:
         assert updated is not None
         await self._publish(updated.id)
         return "updated", updated
+
+    async def _silence(
+        self, team: Team, labels: Mapping[str, str], now: datetime
+    ) -> Silence | None:
+        if self._silences is None:
+            return None
+        return await self._silences.holding(team.id, labels, now)
 
     async def acknowledge(
         self, incident_id: int, by: str, *, chat_id: int | None = None, admin: bool = False
@@ -579,6 +602,10 @@ class OnCall:
             with suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), delay)
 
+    def wake(self) -> None:
+        """Look for due steps now (a silence ended early)."""
+        self._wake.set()
+
     def stop(self) -> None:
         """Shutting down: take no new step (the ones running finish: see InFlight)."""
         self._stopping = True
@@ -646,6 +673,27 @@ class OnCall:
             if pending is None:
                 return "settled"
             incident = pending
+        silence = await self._silence(team, incident.labels, now)
+        if silence is not None:  # nobody is rung: the step waits for the silence's end
+            said = incident.silence_id == silence.id
+            await self._update(
+                incident,
+                team,
+                fence=fence,
+                next_action_at=silence.ends_at,
+                silence_id=silence.id,
+                note=None if said else _silenced_note(silence, now),
+            )
+            return "silenced"
+        if incident.silence_id is not None:
+            await self._store.update_incident(
+                incident.id,
+                at=now,
+                only_if_firing=True,
+                repost=True,
+                silence_id=None,
+                note=f"{_hm(now)} silence over: paging",
+            )
         if not steps:
             await self._update(
                 incident,
@@ -954,6 +1002,10 @@ def _quota_note(started: Started) -> str | None:
         if limit.max_allowed and (limit.current_usage or 0) + 1 >= limit.max_allowed:
             return f"Meta quota nearly spent: {limit.current_usage} of {limit.max_allowed}"
     return None
+
+
+def _silenced_note(silence: Silence, now: datetime) -> str:
+    return f"{_hm(now)} silenced until {_hm(silence.ends_at)} by {silence.created_by}"
 
 
 def _hm(moment: datetime) -> str:

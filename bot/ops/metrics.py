@@ -104,7 +104,7 @@ TELEGRAM_WEBHOOK_RESULTS = frozenset(
         "too_large",
     }
 )
-ALERT_SOURCES = frozenset({"alertmanager", "grafana", "generic"})
+ALERT_SOURCES = frozenset({"alertmanager", "grafana", "generic", "heartbeat"})
 ALERT_RESULTS = frozenset(
     {
         "created",
@@ -112,6 +112,8 @@ ALERT_RESULTS = frozenset(
         "resolved",
         "repaged",
         "ignored",
+        "ok",
+        "recovered",
         "unauthorized",
         "too_large",
         "malformed",
@@ -127,6 +129,7 @@ STEP_RESULTS = frozenset(
         "exhausted",
         "superseded",
         "settled",
+        "silenced",
     }
 )
 INCIDENT_STATES = ("firing", "acknowledged", "exhausted")

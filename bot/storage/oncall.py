@@ -84,6 +84,7 @@ class Incident:
     post_next_at: datetime | None = None
     admins_told_at: datetime | None = None
     exhausted_at: datetime | None = None
+    silence_id: int | None = None  # the silence holding its escalation back
 
     def shown(self) -> tuple[object, ...]:
         """What the post shows (to tell whether it changed while being posted)."""
@@ -109,6 +110,10 @@ class NewIncident:
     links: tuple[str, ...] = ()
     items: tuple[str, ...] = ()
     alert_count: int = 1
+    # a silence holds it: its first step waits until then, with this note
+    silence_id: int | None = None
+    held_until: datetime | None = None
+    note: str | None = None
 
 
 def _team(row: TeamRow) -> Team:
@@ -160,6 +165,7 @@ def _incident(row: IncidentRow) -> Incident:
         post_next_at=row.post_next_at,
         admins_told_at=row.admins_told_at,
         exhausted_at=row.exhausted_at,
+        silence_id=row.silence_id,
     )
 
 
@@ -286,8 +292,8 @@ class OnCallStore:
                 status="firing",
                 fired=1,
                 step=0,
-                next_action_at=at,
-                notes=[],
+                next_action_at=new.held_until or at,
+                notes=[new.note] if new.note else [],
                 created_at=at,
                 updated_at=at,
                 alert_items=list(new.items),
@@ -295,6 +301,7 @@ class OnCallStore:
                 post_status="pending",
                 post_attempts=0,
                 post_next_at=at,
+                silence_id=new.silence_id,
             )
             session.add(row)
             await session.flush()

@@ -252,6 +252,8 @@ class IncidentRow(Base):
     post_next_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     admins_told_at: Mapped[datetime | None] = mapped_column(UTCDateTime())  # chat unreachable
     exhausted_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # the silence that holds its escalation back (its post was made quietly); None: none
+    silence_id: Mapped[int | None] = mapped_column(Integer, index=True)
 
     __table_args__ = (
         Index("ix_incidents_team_key", "team_id", "dedup_key"),
@@ -277,6 +279,48 @@ class RingRow(Base):
         Index("ix_rings_call", "call_id"),
         Index("ix_rings_at", "at"),
     )
+
+
+class HeartbeatRow(Base):
+    """A dead man's switch: monitoring pings it; no ping by `due_at` opens an incident.
+    `due_at` is its timer (the last ping + interval + grace); `attempt` fences a check that
+    claimed it, as a step's attempt does."""
+
+    __tablename__ = "heartbeats"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    team_id: Mapped[int] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(Cut(32, key=True))
+    interval_seconds: Mapped[int] = mapped_column(Integer)
+    grace_seconds: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(Cut(16))  # waiting (never pinged), ok, missed
+    last_ping_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    due_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+    missed_since: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    source: Mapped[str] = mapped_column(Cut(8))  # chat | file
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+    __table_args__ = (Index("uq_heartbeats_team_name", "team_id", "name", unique=True),)
+
+
+class SilenceRow(Base):
+    """A silence or maintenance window: while it holds, a team's matching alerts are posted
+    quietly and nobody is rung. `matchers`: label → value, all must match; empty: every alert."""
+
+    __tablename__ = "silences"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    team_id: Mapped[int] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"), index=True)
+    starts_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    ends_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+    matchers: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
+    reason: Mapped[str] = mapped_column(Cut(200), default="")
+    created_by: Mapped[str] = mapped_column(Cut(128))
+    source: Mapped[str] = mapped_column(Cut(8))  # chat | file
+    # a window of ONCALL_FILE, by its name there (reloaded at each start); None: from chat
+    file_name: Mapped[str | None] = mapped_column(Cut(64, key=True))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
 def _cut_on_set(width: int, target: object, value: str | None, *_: object) -> str | None:

@@ -7,6 +7,8 @@ intake from monitoring, health.
 - `POST /alerts/{alertmanager|grafana|generic}/<team>` with `Authorization: Bearer <token>`:
   401 for a bad token, 413 over `ALERT_MAX_BODY`, 400 with a reason for a bad body, nothing
   stored in any of these cases.
+- `POST /heartbeat/<team>/<name>` with the same bearer token: a heartbeat's ping (see
+  bot/oncall/heartbeats.py); 404 for a heartbeat the team did not declare.
 - `GET /audio/<signed ref>.wav`: a spoken message for Pilot's `/play`, served once, short-lived.
 - `POST <path of TELEGRAM_WEBHOOK_URL>`: Telegram updates in webhook mode (bot/web/telegram.py).
 - `GET /healthz`: the process is alive. `GET /readyz`: 200 when the database answers and its
@@ -36,8 +38,10 @@ from bot.calls.lifecycle import CallTracker
 from bot.errors import CallbotError
 from bot.oncall.alerts import Alert, parse_alertmanager, parse_generic, parse_grafana
 from bot.oncall.engine import OnCall, valid_alias
+from bot.oncall.heartbeats import Heartbeats, counts_as_ping
 from bot.ops.metrics import CONTENT_TYPE, Metrics
 from bot.pilot_status.webhooks import parse_delivery
+from bot.storage.oncall import Team
 from bot.storage.store import Unstorable
 from bot.voice.shelf import Shelf
 from bot.web.bodies import BODY, parse_json, read_body, refuse
@@ -79,6 +83,7 @@ def build_web_app(
     metrics_token: str | None = None,
     readiness: Readiness | None = None,
     telegram: tuple[str, Handler] | None = None,
+    heartbeats: Heartbeats | None = None,
 ) -> web.Application:
     app = web.Application(client_max_size=max_body, middlewares=[_contain()])
     app[TRACKER] = tracker
@@ -87,6 +92,8 @@ def build_web_app(
     if path_token:
         app.router.add_post(f"/pilot-status/{path_token}", _receiver(secret, max_body))
     app.router.add_post("/alerts/{kind}/{team}", _intake(alert_max_body))
+    if heartbeats is not None:
+        app.router.add_post("/heartbeat/{team}/{name}", _heartbeat(heartbeats, alert_max_body))
     if telegram is not None:  # webhook mode: (path, receiver), bot/web/telegram.py
         app.router.add_post(*telegram)
     app.router.add_get("/healthz", _health)
@@ -143,11 +150,7 @@ def _intake(max_body: int) -> Handler:
         oncall = request.app[ONCALL]
         source = request.match_info["kind"]
         count = request.app[METRICS].alert
-        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        name, token = _alias_or_none(request.match_info["team"]), token.strip()
-        team = None
-        if scheme.lower() == "bearer" and name and token.isascii() and token.isprintable():
-            team = await oncall.authorize(name, token)
+        team = await _authorized_team(request)
         if team is None:
             count(source, "unauthorized")
             return refuse(401, "unknown team or bad token")
@@ -166,6 +169,55 @@ def _intake(max_body: int) -> Handler:
         return web.json_response({"result": result, "incident": incident.id if incident else None})
 
     return alerts
+
+
+async def _authorized_team(request: web.Request) -> Team | None:
+    """The team of the path, if the request carries its intake token as a bearer token."""
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    name, token = _alias_or_none(request.match_info["team"]), token.strip()
+    if scheme.lower() == "bearer" and name and token.isascii() and token.isprintable():
+        return await request.app[ONCALL].authorize(name, token)
+    return None
+
+
+def _heartbeat(heartbeats: Heartbeats, max_body: int) -> Handler:
+    """`POST /heartbeat/<team>/<name>`: a ping, with any body or none; an Alertmanager body
+    (the Watchdog alert) counts while it is firing."""
+
+    async def ping(request: web.Request) -> web.StreamResponse:
+        count = request.app[METRICS].alert
+        team = await _authorized_team(request)
+        if team is None:
+            count("heartbeat", "unauthorized")
+            return refuse(401, "unknown team or bad token")
+        name = _alias_or_none(request.match_info["name"])
+        if name is None:
+            return refuse(404, "unknown heartbeat")
+        try:
+            raw = await read_body(request, max_body)
+        except web.HTTPRequestEntityTooLarge:
+            count("heartbeat", "too_large")
+            raise
+        try:
+            body = parse_json(raw) if raw.strip() else None
+        except ValueError:
+            body = None  # a ping may carry any text (curl -d, a cron job's output)
+        try:
+            pinged = counts_as_ping(body)
+        except ValueError as err:  # an Alertmanager body that is not one
+            count("heartbeat", "malformed")
+            return refuse(400, str(err) or "bad body")
+        if not pinged:
+            count("heartbeat", "ignored")
+            return web.json_response({"result": "ignored"})
+        try:
+            result = await heartbeats.ping(team, name)
+        except CallbotError:
+            return refuse(404, "unknown heartbeat")
+        count("heartbeat", result)
+        return web.json_response({"result": result})
+
+    return ping
 
 
 async def _health(_request: web.Request) -> web.Response:
