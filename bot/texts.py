@@ -21,6 +21,7 @@ from bot import states
 from bot.calls.service import NeedsPermission
 from bot.errors import CallbotError
 from bot.oncall.engine import duration_text, on_call_now
+from bot.oncall.schedules import team_schedule
 from bot.phones import Phone, mask
 from bot.pilot_status.models import CallStatus, Limit, NumberType, PermissionProbe
 from bot.storage.oncall import Contact, Incident, Team
@@ -270,6 +271,7 @@ ERRORS: dict[str, LazyProxy] = {
     "not_a_member": __("<b>{alias}</b> is not on team <b>{team}</b>'s list."),
     "contact_usage": __(
         "Usage: <code>/contact add &lt;name&gt; &lt;phone&gt;</code>, "
+        "<code>/contact link &lt;name&gt; &lt;Telegram id&gt;</code>, "
         "<code>/contact remove &lt;name&gt;</code> or <code>/contact list</code>."
     ),
     "team_usage": __(
@@ -277,12 +279,28 @@ ERRORS: dict[str, LazyProxy] = {
         "<code>/team members &lt;name&gt; &lt;contact…&gt;</code>, "
         "<code>/team policy &lt;name&gt; attempts=2 wait=300 rounds=2 ack_on_answer=no "
         "ack_timeout=4h repage_after=off</code>, "
-        "<code>/team rotation &lt;name&gt; weekly|none</code>, "
+        "<code>/team rotation &lt;name&gt; daily 09:00 America/Sao_Paulo|weekly mon 09:00 "
+        "Europe/Berlin|weekly|none</code>, "
         "<code>/team token &lt;name&gt;</code>, <code>/team move &lt;name&gt;</code> (in its new "
         "chat) or <code>/team list</code>."
     ),
     "oncall_usage": __(
-        "Usage: <code>/oncall [team]</code> or <code>/oncall set &lt;name&gt; [team]</code>."
+        "Usage: <code>/oncall [team]</code>, <code>/oncall take [duration] [team]</code> "
+        "(default 4h), <code>/oncall set &lt;name&gt; until &lt;time&gt; [team]</code> or "
+        "<code>/oncall set &lt;name&gt; [team]</code>."
+    ),
+    "bad_rotation": __(
+        "That is not a rotation. Rotations look like <code>daily 09:00 America/Sao_Paulo</code>, "
+        "<code>weekly mon 09:00 Europe/Berlin</code> (either with <code>for 12h</code> for a "
+        "shorter shift), <code>weekly</code> or <code>none</code>."
+    ),
+    "bad_until": __(
+        "Until when? Say <code>18:00</code> (in the team's time zone), <code>2h</code> or "
+        "<code>2026-12-02 09:00</code>, in the future and within 7 days."
+    ),
+    "who_are_you": __(
+        "I do not know which contact you are. An admin links you with "
+        "<code>/contact link &lt;name&gt; &lt;your Telegram id&gt;</code> (see /whoami)."
     ),
     "ack_wrong_chat": __(
         "This alert belongs to another team's chat: acknowledge it there (admins can also use "
@@ -679,10 +697,47 @@ def team_policy_text(team: Team) -> str:
 
 @fitted
 def on_call_text(team: Team, now: datetime) -> str:
-    who = on_call_now(team, now)
-    if who is None:
+    """Who is on call now, until when, who is next, and the overrides still to run."""
+    schedule = team_schedule(team)
+    current = schedule.now(now)
+    if current.who is None and not team.members:
         return _("Team {team} has nobody on its list yet.").format(team=escape(team.name))
-    return _("On call for {team}: <b>{who}</b>").format(team=escape(team.name), who=escape(who))
+    lines = [
+        _("On call for {team}: <b>{who}</b>").format(
+            team=escape(team.name), who=escape(current.who or "-")
+        )
+    ]
+    zone = schedule.zone
+
+    def when(moment: datetime) -> str:
+        return escape(f"{moment.astimezone(zone):%Y-%m-%d %H:%M} {zone.key}")
+
+    if current.override is not None:
+        lines.append(_("covering (override by {by})").format(by=escape(current.override.by[:64])))
+    if current.until is not None:
+        lines.append(
+            _("until {time}; next: <b>{who}</b>").format(
+                time=when(current.until), who=escape(current.next or "-")
+            )
+        )
+    coming = [o for o in schedule.overrides if o.end > now]
+    if coming:
+        lines.append(_("Overrides:"))
+        lines += [
+            _("• {who} from {start} to {end}, set by {by}").format(
+                who=escape(o.alias),
+                start=when(max(o.start, now)),
+                end=when(o.end),
+                by=escape(o.by[:64]),
+            )
+            for o in coming
+        ]
+    return "\n".join(lines)
+
+
+@fitted
+def override_set_text(team: Team, now: datetime) -> str:
+    return _("Override saved.") + "\n" + on_call_text(team, now)
 
 
 @fitted

@@ -42,6 +42,7 @@ from bot import states
 from bot.calls.service import CallRequest, CallService, NeedsPermission, Started
 from bot.errors import CallbotError, describe
 from bot.oncall.alerts import Alert
+from bot.oncall.schedules import rotation_fields, team_schedule
 from bot.ops.shutdown import InFlight
 from bot.phones import Phone, mask, parse_phone, split_phone_and_note
 from bot.pilot_status.errors import APIConnectionError, PilotStatusError
@@ -167,14 +168,8 @@ def plan(team: Team, now: datetime) -> list[str]:
 
 
 def on_call_now(team: Team, now: datetime) -> str | None:
-    if team.on_call:
-        return team.on_call
-    if not team.members:
-        return None
-    if team.rotation == "weekly":
-        weeks = int((now - team.rotation_start).total_seconds() // (7 * 24 * 3600))
-        return team.members[weeks % len(team.members)]
-    return team.members[0]
+    """Who is on call: an override, the pinned person, else the schedule's shift."""
+    return team_schedule(team).who_at(now)[0]
 
 
 class OnCall:
@@ -225,10 +220,22 @@ class OnCall:
         teams = config.get("teams", {})
         if not isinstance(contacts, dict) or not isinstance(teams, dict):
             raise ValueError("[contacts] and [teams] must be tables")
-        for alias, number in contacts.items():
+        for alias, entry in contacts.items():
+            # `alice = "+55…"`, or `alice = { phone = "+55…", telegram = 1234 }`
+            number, telegram = (
+                (entry.get("phone", ""), entry.get("telegram"))
+                if isinstance(entry, dict)
+                else (entry, None)
+            )
             phone = parse_phone(str(number), region)
             await self._store.save_contact(
-                Contact(valid_alias(alias), phone.e164, phone.display), at=now
+                Contact(
+                    valid_alias(alias),
+                    phone.e164,
+                    phone.display,
+                    int(telegram) if telegram is not None else None,
+                ),
+                at=now,
             )
         for name, team in teams.items():
             if not isinstance(team, dict) or "chat_id" not in team:
@@ -243,6 +250,10 @@ class OnCall:
                         fields[key] = policy_duration(fields[key])
                     except ValueError as err:
                         raise ValueError(f"team {name}: {key}: {err}") from None
+            try:
+                fields |= rotation_fields(team)
+            except ValueError as err:
+                raise ValueError(f"team {name}: {err}") from None
             await self._store.save_team(
                 valid_alias(name),
                 chat_id=int(team["chat_id"]),
