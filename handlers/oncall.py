@@ -22,6 +22,7 @@ from bot.config import Settings
 from bot.errors import CallbotError
 from bot.oncall.engine import (
     DURATION_FIELDS,
+    LOCALES,
     OnCall,
     parse_duration,
     policy_duration,
@@ -42,6 +43,7 @@ from bot.texts import (
     team_token_sent_text,
     team_token_text,
     teams_text,
+    test_page_text,
 )
 from handlers.pages import pager
 from handlers.people import operator_name, sender_id
@@ -180,15 +182,20 @@ async def team_command(
     access: AccessPolicy,
     oncall_store: OnCallStore,
     bot: Bot,
+    oncall: OnCall,
+    store: Store,
 ) -> None:
     """/team list | add <name> | members <name> <alias…> | policy <name> k=v… |
-    rotation <name> weekly|none | token <name> | move <name>"""
+    rotation <name> <rotation> | token <name> | move <name> | test <name>"""
     words = (command.args or "list").split()
     action = words[0].lower()
     if action == "list":
         access.require_caller(sender_id(message), message.chat.id)
         text, markup = await _teams(oncall_store, 0)
         await message.reply(text, reply_markup=markup)
+        return
+    if action == "test":
+        await _test_page(message, words[1:], access, oncall_store, oncall, store)
         return
     _require_admin(access, message)
     if len(words) < 2:
@@ -224,6 +231,35 @@ async def team_command(
                 raise CallbotError("unknown_contact", {"alias": alias})
     await oncall_store.save_team(name, chat_id=team.chat_id, token_hash=None, at=utcnow(), **fields)
     await message.reply(done_text())
+
+
+async def _test_page(
+    message: Message,
+    args: list[str],
+    access: AccessPolicy,
+    oncall_store: OnCallStore,
+    oncall: OnCall,
+    store: Store,
+) -> None:
+    """/team test [name]: admins anywhere, operators in the team's own chat."""
+    user = sender_id(message)
+    access.require_caller(user, message.chat.id)
+    if len(args) > 1:
+        raise CallbotError("team_usage")
+    team = await _team_here(oncall_store, message.chat.id, args[0] if args else None)
+    if access.role(user) is not Role.ADMIN and team.chat_id != message.chat.id:
+        raise CallbotError("admins_only")
+    by = operator_name(message.from_user) or "?"
+    incident = await oncall.test_page(team, by)
+    await store.audit(
+        "team_test",
+        actor_id=user,
+        chat_id=message.chat.id,
+        subject=team.name,
+        detail={"incident": incident.id},
+        at=oncall.clock(),
+    )
+    await message.reply(test_page_text(team, incident.id))
 
 
 async def _new_token(
@@ -271,6 +307,9 @@ def _team_fields(action: str, args: list[str]) -> dict[str, object]:
         fields: dict[str, object] = {}
         for pair in args:
             key, _, value = pair.partition("=")
+            if key == "locale" and value in LOCALES:
+                fields["locale"] = value
+                continue
             if key == "ack_on_answer" and value in ("yes", "no"):
                 fields["answer_is_ack"] = value == "yes"
                 continue

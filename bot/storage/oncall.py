@@ -56,6 +56,7 @@ class Team:
     repage_after: int = 0  # seconds after exhaustion a repeat pages again; 0: never
     layers: tuple[dict[str, object], ...] = ()  # rotation "layers": see bot/oncall/schedules.py
     overrides: tuple[Override, ...] = ()  # who covers when, oldest first
+    locale: str | None = None  # what its rings speak and its post says; None: DEFAULT_LOCALE
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,15 @@ class Incident:
 
     def shown(self) -> tuple[object, ...]:
         """What the post shows (to tell whether it changed while being posted)."""
-        return (self.status, self.fired, self.notes, self.acked_by, self.acked_at)
+        return (
+            self.status,
+            self.fired,
+            self.notes,
+            self.acked_by,
+            self.acked_at,
+            self.step,
+            self.next_action_at,
+        )
 
 
 @dataclass(frozen=True)
@@ -113,6 +122,7 @@ class NewIncident:
     links: tuple[str, ...] = ()
     items: tuple[str, ...] = ()
     alert_count: int = 1
+    notes: tuple[str, ...] = ()
 
 
 def _contact(row: ContactRow) -> Contact:
@@ -137,6 +147,7 @@ def _team(row: TeamRow) -> Team:
         repage_after=row.repage_after,
         layers=tuple(row.layers or ()),
         overrides=tuple(Override.from_json(o) for o in row.overrides or ()),
+        locale=row.locale,
     )
 
 
@@ -318,7 +329,7 @@ class OnCallStore:
                 fired=1,
                 step=0,
                 next_action_at=at,
-                notes=[],
+                notes=list(new.notes),
                 created_at=at,
                 updated_at=at,
                 alert_items=list(new.items),

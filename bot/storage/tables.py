@@ -211,6 +211,8 @@ class TeamRow(Base):
     # rotation "layers": its shifts (bot/oncall/schedules.py), each {"rotation", "members"?,
     # "start"?}; a later layer wins where it has a shift
     layers: Mapped[list[dict[str, object]]] = mapped_column(JSON, default=list, server_default="[]")
+    # its language (en, pt_BR): what its rings speak and its post says; None: DEFAULT_LOCALE
+    locale: Mapped[str | None] = mapped_column(Cut(8))
     # who covers when: [{"alias", "start", "end", "by"}], ended ones dropped at the next write
     overrides: Mapped[list[dict[str, str]]] = mapped_column(JSON, default=list, server_default="[]")
 

@@ -1,5 +1,6 @@
 """teams.layers and teams.overrides: shifts with hand-offs and who covers when;
-contacts.telegram_id: who "I" is in `/oncall take`
+teams.locale: the language of its rings and post; contacts.telegram_id: who "I" is in
+`/oncall take`
 
 Revision ID: 0010
 Revises: 0008
@@ -21,6 +22,7 @@ def upgrade() -> None:
     with op.batch_alter_table("teams") as batch:
         batch.add_column(sa.Column("layers", sa.JSON(), nullable=False, server_default="[]"))
         batch.add_column(sa.Column("overrides", sa.JSON(), nullable=False, server_default="[]"))
+        batch.add_column(sa.Column("locale", sa.String(8), nullable=True))
     with op.batch_alter_table("contacts") as batch:
         batch.add_column(sa.Column("telegram_id", sa.BigInteger(), nullable=True))
         batch.create_index("ix_contacts_telegram_id", ["telegram_id"])
@@ -31,5 +33,6 @@ def downgrade() -> None:
         batch.drop_index("ix_contacts_telegram_id")
         batch.drop_column("telegram_id")
     with op.batch_alter_table("teams") as batch:
+        batch.drop_column("locale")
         batch.drop_column("overrides")
         batch.drop_column("layers")
