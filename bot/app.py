@@ -35,7 +35,7 @@ from bot.calls.service import CallRequest, CallService, PendingPermission
 from bot.config import Settings
 from bot.errors import CallbotError, describe
 from bot.i18n import LOCALES, LocaleMiddleware, build_i18n
-from bot.oncall.engine import OnCall, Throttle, valid_alias
+from bot.oncall.engine import TEST_SOURCE, OnCall, Throttle, answer_acknowledges, valid_alias
 from bot.oncall.heartbeats import Heartbeats
 from bot.oncall.silences import Silences
 from bot.ops.metrics import Metrics, TelegramRequestMetrics, UpdateMetricsMiddleware
@@ -62,7 +62,7 @@ from bot.storage.db import (
     schema_revision,
     sessionmaker,
 )
-from bot.storage.oncall import OnCallStore
+from bot.storage.oncall import Incident, OnCallStore, Team
 from bot.storage.retention import RetentionStore
 from bot.storage.store import Store, utcnow
 from bot.storage.watch import WatchStore
@@ -269,6 +269,7 @@ class CallbotApp:
             throttles=Throttle.parse_many(settings.oncall_throttle),
             locale=settings.default_locale,
             speech=self._alert_speech,
+            translate=lambda locale, template: self.i18n.gettext(template, locale=locale),
             lease=timedelta(seconds=settings.oncall_lease_seconds),
             drain=self.in_flight,
             admins=tuple(sorted(settings.admin_ids)),
@@ -312,12 +313,20 @@ class CallbotApp:
 
         return render
 
-    def _alert_speech(self, team: str, title: str) -> Speech | None:
-        """What an on-call ring says: the alert, when speaking is available."""
+    def _alert_speech(self, team: Team, incident: Incident) -> Speech | None:
+        """What an on-call ring says, in the team's language: the alert, then how it is
+        acknowledged; when speaking is available."""
         if not self.speaker.available:
             return None
-        locale = self.settings.default_locale
-        return Speech.for_locale(self._say(spoken_alert)(locale, team=team, title=title), locale)
+        locale = team.locale or self.settings.default_locale
+        with self.i18n.context(), self.i18n.use_locale(locale):
+            text = spoken_alert(
+                team.name,
+                incident.title,
+                acked_on_answer=answer_acknowledges(team, incident),
+                test=incident.source == TEST_SOURCE,
+            )
+        return Speech.for_locale(text, locale)
 
     def _dispatcher(self) -> Dispatcher:
         settings = self.settings

@@ -20,7 +20,8 @@ from babel.support import LazyProxy
 from bot import states
 from bot.calls.service import NeedsPermission
 from bot.errors import CallbotError
-from bot.oncall.engine import duration_text, on_call_now
+from bot.oncall.engine import TEST_SOURCE, duration_text, on_call_now, plan
+from bot.oncall.schedules import team_schedule
 from bot.phones import Phone, mask
 from bot.pilot_status.models import CallStatus, Limit, NumberType, PermissionProbe
 from bot.storage.oncall import Contact, Incident, Team
@@ -270,6 +271,7 @@ ERRORS: dict[str, LazyProxy] = {
     "not_a_member": __("<b>{alias}</b> is not on team <b>{team}</b>'s list."),
     "contact_usage": __(
         "Usage: <code>/contact add &lt;name&gt; &lt;phone&gt;</code>, "
+        "<code>/contact link &lt;name&gt; &lt;Telegram id&gt;</code>, "
         "<code>/contact remove &lt;name&gt;</code> or <code>/contact list</code>."
     ),
     "team_usage": __(
@@ -277,12 +279,28 @@ ERRORS: dict[str, LazyProxy] = {
         "<code>/team members &lt;name&gt; &lt;contact…&gt;</code>, "
         "<code>/team policy &lt;name&gt; attempts=2 wait=300 rounds=2 ack_on_answer=no "
         "ack_timeout=4h repage_after=off</code>, "
-        "<code>/team rotation &lt;name&gt; weekly|none</code>, "
+        "<code>/team rotation &lt;name&gt; daily 09:00 America/Sao_Paulo|weekly mon 09:00 "
+        "Europe/Berlin|weekly|none</code>, "
         "<code>/team token &lt;name&gt;</code>, <code>/team move &lt;name&gt;</code> (in its new "
-        "chat) or <code>/team list</code>."
+        "chat), <code>/team test &lt;name&gt;</code> or <code>/team list</code>."
     ),
     "oncall_usage": __(
-        "Usage: <code>/oncall [team]</code> or <code>/oncall set &lt;name&gt; [team]</code>."
+        "Usage: <code>/oncall [team]</code>, <code>/oncall take [duration] [team]</code> "
+        "(default 4h), <code>/oncall set &lt;name&gt; until &lt;time&gt; [team]</code> or "
+        "<code>/oncall set &lt;name&gt; [team]</code>."
+    ),
+    "bad_rotation": __(
+        "That is not a rotation. Rotations look like <code>daily 09:00 America/Sao_Paulo</code>, "
+        "<code>weekly mon 09:00 Europe/Berlin</code> (either with <code>for 12h</code> for a "
+        "shorter shift), <code>weekly</code> or <code>none</code>."
+    ),
+    "bad_until": __(
+        "Until when? Say <code>18:00</code> (in the team's time zone), <code>2h</code> or "
+        "<code>2026-12-02 09:00</code>, in the future and within 7 days."
+    ),
+    "who_are_you": __(
+        "I do not know which contact you are. An admin links you with "
+        "<code>/contact link &lt;name&gt; &lt;your Telegram id&gt;</code> (see /whoami)."
     ),
     "ack_wrong_chat": __(
         "This alert belongs to another team's chat: acknowledge it there (admins can also use "
@@ -400,8 +418,18 @@ def spoken_default() -> str:
     return _("Hello. This is an automated call. Please check your messages.")
 
 
-def spoken_alert(team: str, title: str) -> str:
-    return _("Alert for team {team}: {title}").format(team=team, title=title)
+def spoken_alert(team: str, title: str, *, acked_on_answer: bool, test: bool = False) -> str:
+    """What an on-call ring says once answered: a test says so first; then how the alert is
+    acknowledged."""
+    said = [_("This is a TEST page. Nothing is wrong.")] if test else []
+    said.append(_("Alert for team {team}: {title}").format(team=team, title=title))
+    if test:
+        said.append(_("Answering ends the test. Thank you."))
+    elif acked_on_answer:
+        said.append(_("This alert is now acknowledged by you."))
+    else:
+        said.append(_("To acknowledge it, open the team's chat and press Acknowledge."))
+    return " ".join(said)
 
 
 def limits_lines(limits: tuple[Limit, ...]) -> str:
@@ -556,24 +584,28 @@ def incident_text(incident: Incident, team: Team) -> str:
     alerts ("and N more" for the rest), labels and links, each as far as room is left.
     """
     room = _Room(TELEGRAM_TEXT_LIMIT)
+    test = incident.source == TEST_SOURCE
     severity = f"[{incident.severity.upper()}] " if incident.severity else ""
-    header = room.take(f"🚨 <b>{_escape_within(severity + incident.title, 600)}</b>")
+    title = f"🧪 <b>TEST</b> — <b>{_escape_within(incident.title, 600)}</b>" if test else None
+    header = room.take(title or f"🚨 <b>{_escape_within(severity + incident.title, 600)}</b>")
     state = {
         "firing": _("🔴 firing, team {team}").format(team=escape(team.name)),
         "acknowledged": _("✅ acknowledged by {who} at {time}").format(
             who=escape((incident.acked_by or "?")[:64]),
             time=_clock(incident.acked_at) if incident.acked_at else "?",
         ),
-        "resolved": _("✔️ resolved"),
+        "resolved": _("✔️ test page ended") if test else _("✔️ resolved"),
         "exhausted": _("⚠️ nobody acknowledged; escalation ended"),
     }.get(incident.status, escape(incident.status[:32]))
     if incident.fired > 1:
         state += " " + _("(fired {n} times)").format(n=incident.fired)
     footer = [room.take(state)]
+    upcoming = room.take(next_step_text(incident, team))
     notes = _Room(1200)  # the newest notes, as many as fit
     newest = ["• " + _escape_within(note, 300) for note in reversed(incident.notes[-8:])]
     kept = [room.take(notes.take(line)) for line in newest if notes.fits(line)]
     footer.extend(reversed(kept))
+    footer.append(upcoming)
     body: list[str] = []
     if incident.text:
         body += [room.take(_escape_within(incident.text[:600], min(900, room.left - 1)))]
@@ -601,6 +633,18 @@ def incident_text(incident: Incident, team: Team) -> str:
         if room.fits(link):
             body.append(room.take(link))
     return "\n".join(filter(None, [header, *body, *footer]))
+
+
+def next_step_text(incident: Incident, team: Team) -> str:
+    """What the escalation does next ("next: bob at 12:05 UTC"); "" when nothing is planned
+    or a ring is being placed right now."""
+    when = incident.next_action_at
+    if incident.status != "firing" or when is None or incident.ring_call_id is not None:
+        return ""
+    steps = plan(team, when)
+    if incident.step >= len(steps):
+        return _("⏭ next: the escalation ends at {time}").format(time=_clock(when))
+    return _("⏭ next: {who} at {time}").format(who=escape(steps[incident.step]), time=_clock(when))
 
 
 class _Room:
@@ -694,10 +738,55 @@ def team_policy_text(team: Team) -> str:
 
 @fitted
 def on_call_text(team: Team, now: datetime) -> str:
-    who = on_call_now(team, now)
-    if who is None:
+    """Who is on call now, until when, who is next, and the overrides still to run."""
+    schedule = team_schedule(team)
+    current = schedule.now(now)
+    if current.who is None and not team.members:
         return _("Team {team} has nobody on its list yet.").format(team=escape(team.name))
-    return _("On call for {team}: <b>{who}</b>").format(team=escape(team.name), who=escape(who))
+    lines = [
+        _("On call for {team}: <b>{who}</b>").format(
+            team=escape(team.name), who=escape(current.who or "-")
+        )
+    ]
+    zone = schedule.zone
+
+    def when(moment: datetime) -> str:
+        return escape(f"{moment.astimezone(zone):%Y-%m-%d %H:%M} {zone.key}")
+
+    if current.override is not None:
+        lines.append(_("covering (override by {by})").format(by=escape(current.override.by[:64])))
+    if current.until is not None:
+        lines.append(
+            _("until {time}; next: <b>{who}</b>").format(
+                time=when(current.until), who=escape(current.next or "-")
+            )
+        )
+    coming = [o for o in schedule.overrides if o.end > now]
+    if coming:
+        lines.append(_("Overrides:"))
+        lines += [
+            _("• {who} from {start} to {end}, set by {by}").format(
+                who=escape(o.alias),
+                start=when(max(o.start, now)),
+                end=when(o.end),
+                by=escape(o.by[:64]),
+            )
+            for o in coming
+        ]
+    return "\n".join(lines)
+
+
+@fitted
+def test_page_text(team: Team, incident_id: int) -> str:
+    return _(
+        "Test page {id} of team <b>{team}</b> started: its plan runs for real (the post, the "
+        "rings, the waits) and ends at the first answer or Acknowledge."
+    ).format(id=incident_id, team=escape(team.name))
+
+
+@fitted
+def override_set_text(team: Team, now: datetime) -> str:
+    return _("Override saved.") + "\n" + on_call_text(team, now)
 
 
 @fitted

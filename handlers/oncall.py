@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import secrets
 from contextlib import suppress
+from datetime import datetime, timedelta
 
 from aiogram import Bot, Router
 from aiogram.exceptions import TelegramAPIError, TelegramBadRequest, TelegramForbiddenError
@@ -19,25 +20,38 @@ from bot.access import AccessPolicy, Role
 from bot.calls.live import Acknowledge
 from bot.config import Settings
 from bot.errors import CallbotError
-from bot.oncall.engine import DURATION_FIELDS, OnCall, policy_duration, token_hash, valid_alias
+from bot.oncall.engine import (
+    DURATION_FIELDS,
+    LOCALES,
+    OnCall,
+    parse_duration,
+    policy_duration,
+    token_hash,
+    valid_alias,
+)
+from bot.oncall.schedules import Override, parse_until, rotation_fields, team_schedule
 from bot.phones import parse_phone
 from bot.storage.oncall import Contact, OnCallStore, Team
-from bot.storage.store import utcnow
+from bot.storage.store import Store, utcnow
 from bot.texts import (
     contacts_text,
     done_text,
     error_text,
     on_call_text,
+    override_set_text,
     team_moved_text,
     team_token_sent_text,
     team_token_text,
     teams_text,
+    test_page_text,
 )
 from handlers.pages import pager
 from handlers.people import operator_name, sender_id
 
 log = logging.getLogger(__name__)
 CONTACTS_PAGE, TEAMS_PAGE = 20, 10
+TAKE_HOURS = 4  # `/oncall take` without a duration
+MAX_OVERRIDE = timedelta(days=7)
 
 
 class ContactsPage(CallbackData, prefix="contacts"):
@@ -79,7 +93,7 @@ async def contact_command(
     oncall_store: OnCallStore,
     settings: Settings,
 ) -> None:
-    """/contact add <alias> <phone> | remove <alias> | list"""
+    """/contact add <alias> <phone> | link <alias> <telegram id> | remove <alias> | list"""
     words = (command.args or "list").split()
     action = words[0].lower()
     if action == "list":
@@ -92,6 +106,12 @@ async def contact_command(
         phone = parse_phone(" ".join(words[2:]), settings.default_region)
         contact = Contact(valid_alias(words[1]), phone.e164, phone.display)
         await oncall_store.save_contact(contact, at=utcnow())
+    elif action == "link" and len(words) == 3 and words[2].isdigit():
+        known = await oncall_store.contact(valid_alias(words[1]))
+        if known is None:
+            raise CallbotError("unknown_contact", {"alias": words[1][:32]})
+        linked = Contact(known.alias, known.phone, known.phone_display, int(words[2]))
+        await oncall_store.save_contact(linked, at=utcnow())
     elif action == "remove" and len(words) == 2:
         if not await oncall_store.remove_contact(valid_alias(words[1])):
             raise CallbotError("unknown_contact", {"alias": words[1][:32]})
@@ -162,15 +182,20 @@ async def team_command(
     access: AccessPolicy,
     oncall_store: OnCallStore,
     bot: Bot,
+    oncall: OnCall,
+    store: Store,
 ) -> None:
     """/team list | add <name> | members <name> <alias…> | policy <name> k=v… |
-    rotation <name> weekly|none | token <name> | move <name>"""
+    rotation <name> <rotation> | token <name> | move <name> | test <name>"""
     words = (command.args or "list").split()
     action = words[0].lower()
     if action == "list":
         access.require_caller(sender_id(message), message.chat.id)
         text, markup = await _teams(oncall_store, 0)
         await message.reply(text, reply_markup=markup)
+        return
+    if action == "test":
+        await _test_page(message, words[1:], access, oncall_store, oncall, store)
         return
     _require_admin(access, message)
     if len(words) < 2:
@@ -208,6 +233,35 @@ async def team_command(
     await message.reply(done_text())
 
 
+async def _test_page(
+    message: Message,
+    args: list[str],
+    access: AccessPolicy,
+    oncall_store: OnCallStore,
+    oncall: OnCall,
+    store: Store,
+) -> None:
+    """/team test [name]: admins anywhere, operators in the team's own chat."""
+    user = sender_id(message)
+    access.require_caller(user, message.chat.id)
+    if len(args) > 1:
+        raise CallbotError("team_usage")
+    team = await _team_here(oncall_store, message.chat.id, args[0] if args else None)
+    if access.role(user) is not Role.ADMIN and team.chat_id != message.chat.id:
+        raise CallbotError("admins_only")
+    by = operator_name(message.from_user) or "?"
+    incident = await oncall.test_page(team, by)
+    await store.audit(
+        "team_test",
+        actor_id=user,
+        chat_id=message.chat.id,
+        subject=team.name,
+        detail={"incident": incident.id},
+        at=oncall.clock(),
+    )
+    await message.reply(test_page_text(team, incident.id))
+
+
 async def _new_token(
     message: Message, bot: Bot, oncall_store: OnCallStore, name: str, chat_id: int
 ) -> None:
@@ -243,12 +297,19 @@ async def _new_token(
 def _team_fields(action: str, args: list[str]) -> dict[str, object]:
     if action == "members" and args:
         return {"members": [valid_alias(a) for a in args]}
-    if action == "rotation" and args and args[0] in ("weekly", "none"):
-        return {"rotation": args[0], "rotation_start": utcnow()}
+    if action == "rotation" and args:
+        try:
+            rotation = rotation_fields({"rotation": " ".join(args)})
+        except ValueError:
+            raise CallbotError("bad_rotation") from None
+        return rotation | {"rotation_start": utcnow()}
     if action == "policy" and args:
         fields: dict[str, object] = {}
         for pair in args:
             key, _, value = pair.partition("=")
+            if key == "locale" and value in LOCALES:
+                fields["locale"] = value
+                continue
             if key == "ack_on_answer" and value in ("yes", "no"):
                 fields["answer_is_ack"] = value == "yes"
                 continue
@@ -280,11 +341,23 @@ async def oncall_command(
     command: CommandObject,
     access: AccessPolicy,
     oncall_store: OnCallStore,
+    oncall: OnCall,
+    store: Store,
 ) -> None:
-    """/oncall [team] | /oncall set <alias> [team]"""
+    """/oncall [team] | take [duration] [team] | set <alias> until <time> [team] |
+    set <alias> [team]"""
     access.require_caller(sender_id(message), message.chat.id)
     words = (command.args or "").split()
-    if words and words[0].lower() == "set":
+    now = oncall.clock()
+    action = words[0].lower() if words else ""
+    if action == "take":
+        await _take(message, words[1:], oncall_store, store, now)
+        return
+    if action == "set" and "until" in (w.lower() for w in words):
+        _require_admin(access, message)
+        await _set_until(message, words[1:], oncall_store, store, now)
+        return
+    if action == "set":
         _require_admin(access, message)
         if len(words) < 2:
             raise CallbotError("oncall_usage")
@@ -295,10 +368,78 @@ async def oncall_command(
         team = await oncall_store.save_team(
             team.name, chat_id=team.chat_id, token_hash=None, at=utcnow(), on_call=alias
         )
-        await message.reply(on_call_text(team, utcnow()))
+        await message.reply(on_call_text(team, now))
         return
     team = await _team_here(oncall_store, message.chat.id, words[0] if words else None)
-    await message.reply(on_call_text(team, utcnow()))
+    await message.reply(on_call_text(team, now))
+
+
+async def _take(
+    message: Message, args: list[str], oncall_store: OnCallStore, store: Store, now: datetime
+) -> None:
+    """/oncall take [duration] [team]: the sender covers from now (default TAKE_HOURS)."""
+    user = sender_id(message)
+    contact = await oncall_store.contact_of_user(user) if user is not None else None
+    if contact is None:
+        raise CallbotError("who_are_you")
+    duration = timedelta(hours=TAKE_HOURS)
+    if args and args[0][:1].isdigit():
+        try:
+            duration = timedelta(seconds=parse_duration(args.pop(0)))
+        except ValueError:
+            raise CallbotError("bad_until") from None
+    if len(args) > 1:
+        raise CallbotError("oncall_usage")
+    team = await _team_here(oncall_store, message.chat.id, args[0] if args else None)
+    await _override(message, team, contact.alias, now, now + duration, oncall_store, store)
+
+
+async def _set_until(
+    message: Message, args: list[str], oncall_store: OnCallStore, store: Store, now: datetime
+) -> None:
+    """/oncall set <alias> until <time> [team]"""
+    lowered = [w.lower() for w in args]
+    if len(args) < 3 or lowered[1] != "until":
+        raise CallbotError("oncall_usage")
+    alias, rest = valid_alias(args[0]), args[2:]
+    team = await oncall_store.team_of_chat(message.chat.id)
+    if len(rest) > 1 and (named := await oncall_store.team(rest[-1].lower())) is not None:
+        team, rest = named, rest[:-1]
+    if team is None:
+        raise CallbotError("unknown_team", {"team": "-"})
+    try:
+        until = parse_until(" ".join(rest), now, team_schedule(team).zone)
+    except ValueError:
+        raise CallbotError("bad_until") from None
+    await _override(message, team, alias, now, until, oncall_store, store)
+
+
+async def _override(
+    message: Message,
+    team: Team,
+    alias: str,
+    start: datetime,
+    end: datetime,
+    oncall_store: OnCallStore,
+    store: Store,
+) -> None:
+    if alias not in team.members:
+        raise CallbotError("not_a_member", {"alias": alias, "team": team.name})
+    if not start < end <= start + MAX_OVERRIDE:
+        raise CallbotError("bad_until")
+    by = operator_name(message.from_user) or "?"
+    override = Override(alias, start, end, by)
+    team = await oncall_store.add_override(team.id, override, at=start)
+    await store.audit(
+        "oncall_override",
+        actor_id=sender_id(message),
+        chat_id=message.chat.id,
+        subject=team.name,
+        detail={"alias": alias, "start": start.isoformat(), "end": end.isoformat()},
+        at=start,
+    )
+    log.info("team %s: %s on call until %s (override)", team.name, alias, end.isoformat())
+    await message.reply(override_set_text(team, start))
 
 
 def _admin_in_private(access: AccessPolicy, user_id: int, chat: Chat) -> bool:

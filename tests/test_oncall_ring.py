@@ -137,7 +137,8 @@ async def test_a_ring_slower_than_the_lease_is_placed_once_and_the_next_person_w
     await bot.app.live.wait_idle()
     [shown] = bot.telegram.bot_messages(INFRA_CHAT)
     assert "calling alice" in shown.plain
-    assert "call_in_flight" not in shown.plain and "bob" not in shown.plain
+    assert "call_in_flight" not in shown.plain and "calling bob" not in shown.plain
+    assert "next: bob at" in shown.plain  # the post tells what comes next
 
 
 async def test_an_end_event_that_outruns_the_post_answer_rings_the_next_person_at_once(

@@ -137,7 +137,7 @@ class LiveMessages:
             return
         self._queue(
             (team.chat_id, incident.post_message_id),
-            self._i18n.default_locale,
+            team.locale or self._i18n.default_locale,
             lambda: (incident_text(incident, team), incident_markup(incident)),
             None,  # its status may go back (an acknowledgement that timed out): no order
         )
@@ -145,7 +145,7 @@ class LiveMessages:
     async def post_incident(self, incident: Incident, team: Team) -> int:
         """The post shows this state: edited in, or sent anew when there is none or it is gone.
         Telegram's refusals and failures become PostFailed (the outbox retries)."""
-        with self._i18n.context(), self._i18n.use_locale(self._i18n.default_locale):
+        with self._i18n.context(), self._i18n.use_locale(team.locale or self._i18n.default_locale):
             text, markup = incident_text(incident, team), incident_markup(incident)
         try:
             if incident.post_message_id is not None:

@@ -32,6 +32,7 @@ import hashlib
 import hmac
 import logging
 import re
+import secrets
 import weakref
 from collections.abc import Callable, Mapping
 from contextlib import suppress
@@ -42,7 +43,9 @@ from typing import Protocol
 from bot import states
 from bot.calls.service import CallRequest, CallService, NeedsPermission, Started
 from bot.errors import CallbotError, describe
+from bot.oncall import notes
 from bot.oncall.alerts import Alert
+from bot.oncall.schedules import rotation_fields, team_schedule
 from bot.ops.shutdown import InFlight
 from bot.phones import Phone, mask, parse_phone, split_phone_and_note
 from bot.pilot_status.errors import APIConnectionError, PilotStatusError
@@ -58,6 +61,7 @@ POST_WAIT = 5.0  # seconds one post attempt may take (intake waits for the first
 # a post attempt is reserved this long: it takes at most POST_WAIT, and one cut off by a kill
 # is retried soon after
 POST_LEASE = timedelta(seconds=2 * POST_WAIT)
+TEST_SOURCE = "test"  # the source of a test page's incident (`/team test`)
 POST_GIVE_UP = timedelta(days=1)  # after that an unposted incident is only logged
 # a step whose number is being called right now (another incident's ring, an operator's /call)
 # is tried again this much later, not skipped
@@ -152,7 +156,9 @@ TEAM_FIELDS = (
     "answer_is_ack",
     "ack_timeout",
     "repage_after",
+    "locale",
 )
+LOCALES = ("en", "pt_BR")
 DURATION_FIELDS = ("ack_timeout", "repage_after")
 _ALIAS = re.compile(r"[a-z][a-z0-9_.-]{0,31}")
 
@@ -177,14 +183,8 @@ def plan(team: Team, now: datetime) -> list[str]:
 
 
 def on_call_now(team: Team, now: datetime) -> str | None:
-    if team.on_call:
-        return team.on_call
-    if not team.members:
-        return None
-    if team.rotation == "weekly":
-        weeks = int((now - team.rotation_start).total_seconds() // (7 * 24 * 3600))
-        return team.members[weeks % len(team.members)]
-    return team.members[0]
+    """Who is on call: an override, the pinned person, else the schedule's shift."""
+    return team_schedule(team).who_at(now)[0]
 
 
 class OnCall:
@@ -197,15 +197,17 @@ class OnCall:
         throttles: tuple[Throttle, ...] = (Throttle(1, 60), Throttle(3, 900)),
         locale: str = "en",
         clock: Callable[[], datetime] = utcnow,
-        speech: Callable[[str, str], Speech | None] = lambda _team, _title: None,
+        speech: Callable[[Team, Incident], Speech | None] = lambda _team, _incident: None,
         lease: timedelta = LEASE,
         drain: InFlight | None = None,
         admins: tuple[int, ...] = (),
         on_step: Callable[[str], None] | None = None,
         silences: SilenceCheck | None = None,
+        translate: notes.Translate | None = None,
     ) -> None:
         self._store = store
         self._silences = silences  # held back from ringing while one holds
+        self._notes = notes.Notes(translate)  # the post's lines, in each team's language
         self._on_step = on_step  # told what each step did (bot.ops.metrics counts it)
         self.lease = lease  # a claimed step is renewed every third of it while it runs
         self._drain = drain or InFlight()
@@ -214,7 +216,7 @@ class OnCall:
         # Set once the calls' recovery after a start has asked the API about attempts a crash
         # left half-done: only then does a ring of unknown outcome count as "maybe rung".
         self.calls_recovered = asyncio.Event()
-        self._speech = speech  # what a ring says: (team, alert title) → speech, or None
+        self._speech = speech  # what a ring says: (team, incident) → speech, or None
         self._calls = calls
         self._view = view
         self._throttles = throttles
@@ -228,6 +230,18 @@ class OnCall:
         )
         self._post_tasks: set[asyncio.Task[bool]] = set()  # refreshes off the hot path
 
+    def _locale_of(self, team: Team) -> str:
+        return team.locale or self._locale
+
+    def _note(self, of: Team, template: str, *, at: datetime, **params: str) -> str:
+        """A line of the post, in the team's language."""
+        return self._notes.say(self._locale_of(of), template, at=at, **params)
+
+    def _silenced_note(self, of: Team, silence: Silence, now: datetime) -> str:
+        return self._note(
+            of, notes.SILENCED, at=now, until=_hm(silence.ends_at), who=silence.created_by
+        )
+
     # configuration
 
     async def load(self, config: dict[str, object], *, region: str) -> tuple[int, int]:
@@ -237,10 +251,22 @@ class OnCall:
         teams = config.get("teams", {})
         if not isinstance(contacts, dict) or not isinstance(teams, dict):
             raise ValueError("[contacts] and [teams] must be tables")
-        for alias, number in contacts.items():
+        for alias, entry in contacts.items():
+            # `alice = "+55…"`, or `alice = { phone = "+55…", telegram = 1234 }`
+            number, telegram = (
+                (entry.get("phone", ""), entry.get("telegram"))
+                if isinstance(entry, dict)
+                else (entry, None)
+            )
             phone = parse_phone(str(number), region)
             await self._store.save_contact(
-                Contact(valid_alias(alias), phone.e164, phone.display), at=now
+                Contact(
+                    valid_alias(alias),
+                    phone.e164,
+                    phone.display,
+                    int(telegram) if telegram is not None else None,
+                ),
+                at=now,
             )
         for name, team in teams.items():
             if not isinstance(team, dict) or "chat_id" not in team:
@@ -249,12 +275,18 @@ class OnCall:
             fields = {k: team[k] for k in TEAM_FIELDS if k in team}
             if "members" in fields:
                 fields["members"] = [valid_alias(a) for a in fields["members"]]
+            if "locale" in fields and fields["locale"] not in LOCALES:
+                raise ValueError(f"team {name}: locale: one of {', '.join(LOCALES)}")
             for key in DURATION_FIELDS:
                 if key in fields:
                     try:
                         fields[key] = policy_duration(fields[key])
                     except ValueError as err:
                         raise ValueError(f"team {name}: {key}: {err}") from None
+            try:
+                fields |= rotation_fields(team)
+            except ValueError as err:
+                raise ValueError(f"team {name}: {err}") from None
             await self._store.save_team(
                 valid_alias(name),
                 chat_id=int(team["chat_id"]),
@@ -303,7 +335,7 @@ class OnCall:
                 at=now,
                 status="resolved",
                 next_action_at=None,
-                note=f"{_hm(now)} resolved",
+                note=self._note(team, notes.RESOLVED, at=now),
                 repost=True,
             )
             assert incident is not None
@@ -343,7 +375,7 @@ class OnCall:
                 alert_count=alert.count,
                 silence_id=silence.id if silence else None,
                 held_until=silence.ends_at if silence else None,
-                note=_silenced_note(silence, now) if silence else None,
+                notes=(self._silenced_note(team, silence, now),) if silence else (),
             ),
             at=now,
         )
@@ -351,6 +383,27 @@ class OnCall:
         log.info("incident %s for team %s: %s", incident.id, team.name, alert.source)
         await self._publish(incident.id)
         return "created", await self._store.incident(incident.id) or incident
+
+    async def test_page(self, team: Team, by: str) -> Incident:
+        """`/team test`: the team's plan for real (posts, rings, waits), labelled TEST, until
+        the first answer or Acknowledge ends it (or its plan runs out)."""
+        now = self.clock()
+        locale = self._locale_of(team)
+        incident = await self._store.create_incident(
+            NewIncident(
+                team_id=team.id,
+                dedup_key=f"test:{now.isoformat()}:{secrets.token_hex(4)}",
+                source=TEST_SOURCE,
+                title=self._notes.say(locale, notes.TEST_TITLE, team=team.name),
+                text=self._notes.say(locale, notes.TEST_TEXT),
+                notes=(self._note(team, notes.TEST_STARTED, at=now, who=by),),
+            ),
+            at=now,
+        )
+        self._wake.set()
+        log.info("test page %s for team %s", incident.id, team.name)
+        await self._publish(incident.id)
+        return await self._store.incident(incident.id) or incident
 
     async def _still_firing(self, incident: Incident, team: Team) -> tuple[str, Incident]:
         """A repeat of an alert whose escalation ran out: the same incident, paged again only
@@ -363,15 +416,16 @@ class OnCall:
                 at=now,
                 expected="exhausted",
                 fired=incident.fired + 1,
-                note=f"{_hm(now)} still firing {duration_text(team.repage_after)} after the "
-                "escalation ended: paging again",
+                note=self._note(
+                    team, notes.PAGING_AGAIN, at=now, after=duration_text(team.repage_after)
+                ),
             )
             if reopened is not None:
                 self._wake.set()
                 log.info("incident %s of team %s pages again", incident.id, team.name)
                 await self._publish(reopened.id)
                 return "repaged", reopened
-        tail = f"still firing, escalation exhausted at {_hm(ended)}"
+        tail = self._note(team, notes.STILL_FIRING, at=ended)
         said = bool(incident.notes) and incident.notes[-1].endswith(tail)
         updated, _ = await self._store.update_incident(
             incident.id,
@@ -393,7 +447,13 @@ class OnCall:
         return await self._silences.holding(team.id, labels, now)
 
     async def acknowledge(
-        self, incident_id: int, by: str, *, chat_id: int | None = None, admin: bool = False
+        self,
+        incident_id: int,
+        by: str,
+        *,
+        chat_id: int | None = None,
+        admin: bool = False,
+        note: str | None = None,
     ) -> Incident | None:
         """Stop the escalation and end the ring in progress; None when it was not firing.
 
@@ -410,14 +470,20 @@ class OnCall:
             raise CallbotError("ack_wrong_chat")
         now = self.clock()
         holds = timedelta(seconds=team.ack_timeout) if team.ack_timeout else None
+        test = incident.source == TEST_SOURCE
+        if test:  # the first answer or Acknowledge ends a test page
+            how = note or self._notes.say(self._locale_of(team), notes.TEST_ACKED, who=by)
+            note = self._note(team, notes.TEST_ENDED, at=now, how=how)
+            holds = None
         incident, changed = await self._store.update_incident(
             incident_id,
             at=now,
             only_if_firing=True,
-            status="acknowledged",
+            status="resolved" if test else "acknowledged",
             next_action_at=now + holds if holds else None,  # the acknowledgement's timeout
             acked_by=by,
             acked_at=now,
+            note=note,
             repost=True,
         )
         if incident is None or not changed:
@@ -545,8 +611,9 @@ class OnCall:
                 incident_id,
                 at=now,
                 expected="acknowledged",
-                note=f"{_hm(now)} acknowledged by {incident.acked_by or '?'} {held} ago and not "
-                "resolved: firing again",
+                note=self._note(
+                    team, notes.ACK_EXPIRED, at=now, who=incident.acked_by or "?", held=held
+                ),
                 skip_locked=True,  # another replica is restarting it
             )
             if reopened is not None:  # its post is refreshed alongside its first step
@@ -682,7 +749,7 @@ class OnCall:
                 fence=fence,
                 next_action_at=silence.ends_at,
                 silence_id=silence.id,
-                note=None if said else _silenced_note(silence, now),
+                note=None if said else self._silenced_note(team, silence, now),
             )
             return "silenced"
         if incident.silence_id is not None:
@@ -692,7 +759,7 @@ class OnCall:
                 only_if_firing=True,
                 repost=True,
                 silence_id=None,
-                note=f"{_hm(now)} silence over: paging",
+                note=self._note(team, notes.SILENCE_OVER, at=now),
             )
         if not steps:
             await self._update(
@@ -702,7 +769,7 @@ class OnCall:
                 status="exhausted",
                 next_action_at=None,
                 exhausted_at=now,
-                note=f"{_hm(now)} team {team.name} has nobody on its list",
+                note=self._note(team, notes.NOBODY_ON_LIST, at=now, team=team.name),
             )
             return "exhausted"
         if incident.step >= len(steps):
@@ -710,10 +777,11 @@ class OnCall:
                 incident,
                 team,
                 fence=fence,
-                status="exhausted",
+                # a test page that nobody answered is over; a real one stays open
+                status="resolved" if incident.source == TEST_SOURCE else "exhausted",
                 next_action_at=None,
                 exhausted_at=now,
-                note=f"{_hm(now)} nobody acknowledged: escalation ended",
+                note=self._note(team, notes.ENDED, at=now),
             )
             return "exhausted"
         alias = steps[incident.step]
@@ -725,7 +793,7 @@ class OnCall:
                 fence=fence,
                 step=incident.step + 1,
                 next_action_at=now,
-                note=f"{_hm(now)} {alias}: no such contact, skipped",
+                note=self._note(team, notes.NO_CONTACT, at=now, alias=alias),
             )
             return "skipped"
         held_until = await self._held(contact.phone, now)
@@ -735,7 +803,7 @@ class OnCall:
                 team,
                 fence=fence,
                 next_action_at=held_until,
-                note=f"{_hm(now)} throttle held the call to {alias} until {_hm(held_until)}",
+                note=self._note(team, notes.THROTTLED, at=now, alias=alias, until=_hm(held_until)),
             )
             return "throttled"
         request = CallRequest(
@@ -744,9 +812,9 @@ class OnCall:
             phone=Phone(contact.phone, contact.phone_display),
             note=incident.title,
             operator_name=f"on-call {team.name}",
-            locale=self._locale,
+            locale=self._locale_of(team),
             masked=True,
-            speech=self._speech(team.name, incident.title),
+            speech=self._speech(team, incident),
             origin="alert",
         )
         written: list[str] = []
@@ -761,7 +829,7 @@ class OnCall:
                 call_id=record.id,
                 phone=phone,
                 at=now,
-                note=f"{_hm(now)} calling {alias}",
+                note=self._note(team, notes.CALLING, at=now, alias=alias),
                 held=lambda rings: self._hold(rings, now),
                 window=self._window,
             )
@@ -782,7 +850,7 @@ class OnCall:
                 team,
                 fence=fence,
                 next_action_at=held.until,
-                note=f"{_hm(now)} throttle held the call to {alias} until {_hm(held.until)}",
+                note=self._note(team, notes.THROTTLED, at=now, alias=alias, until=_hm(held.until)),
             )
             return "throttled"
         except (CallbotError, PilotStatusError) as err:
@@ -805,14 +873,14 @@ class OnCall:
                     fence=fence,
                     step=incident.step + 1,
                     next_action_at=now,
-                    note=f"{_hm(now)} call to {alias} failed: {code}",
+                    note=self._note(team, notes.CALL_FAILED, at=now, alias=alias, code=code),
                 )
                 return "failed"
             [call_id] = written
             if isinstance(err, APIConnectionError) and err.maybe_sent:
-                note = f"{_hm(now)} call to {alias}: outcome unknown ({code}), not rung again"
+                note = self._note(team, notes.UNKNOWN_NOT_AGAIN, at=now, alias=alias, code=code)
             else:
-                note = f"{_hm(now)} call to {alias} failed: {code}"
+                note = self._note(team, notes.CALL_FAILED, at=now, alias=alias, code=code)
                 await self._store.drop_ring(call_id)
             await self._end_ring(
                 incident, team, call_id, note, step=incident.step + 1, next_action_at=now
@@ -820,7 +888,7 @@ class OnCall:
             return "failed"
         next_person = _next_person(steps, incident.step)
         if isinstance(outcome, NeedsPermission):
-            note = f"{_hm(now)} {alias} has not allowed WhatsApp calls"
+            note = self._note(team, notes.NO_PERMISSION, at=now, alias=alias)
             if outcome.probe.may_ask:
                 try:
                     await self._calls.request_permission(
@@ -828,19 +896,25 @@ class OnCall:
                         incident.title,
                         operator_id=SYSTEM,
                         chat_id=team.chat_id,
-                        locale=self._locale,
+                        locale=self._locale_of(team),
                         masked=True,
                     )
-                    note += ": permission request sent"
+                    note = self._note(team, notes.PERMISSION_ASKED, at=now, alias=alias)
                 except (CallbotError, PilotStatusError) as err:
-                    note += f": permission request failed ({describe(err).code})"
+                    note = self._note(
+                        team,
+                        notes.PERMISSION_ASK_FAILED,
+                        at=now,
+                        alias=alias,
+                        code=describe(err).code,
+                    )
             await self._update(
                 incident,
                 team,
                 fence=fence,
                 step=next_person,
                 next_action_at=now,
-                note=note + "; next person",
+                note=note,
             )
             return "no_permission"
         quota = _quota_note(outcome)
@@ -849,7 +923,9 @@ class OnCall:
             incident,
             team,
             outcome.record.id,
-            f"{_hm(now)} {quota}" if quota else None,
+            self._note(team, notes.QUOTA, at=now, used=quota[0], allowed=quota[1])
+            if quota
+            else None,
             step=incident.step + 1,
             call_id=outcome.record.id,
             next_action_at=now + timedelta(seconds=team.wait_seconds),
@@ -872,7 +948,7 @@ class OnCall:
             if not self.calls_recovered.is_set():
                 return None  # the calls' recovery (which asks the API) runs first; lease waits
             # Not even the API's list of calls could tell: maybe rung. Never ring it twice.
-            note = f"{_hm(now)} call to {alias}: outcome unknown, not rung again"
+            note = self._note(team, notes.UNKNOWN_AFTER_RESTART, at=now, alias=alias)
             await self._end_ring(
                 incident, team, call_id, note, step=incident.step + 1, next_action_at=now
             )
@@ -882,7 +958,7 @@ class OnCall:
             incident,
             team,
             call_id,
-            f"{_hm(now)} call to {alias} was placed before a restart",
+            self._note(team, notes.PLACED_BEFORE_RESTART, at=now, alias=alias),
             step=incident.step + 1,
             call_id=call_id,
             next_action_at=now if unanswered else now + timedelta(seconds=team.wait_seconds),
@@ -949,11 +1025,18 @@ class OnCall:
         team = await self._store.team_by_id(incident.team_id)
         assert team is not None
         now = self.clock()
-        if record.status == "ACCEPTED" and (team.answer_is_ack or _no_button(incident)):
-            await self.acknowledge(incident.id, f"{mask(record.phone_display)} (answered)")
+        if record.status == "ACCEPTED" and answer_acknowledges(team, incident):
+            who = mask(record.phone_display)
+            if incident.source == TEST_SOURCE:
+                how = self._notes.say(self._locale_of(team), notes.TEST_ANSWERED, who=who)
+            else:
+                how = self._note(team, notes.ANSWERED_ACK, at=now)
+            await self.acknowledge(incident.id, f"{who} (answered)", note=how)
             return
         if record.status == "ACCEPTED":
-            await self._update(incident, team, note=f"{_hm(now)} answered; waiting for Acknowledge")
+            await self._update(
+                incident, team, note=self._note(team, notes.ANSWERED_WAITING, at=now)
+            )
             return
         if record.status == states.NOT_STARTED and incident.ring_call_id == record.id:
             return  # its ring never went out: the step settles it and rings after all
@@ -962,7 +1045,15 @@ class OnCall:
             # Its ring may still be in flight (the end outran the POST's answer): the next
             # step is due now all the same.
             updated, changed = await self._store.ring_ended(
-                incident.id, record.id, at=now, note=f"{_hm(now)} not answered ({label})"
+                incident.id,
+                record.id,
+                at=now,
+                note=self._note(
+                    team,
+                    notes.NOT_ANSWERED,
+                    at=now,
+                    how=self._notes.ending(self._locale_of(team), label),
+                ),
             )
             if updated is not None and changed:
                 self._publish_soon(updated.id)
@@ -981,6 +1072,12 @@ class _Held(Exception):
         self.until = until
 
 
+def answer_acknowledges(team: Team, incident: Incident) -> bool:
+    """Whether answering a ring of this incident acknowledges it: the team says so, or it has
+    no Acknowledge to press."""
+    return team.answer_is_ack or incident.source == TEST_SOURCE or _no_button(incident)
+
+
 def _no_button(incident: Incident) -> bool:
     """The team has no Acknowledge to press: its post was never made, or its chat cannot be
     reached. Then answering the ring acknowledges."""
@@ -997,15 +1094,12 @@ def _next_person(steps: list[str], step: int) -> int:
     return len(steps)
 
 
-def _quota_note(started: Started) -> str | None:
+def _quota_note(started: Started) -> tuple[str, str] | None:
+    """(used, allowed) when a Meta quota is nearly spent."""
     for limit in started.limits:
         if limit.max_allowed and (limit.current_usage or 0) + 1 >= limit.max_allowed:
-            return f"Meta quota nearly spent: {limit.current_usage} of {limit.max_allowed}"
+            return str(limit.current_usage), str(limit.max_allowed)
     return None
-
-
-def _silenced_note(silence: Silence, now: datetime) -> str:
-    return f"{_hm(now)} silenced until {_hm(silence.ends_at)} by {silence.created_by}"
 
 
 def _hm(moment: datetime) -> str:

@@ -19,6 +19,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import delete, func, or_, select, text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from bot.oncall.schedules import Override, active
 from bot.storage.tables import ContactRow, IncidentRow, RingRow, TeamRow
 
 # Open: a repeat of its alert updates it. An exhausted escalation stays open (its alert is still
@@ -34,6 +35,7 @@ class Contact:
     alias: str
     phone: str
     phone_display: str
+    telegram_id: int | None = None  # who this person is in Telegram (`/oncall take`)
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,9 @@ class Team:
     answer_is_ack: bool
     ack_timeout: int = 4 * 3600  # seconds; 0: an acknowledgement holds for ever
     repage_after: int = 0  # seconds after exhaustion a repeat pages again; 0: never
+    layers: tuple[dict[str, object], ...] = ()  # rotation "layers": see bot/oncall/schedules.py
+    overrides: tuple[Override, ...] = ()  # who covers when, oldest first
+    locale: str | None = None  # what its rings speak and its post says; None: DEFAULT_LOCALE
 
 
 @dataclass(frozen=True)
@@ -88,7 +93,15 @@ class Incident:
 
     def shown(self) -> tuple[object, ...]:
         """What the post shows (to tell whether it changed while being posted)."""
-        return (self.status, self.fired, self.notes, self.acked_by, self.acked_at)
+        return (
+            self.status,
+            self.fired,
+            self.notes,
+            self.acked_by,
+            self.acked_at,
+            self.step,
+            self.next_action_at,
+        )
 
 
 @dataclass(frozen=True)
@@ -110,10 +123,14 @@ class NewIncident:
     links: tuple[str, ...] = ()
     items: tuple[str, ...] = ()
     alert_count: int = 1
-    # a silence holds it: its first step waits until then, with this note
+    notes: tuple[str, ...] = ()
+    # a silence holds it: its first step waits until then
     silence_id: int | None = None
     held_until: datetime | None = None
-    note: str | None = None
+
+
+def _contact(row: ContactRow) -> Contact:
+    return Contact(row.alias, row.phone, row.phone_display, row.telegram_id)
 
 
 def _team(row: TeamRow) -> Team:
@@ -132,6 +149,9 @@ def _team(row: TeamRow) -> Team:
         answer_is_ack=row.answer_is_ack,
         ack_timeout=row.ack_timeout,
         repage_after=row.repage_after,
+        layers=tuple(row.layers or ()),
+        overrides=tuple(Override.from_json(o) for o in row.overrides or ()),
+        locale=row.locale,
     )
 
 
@@ -183,6 +203,8 @@ class OnCallStore:
                 row = ContactRow(alias=contact.alias, created_at=at)
                 session.add(row)
             row.phone, row.phone_display = contact.phone, contact.phone_display
+            if contact.telegram_id is not None:
+                row.telegram_id = contact.telegram_id
 
     async def remove_contact(self, alias: str) -> bool:
         async with self._sessions.begin() as session:
@@ -193,12 +215,19 @@ class OnCallStore:
         async with self._sessions() as session:
             query = select(ContactRow).where(ContactRow.alias == alias)
             row = (await session.execute(query)).scalars().first()
-            return Contact(row.alias, row.phone, row.phone_display) if row else None
+            return _contact(row) if row else None
+
+    async def contact_of_user(self, telegram_id: int) -> Contact | None:
+        """The contact who is this Telegram user, if one says so."""
+        async with self._sessions() as session:
+            query = select(ContactRow).where(ContactRow.telegram_id == telegram_id)
+            row = (await session.execute(query.order_by(ContactRow.id))).scalars().first()
+            return _contact(row) if row else None
 
     async def contacts(self) -> list[Contact]:
         async with self._sessions() as session:
             rows = (await session.execute(select(ContactRow).order_by(ContactRow.alias))).scalars()
-            return [Contact(r.alias, r.phone, r.phone_display) for r in rows]
+            return [_contact(r) for r in rows]
 
     # teams
 
@@ -226,6 +255,8 @@ class OnCallStore:
                     members="",
                     ack_timeout=4 * 3600,
                     repage_after=0,
+                    layers=[],
+                    overrides=[],
                 )
                 session.add(row)
             row.chat_id = chat_id
@@ -235,6 +266,16 @@ class OnCallStore:
                 if key == "members":
                     value = " ".join(value)  # type: ignore[arg-type]
                 setattr(row, key, value)
+            await session.flush()
+            return _team(row)
+
+    async def add_override(self, team_id: int, override: Override, *, at: datetime) -> Team:
+        """Put `override` on top of the team's schedule; overrides already over are dropped."""
+        async with self._sessions.begin() as session:
+            query = select(TeamRow).where(TeamRow.id == team_id).with_for_update()
+            row = (await session.execute(query)).scalars().one()
+            kept = active((Override.from_json(o) for o in row.overrides or ()), at)
+            row.overrides = [o.as_json() for o in (*kept, override)]
             await session.flush()
             return _team(row)
 
@@ -293,7 +334,7 @@ class OnCallStore:
                 fired=1,
                 step=0,
                 next_action_at=new.held_until or at,
-                notes=[new.note] if new.note else [],
+                notes=list(new.notes),
                 created_at=at,
                 updated_at=at,
                 alert_items=list(new.items),

@@ -183,6 +183,8 @@ class ContactRow(Base):
     phone: Mapped[str] = mapped_column(Cut(20))
     phone_display: Mapped[str] = mapped_column(Cut(32))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    # the person's Telegram user id: `/oncall take` knows who "I" is
+    telegram_id: Mapped[int | None] = mapped_column(BigInteger, index=True)
 
 
 class TeamRow(Base):
@@ -195,7 +197,7 @@ class TeamRow(Base):
     chat_id: Mapped[int] = mapped_column(BigInteger, index=True)
     token_hash: Mapped[str] = mapped_column(Cut(64))  # sha256 of the alert intake token
     on_call: Mapped[str | None] = mapped_column(Cut(32, key=True))  # an alias; None: rotation/first
-    rotation: Mapped[str] = mapped_column(Cut(8), default="none")  # none | weekly
+    rotation: Mapped[str] = mapped_column(Cut(8), default="none")  # none | weekly | layers
     rotation_start: Mapped[datetime] = mapped_column(UTCDateTime())
     attempts_per_person: Mapped[int] = mapped_column(Integer, default=2)
     wait_seconds: Mapped[int] = mapped_column(Integer, default=300)
@@ -206,6 +208,13 @@ class TeamRow(Base):
     ack_timeout: Mapped[int] = mapped_column(Integer, default=14400, server_default="14400")
     # seconds after an exhausted escalation when a repeat of its alert pages again (0: never)
     repage_after: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # rotation "layers": its shifts (bot/oncall/schedules.py), each {"rotation", "members"?,
+    # "start"?}; a later layer wins where it has a shift
+    layers: Mapped[list[dict[str, object]]] = mapped_column(JSON, default=list, server_default="[]")
+    # its language (en, pt_BR): what its rings speak and its post says; None: DEFAULT_LOCALE
+    locale: Mapped[str | None] = mapped_column(Cut(8))
+    # who covers when: [{"alias", "start", "end", "by"}], ended ones dropped at the next write
+    overrides: Mapped[list[dict[str, str]]] = mapped_column(JSON, default=list, server_default="[]")
 
 
 class IncidentRow(Base):
