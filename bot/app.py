@@ -47,6 +47,9 @@ from bot.shared.pending import Pending, pending_store
 from bot.shared.redis import Keys
 from bot.shared.redis import connect as connect_redis
 from bot.shared.turns import LocalTurns, SharedTurns
+from bot.softphone.ice import ice_servers
+from bot.softphone.meta import MetaTalk
+from bot.softphone.signalling import RedisSignals
 from bot.storage.db import (
     ONCALL_FILE_LOCK,
     DatabaseInUse,
@@ -226,6 +229,7 @@ class CallbotApp:
         self.shelf = (
             audio_shelf(self.redis, self.keys, str(base), ttl=ttl) if base is not None else None
         )
+        relay = RedisRelay(self.redis, self.keys) if self.redis is not None else LocalRelay()
         self.voice = Voice(
             self.pilot,
             self.store,
@@ -241,8 +245,20 @@ class CallbotApp:
                 realtime_rate=settings.realtime_sample_rate,
             ),
             shelf=self.shelf,
-            relay=RedisRelay(self.redis, self.keys) if self.redis is not None else LocalRelay(),
+            relay=relay,
             default_text=self._say(spoken_default),
+        )
+        # the softphone on Meta numbers: the operator's browser bridged to the call's media
+        self.meta_talk = MetaTalk(
+            self.voice,
+            self.store,
+            admins=settings.admin_ids,
+            ice=ice_servers(settings),
+            signals=(
+                RedisSignals(self.redis, self.keys, relay.origin)
+                if self.redis is not None and isinstance(relay, RedisRelay)
+                else None
+            ),
         )
         self.in_flight = InFlight()  # what a shutdown lets finish
         self.calls = CallService(
@@ -389,6 +405,8 @@ class CallbotApp:
             )
         if self.voice.relay.shared:  # one subscriber per replica, for its Meta calls' media
             self._spawn(self.voice.relay.run(self.voice), "media relay")
+        if self.meta_talk.signals is not None:  # a browser's request for a call held here
+            self._spawn(self.meta_talk.run(), "softphone signalling")
         if self.redis is not None:  # replicas: one may die after the others started
             sweep = self.tracker.sweep_forever(ATTEMPT_SWEEP_SECONDS, ATTEMPT_SWEEP_AGE)
             self._spawn(sweep, "attempt sweep")
@@ -537,6 +555,7 @@ class CallbotApp:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         await self.voice.stop()
+        await self.meta_talk.stop()
         await self.tracker.stop()
         await self.oncall.close()
         with suppress(TimeoutError):

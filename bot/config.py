@@ -119,6 +119,11 @@ class Settings(BaseSettings):
 
     # voice: the bot's own WebRTC endpoint for Meta numbers, and spoken messages on any call
     stun_servers: UrlList = ("stun:stun.l.google.com:19302",)  # `none` for no STUN
+    # the softphone's browser leg on Meta numbers (bot.softphone): a TURN relay for operators
+    # behind networks that block direct UDP; its credential goes only to a browser that may join
+    turn_url: str | None = None
+    turn_username: str | None = None
+    turn_password: SecretStr | None = None
     media_max_calls: int = Field(default=10, ge=1, le=500)
     media_answer_timeout: float = Field(default=20.0, gt=0, le=120)
     media_connect_timeout: float = Field(default=10.0, gt=0, le=120)
@@ -160,6 +165,24 @@ class Settings(BaseSettings):
             if bad:
                 raise ValueError(f"not STUN URLs (stun:host:port): {', '.join(bad)}")
             return urls
+        return value
+
+    @field_validator("turn_url")
+    @classmethod
+    def _turn_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(
+            r"turns?:[\w.-]+(:\d{1,5})?(\?transport=(udp|tcp))?", value
+        ):
+            raise ValueError("not a TURN URL (turn:host:port, turns:host:port?transport=tcp)")
+        return value
+
+    @field_validator("turn_password", mode="after")
+    @classmethod
+    def _turn_credentials(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        if info.data.get("turn_url") is not None and (
+            value is None or not info.data.get("turn_username")
+        ):
+            raise ValueError("TURN_URL needs TURN_USERNAME and TURN_PASSWORD")
         return value
 
     @field_validator("pilot_status_webhook_token")

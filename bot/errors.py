@@ -100,3 +100,15 @@ def _describe_status(error: pe.APIStatusError) -> CallbotError:
     if error.status in _BY_STATUS:
         return CallbotError(_BY_STATUS[error.status], status)
     return CallbotError("api_unknown_code", status | {"code": "-", "message": error.message or "-"})
+
+
+@dataclass
+class TalkRefused(Exception):
+    """The softphone's answer to a browser it will not connect (bot.softphone): an HTTP status
+    and a short reason for the page; nothing was started."""
+
+    status: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.reason}"

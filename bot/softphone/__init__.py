@@ -1,0 +1,1 @@
+"""The softphone: an operator talks on a call from a Telegram Mini App."""
