@@ -134,6 +134,10 @@ class Settings(BaseSettings):
     # where Pilot Status can fetch audio the bot serves (/play on web numbers); else realtime
     public_base_url: AnyHttpUrl | None = None
     realtime_sample_rate: int = Field(default=16_000, ge=8_000, le=48_000)
+    # the Mini App softphone (PUBLIC_BASE_URL/app/): initData older than this is refused; the
+    # short name registered with BotFather (/newapp) makes group links t.me/<bot>/<name>
+    miniapp_init_data_max_age: int = Field(default=3600, ge=60, le=86400)
+    miniapp_short_name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_]{3,30}$")
 
     default_region: str = "BR"
     default_locale: Literal["en", "pt_BR"] = "en"

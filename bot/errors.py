@@ -66,6 +66,14 @@ class CallbotError(Exception):
         return self.code
 
 
+@dataclass
+class NotAllowed(CallbotError):
+    """A Mini App request refused before anything starts: bad, forged or expired initData
+    (401), or a user who may not act on that call (403)."""
+
+    status: int = 401
+
+
 def describe(error: BaseException) -> CallbotError:
     """Any error from the services or the client as a catalogue entry."""
     if isinstance(error, CallbotError):

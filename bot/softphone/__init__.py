@@ -1,1 +1,1 @@
-"""The softphone: an operator talks on a call from a Telegram Mini App."""
+"""The Mini App softphone: an operator talks with the callee from inside Telegram."""
