@@ -47,8 +47,10 @@ from bot.shared.pending import Pending, pending_store
 from bot.shared.redis import Keys
 from bot.shared.redis import connect as connect_redis
 from bot.shared.turns import LocalTurns, SharedTurns
+from bot.softphone.auth import InitDataCheck
 from bot.softphone.ice import ice_servers
 from bot.softphone.meta import MetaTalk
+from bot.softphone.meta_web import install_webrtc
 from bot.softphone.signalling import RedisSignals
 from bot.storage.db import (
     ONCALL_FILE_LOCK,
@@ -229,6 +231,11 @@ class CallbotApp:
         self.shelf = (
             audio_shelf(self.redis, self.keys, str(base), ttl=ttl) if base is not None else None
         )
+        self.access = AccessPolicy(
+            operator_ids=settings.caller_ids,
+            admin_ids=settings.admin_ids,
+            allowed_chat_ids=settings.allowed_chat_ids,
+        )
         relay = RedisRelay(self.redis, self.keys) if self.redis is not None else LocalRelay()
         self.voice = Voice(
             self.pilot,
@@ -252,7 +259,7 @@ class CallbotApp:
         self.meta_talk = MetaTalk(
             self.voice,
             self.store,
-            admins=settings.admin_ids,
+            access=self.access,
             ice=ice_servers(settings),
             signals=(
                 RedisSignals(self.redis, self.keys, relay.origin)
@@ -320,14 +327,9 @@ class CallbotApp:
 
     def _dispatcher(self) -> Dispatcher:
         settings = self.settings
-        access = AccessPolicy(
-            operator_ids=settings.caller_ids,
-            admin_ids=settings.admin_ids,
-            allowed_chat_ids=settings.allowed_chat_ids,
-        )
         dp = Dispatcher(
             settings=settings,
-            access=access,
+            access=self.access,
             number_types=self.number_types,
             calls=self.calls,
             pending_calls=self._pending("calls", CallRequest, settings.confirm_ttl_seconds),
@@ -374,6 +376,10 @@ class CallbotApp:
             readiness=self.readiness,
             telegram=self._telegram_route(),
         )
+        check = InitDataCheck(
+            settings.bot_token.get_secret_value(), settings.miniapp_init_data_max_age
+        )
+        install_webrtc(app, check, self.meta_talk)  # the softphone's Meta-number signalling
         limits = ConnectionLimits(
             header_timeout=settings.web_header_timeout,
             body_timeout=settings.web_body_timeout,

@@ -7,17 +7,20 @@ operator (the browser peer) hears, and how the call ends."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 
+import httpx
 import pytest
 
 from bot.calls.service import CallRequest, Started
-from bot.errors import TalkRefused
+from bot.errors import NotAllowed, TalkRefused
 from bot.phones import Phone
-from tests.conftest import ADMIN, OPERATOR, RunningBot, StartBot
+from tests.conftest import ADMIN, OPERATOR, TOKEN, RunningBot, StartBot
 from tests.fakes.meta_edge import MetaEdge
 from tests.fakes.pilot_status import MediaScenario
+from tests.miniapp import init_data
 from tests.softphone_peer import LOUD, BrowserPeer
 from tests.speech import espeak
 from tests.test_lifecycle import PHONE, command, shown
@@ -104,7 +107,7 @@ async def test_the_operator_and_the_callee_hear_each_other(talking: Joined) -> N
     await until(lambda: peer.loud_seconds() >= 1.0)
     # silence from the operator's microphone is silence at the callee's end
     await asyncio.sleep(0.3)
-    assert not any(r > LOUD for r in edge.rms[-10:])
+    assert not any(r > LOUD for r in edge.rms), max(edge.rms, default=0)
     # the operator speaks: the callee hears it from then on, and only then
     start = len(edge.rms)
     peer.mic.speak()
@@ -117,9 +120,9 @@ async def test_the_operator_and_the_callee_hear_each_other(talking: Joined) -> N
     stop = len(edge.rms)
     await asyncio.sleep(0.5)
     loud = [i for i, r in enumerate(edge.rms) if r > LOUD]
-    assert loud[0] >= start  # nothing before the operator spoke
-    assert 0.8 <= sum(1 for i in loud if i >= start) * 0.02 <= 1.5
-    assert not [i for i in loud if i > stop + 15]  # nothing once they stopped (300 ms slack)
+    assert loud[0] >= start, (loud[:5], start)  # nothing before the operator spoke
+    assert 0.7 <= len(loud) * 0.02 <= 1.6, (len(loud), start, stop)  # about the second spoken
+    assert not [i for i in loud if i > stop + 25], (loud[-5:], stop)  # 500 ms slack
     assert delay < 1.0, delay  # live, not queued (a loose bound; the figure is printed)
 
 
@@ -178,10 +181,10 @@ async def test_only_the_caller_or_an_admin_may_join(
 ) -> None:
     bot = await meta_bot(start_bot, SCENARIO)
     pilot_id = await talk_call(bot)
-    with pytest.raises(TalkRefused) as refused:
+    with pytest.raises(NotAllowed) as refused:
         await bot.app.meta_talk.join(pilot_id, 999, await peers().offer())
     assert refused.value.status == 403
-    with pytest.raises(TalkRefused) as refused:
+    with pytest.raises(NotAllowed) as refused:
         await bot.app.meta_talk.ice_servers(pilot_id, 999)
     assert refused.value.status == 403
     assert bot.app.meta_talk.talking == 0
@@ -192,9 +195,9 @@ async def test_only_the_caller_or_an_admin_may_join(
     with pytest.raises(TalkRefused) as refused:
         await bot.app.meta_talk.join(pilot_id, OPERATOR, await peers().offer())
     assert refused.value.status == 409
-    with pytest.raises(TalkRefused) as refused:
+    with pytest.raises(NotAllowed) as refused:
         await bot.app.meta_talk.join("no-such-call", OPERATOR, await peers().offer())
-    assert refused.value.status == 404
+    assert refused.value.status == 403  # as another's call: no probing for call ids
 
 
 async def test_joining_a_call_that_speaks_a_message_cuts_it_short(
@@ -242,7 +245,7 @@ async def test_a_browser_on_another_replica_talks_through_the_one_holding_the_ca
     pilot_id = await talk_call(a)
     assert b.voice.open_sessions == 0  # B holds no media
     # another operator's request is refused by B itself: nothing reaches A
-    with pytest.raises(TalkRefused) as refused:
+    with pytest.raises(NotAllowed) as refused:
         await b.meta_talk.join(pilot_id, 999, await peers().offer())
     assert refused.value.status == 403
     peer = peers()
@@ -261,3 +264,44 @@ async def test_a_browser_on_another_replica_talks_through_the_one_holding_the_ca
     a.pilot.emit_status(pilot_id, "COMPLETED")
     await until(peer.ended.is_set)
     await settled(a)
+
+
+# the Mini App's HTTP signalling
+
+
+async def test_the_page_s_offer_over_http_is_answered_only_for_good_init_data(
+    start_bot: StartBot, peers: Callable[[], BrowserPeer]
+) -> None:
+    bot = await meta_bot(start_bot, SCENARIO, web_port=0)
+    pilot_id = await talk_call(bot)
+    url = f"http://127.0.0.1:{bot.app.web_port}/app/api/calls/{pilot_id}/webrtc"
+    offer = await peers().offer()
+    expired = init_data(TOKEN, OPERATOR, auth_date=time.time() - 7200)
+    refusals = {
+        "forged": (init_data(TOKEN, OPERATOR, forge=True), 401),
+        "expired": (expired, 401),
+        "another operator's": (init_data(TOKEN, 999), 403),
+    }
+    async with httpx.AsyncClient(timeout=WAIT) as http:
+        for name, (data, status) in refusals.items():
+            header = {"Authorization": f"tma {data}"}
+            answer = await http.post(url, json={"sdp": offer}, headers=header)
+            assert answer.status_code == status, name
+            assert "sdp" not in answer.json()
+        assert bot.app.meta_talk.talking == 0  # nothing started
+        peer = peers()
+        mine = {"Authorization": f"tma {init_data(TOKEN, OPERATOR)}"}
+        answer = await http.post(url, json={"sdp": await peer.offer()}, headers=mine)
+        assert answer.status_code == 200
+        await peer.accept(answer.json()["sdp"])
+        await until(lambda: peer.loud_seconds() >= 0.3)
+        peer.mic.speak()
+        edge = edge_of(bot, pilot_id)
+        await first_loud(edge, 0)
+        muted = await http.post(f"{url}/mute", json={"muted": True}, headers=mine)
+        assert muted.status_code == 200 and muted.json() == {"muted": True}
+        await asyncio.sleep(0.3)
+        since = len(edge.rms)
+        await asyncio.sleep(0.5)
+        assert not any(r > LOUD for r in edge.rms[since:])
+        assert (await http.post(url, json={}, headers=mine)).status_code == 400

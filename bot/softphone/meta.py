@@ -23,8 +23,10 @@ from contextlib import suppress
 from typing import TYPE_CHECKING
 
 from bot import states
-from bot.errors import TalkRefused
+from bot.access import AccessPolicy
+from bot.errors import NotAllowed, TalkRefused
 from bot.pilot_status.models import NumberType
+from bot.softphone.auth import require_joiner
 from bot.softphone.ice import IceServer
 from bot.softphone.signalling import RedisSignals, TalkReply, TalkRequest
 from bot.storage.store import CallRecord, Store
@@ -44,14 +46,14 @@ class MetaTalk:
         voice: Voice,
         store: Store,
         *,
-        admins: frozenset[int],
+        access: AccessPolicy,
         ice: Sequence[IceServer] = (),
         signals: RedisSignals | None = None,
         grace: float = LEG_GRACE,
     ) -> None:
         self._voice = voice
         self._store = store
-        self._admins = admins
+        self._access = access
         self._ice = tuple(ice)
         self.signals = signals
         self.grace = grace
@@ -59,12 +61,12 @@ class MetaTalk:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def allowed(self, call_id: str, user_id: int) -> CallRecord:
-        """The live Meta call `call_id` if `user_id` may talk on it; else TalkRefused."""
+        """The live Meta call `call_id` if `user_id` may talk on it: else NotAllowed (403, an
+        unknown call too: no probing for call ids) or TalkRefused (409)."""
         record = await self._store.get_call(call_id)
         if record is None:
-            raise TalkRefused(404, "no such call")
-        if user_id != record.operator_id and user_id not in self._admins:
-            raise TalkRefused(403, "only the call's caller or an admin may join it")
+            raise NotAllowed("miniapp_not_your_call", status=403)
+        require_joiner(self._access, user_id, record.operator_id)
         if record.number_type != NumberType.META.value:
             raise TalkRefused(409, "not a Meta call")
         if states.is_terminal(record.status):
@@ -76,6 +78,13 @@ class MetaTalk:
         a browser that may join this Meta call."""
         await self.allowed(call_id, user_id)
         return self._ice
+
+    def ice_for(self, record: CallRecord) -> list[dict[str, object]]:
+        """The session JSON's `ice_servers` for a call the page's user was allowed to open:
+        TURN credentials only for a live Meta call (the browser needs them for its own leg)."""
+        if record.number_type != NumberType.META.value or states.is_terminal(record.status):
+            return []
+        return [server.model_dump(exclude_none=True) for server in self._ice]
 
     async def join(self, call_id: str, user_id: int, offer_sdp: str) -> str:
         """The browser's offer → our answer, made by the replica holding the call's media."""
