@@ -47,6 +47,9 @@ from bot.shared.pending import Pending, pending_store
 from bot.shared.redis import Keys
 from bot.shared.redis import connect as connect_redis
 from bot.shared.turns import LocalTurns, SharedTurns
+from bot.softphone.auth import InitDataCheck
+from bot.softphone.presence import presence
+from bot.softphone.web import Softphone
 from bot.storage.db import (
     ONCALL_FILE_LOCK,
     DatabaseInUse,
@@ -245,6 +248,11 @@ class CallbotApp:
             default_text=self._say(spoken_default),
         )
         self.in_flight = InFlight()  # what a shutdown lets finish
+        self.access = AccessPolicy(
+            operator_ids=settings.caller_ids,
+            admin_ids=settings.admin_ids,
+            allowed_chat_ids=settings.allowed_chat_ids,
+        )
         self.calls = CallService(
             self.pilot,
             self.number_types,
@@ -276,6 +284,16 @@ class CallbotApp:
         self.retention = Retention(
             RetentionStore(sessionmaker(self.engine)), days=settings.retention_days
         )
+        self.softphone = Softphone(
+            check=InitDataCheck(
+                settings.bot_token.get_secret_value(), settings.miniapp_init_data_max_age
+            ),
+            access=self.access,
+            calls=self.calls,
+            pilot=self.pilot,
+            sample_rate=settings.realtime_sample_rate,
+            presence=presence(self.redis, self.keys),
+        )
         self.dp = self._dispatcher()
         self.web: WebServer | None = None
         self.web_port: int | None = None
@@ -304,14 +322,9 @@ class CallbotApp:
 
     def _dispatcher(self) -> Dispatcher:
         settings = self.settings
-        access = AccessPolicy(
-            operator_ids=settings.caller_ids,
-            admin_ids=settings.admin_ids,
-            allowed_chat_ids=settings.allowed_chat_ids,
-        )
         dp = Dispatcher(
             settings=settings,
-            access=access,
+            access=self.access,
             number_types=self.number_types,
             calls=self.calls,
             pending_calls=self._pending("calls", CallRequest, settings.confirm_ttl_seconds),
@@ -357,6 +370,7 @@ class CallbotApp:
             metrics_token=metrics_token.get_secret_value() if metrics_token else None,
             readiness=self.readiness,
             telegram=self._telegram_route(),
+            softphone=self.softphone,
         )
         limits = ConnectionLimits(
             header_timeout=settings.web_header_timeout,
