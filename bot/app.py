@@ -51,7 +51,9 @@ from bot.softphone.auth import InitDataCheck
 from bot.softphone.ice import ice_servers
 from bot.softphone.meta import MetaTalk
 from bot.softphone.meta_web import install_webrtc
+from bot.softphone.presence import presence
 from bot.softphone.signalling import RedisSignals
+from bot.softphone.web import Softphone
 from bot.storage.db import (
     ONCALL_FILE_LOCK,
     DatabaseInUse,
@@ -299,6 +301,17 @@ class CallbotApp:
         self.retention = Retention(
             RetentionStore(sessionmaker(self.engine)), days=settings.retention_days
         )
+        self.softphone = Softphone(
+            check=InitDataCheck(
+                settings.bot_token.get_secret_value(), settings.miniapp_init_data_max_age
+            ),
+            access=self.access,
+            calls=self.calls,
+            pilot=self.pilot,
+            sample_rate=settings.realtime_sample_rate,
+            presence=presence(self.redis, self.keys),
+            ice_servers=lambda _user, record: self.meta_talk.ice_for(record),
+        )
         self.dp = self._dispatcher()
         self.web: WebServer | None = None
         self.web_port: int | None = None
@@ -375,11 +388,9 @@ class CallbotApp:
             metrics_token=metrics_token.get_secret_value() if metrics_token else None,
             readiness=self.readiness,
             telegram=self._telegram_route(),
+            softphone=self.softphone,
         )
-        check = InitDataCheck(
-            settings.bot_token.get_secret_value(), settings.miniapp_init_data_max_age
-        )
-        install_webrtc(app, check, self.meta_talk)  # the softphone's Meta-number signalling
+        install_webrtc(app, self.softphone.check, self.meta_talk)  # Meta numbers' signalling
         limits = ConnectionLimits(
             header_timeout=settings.web_header_timeout,
             body_timeout=settings.web_body_timeout,

@@ -8,6 +8,9 @@
 #   Skipped without it, unless CALLBOT_REQUIRE_PROMETHEUS=1.
 # - haproxy: tests/test_replicas.py runs it with deploy/haproxy.cfg in front of several bot
 #   processes. Skipped without it, unless CALLBOT_REQUIRE_HAPROXY=1.
+# - chromium (+ fonts-dejavu-core, so screenshots show text): the Mini App softphone's tests
+#   (tests/browser.py) drive Debian's headless Chromium with Playwright, never a downloaded
+#   browser. Skipped without it, unless CALLBOT_REQUIRE_BROWSER=1.
 # Debian's packages start system services (prometheus on :9090, haproxy with /etc/haproxy)
 # when they are installed. Tests never use them, so they must not run: the install is made under
 # a policy-rc.d that refuses every service start (exit 101, the documented "action forbidden"
@@ -15,7 +18,7 @@
 # disabled and stopped as well.
 PACKAGES="python3-gi gir1.2-gstreamer-1.0 gir1.2-gst-plugins-base-1.0 gir1.2-gst-plugins-bad-1.0
 gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-nice
-prometheus haproxy"
+prometheus haproxy chromium fonts-dejavu-core"
 # shellcheck disable=SC2086
 set -- $PACKAGES
 installed=$(dpkg-query -W -f='${db:Status-Abbrev}\n' "$@" 2>/dev/null | grep -c '^ii')

@@ -11,6 +11,7 @@ intake from monitoring, health.
 - `POST <path of TELEGRAM_WEBHOOK_URL>`: Telegram updates in webhook mode (bot/web/telegram.py).
 - `GET /healthz`: the process is alive. `GET /readyz`: 200 when the database answers and its
   schema is at the newest migration, 503 naming what is not ready otherwise (and while draining).
+- `/app/…`: the Mini App softphone and its API (bot/softphone/web.py).
 - `GET /metrics`: Prometheus text format (bot/metrics.py), behind `METRICS_TOKEN` when set.
 
 Each route has its own body limit (Pilot's events are small, an Alertmanager group of a few
@@ -38,6 +39,7 @@ from bot.oncall.alerts import Alert, parse_alertmanager, parse_generic, parse_gr
 from bot.oncall.engine import OnCall, valid_alias
 from bot.ops.metrics import CONTENT_TYPE, Metrics
 from bot.pilot_status.webhooks import parse_delivery
+from bot.softphone.web import Softphone
 from bot.storage.store import Unstorable
 from bot.voice.shelf import Shelf
 from bot.web.bodies import BODY, parse_json, read_body, refuse
@@ -79,6 +81,7 @@ def build_web_app(
     metrics_token: str | None = None,
     readiness: Readiness | None = None,
     telegram: tuple[str, Handler] | None = None,
+    softphone: Softphone | None = None,
 ) -> web.Application:
     app = web.Application(client_max_size=max_body, middlewares=[_contain()])
     app[TRACKER] = tracker
@@ -96,6 +99,8 @@ def build_web_app(
         app.router.add_get("/metrics", _metrics(metrics, metrics_token))
     if shelf is not None:
         app.router.add_get("/audio/{ref}.wav", shelf.serve)
+    if softphone is not None:  # the Mini App at /app/ (bot/softphone/web.py)
+        softphone.install(app)
     return app
 
 
