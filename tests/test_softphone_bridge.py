@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from bot.calls.service import CallRequest, Started
+from bot.config import ConfigError, load_settings
 from bot.errors import NotAllowed, TalkRefused
 from bot.phones import Phone
 from tests.conftest import ADMIN, OPERATOR, TOKEN, RunningBot, StartBot
@@ -305,3 +306,51 @@ async def test_the_page_s_offer_over_http_is_answered_only_for_good_init_data(
         await asyncio.sleep(0.5)
         assert not any(r > LOUD for r in edge.rms[since:])
         assert (await http.post(url, json={}, headers=mine)).status_code == 400
+
+
+async def test_the_turn_credential_goes_only_to_a_page_that_may_join_the_meta_call(
+    start_bot: StartBot, caplog: pytest.LogCaptureFixture
+) -> None:
+    bot = await meta_bot(
+        start_bot,
+        SCENARIO,
+        web_port=0,
+        turn_url="turn:turn.example.net:3478",
+        turn_username="callbot",
+        turn_password="s3cret-turn-pass",
+        log_level="DEBUG",
+    )
+    pilot_id = await talk_call(bot)
+    url = f"http://127.0.0.1:{bot.app.web_port}/app/api/calls/{pilot_id}"
+    async with httpx.AsyncClient(timeout=WAIT) as http:
+        mine = await http.get(url, headers={"Authorization": f"tma {init_data(TOKEN, OPERATOR)}"})
+        other = await http.get(url, headers={"Authorization": f"tma {init_data(TOKEN, 999)}"})
+    assert mine.status_code == 200
+    assert mine.json()["ice_servers"] == [
+        {
+            "urls": ["turn:turn.example.net:3478"],
+            "username": "callbot",
+            "credential": "s3cret-turn-pass",
+        }
+    ]
+    assert other.status_code == 403 and "s3cret-turn-pass" not in other.text
+    bot.pilot.emit_status(pilot_id, "COMPLETED")
+    await settled(bot)
+    async with httpx.AsyncClient(timeout=WAIT) as http:
+        ended = await http.get(url, headers={"Authorization": f"tma {init_data(TOKEN, OPERATOR)}"})
+    assert ended.json()["ice_servers"] == []  # nothing to join any more
+    assert "s3cret-turn-pass" not in caplog.text
+    assert "s3cret-turn-pass" not in repr(bot.app.settings) + repr(bot.app.meta_talk.__dict__)
+
+
+def test_turn_url_needs_a_username_and_password_and_a_turn_scheme() -> None:
+    base = {"_env_file": None, "bot_token": TOKEN, "pilot_status_api_key": "k", "admin_ids": "1"}
+    creds = {"turn_username": "u", "turn_password": "p"}
+    with pytest.raises(ConfigError) as missing:
+        load_settings(**base, turn_url="turn:turn.example.net:3478")
+    assert "TURN_PASSWORD: TURN_URL needs TURN_USERNAME and TURN_PASSWORD" in str(missing.value)
+    with pytest.raises(ConfigError) as scheme:
+        load_settings(**base, turn_url="https://turn.example.net", **creds)
+    assert "TURN_URL: not a TURN URL" in str(scheme.value)
+    good = load_settings(**base, turn_url="turns:turn.example.net:5349?transport=tcp", **creds)
+    assert good.turn_url == "turns:turn.example.net:5349?transport=tcp"
