@@ -6,34 +6,24 @@ hears, with the loop time each window arrived."""
 from __future__ import annotations
 
 import asyncio
-import fractions
-import math
-from array import array
 from typing import Any
 
 import av
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
-from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from aiortc.mediastreams import MediaStreamTrack
 
-from tests.fakes.meta_edge import RATE, WINDOW
+from tests.fakes.meta_edge import WINDOW, ToneTrack, collect_rms
 
 LOUD = 2000.0  # RMS of a 20 ms window that counts as sound (a 0.3 tone is ~6950)
 
 
-class Microphone(MediaStreamTrack):
+class Microphone(ToneTrack):
     """Real-time paced 440 Hz at 0.3 of full scale while `on`, silence otherwise."""
 
-    kind = "audio"
-
     def __init__(self) -> None:
-        super().__init__()
-        step = 2 * math.pi * 440 / RATE
-        self._pcm = array("h", (int(9830 * math.sin(step * n)) for n in range(RATE)))
-        self._silence = bytes(WINDOW * 2)
+        super().__init__(440.0, 0.3)
         self.on = False
         self.turned_on_at: float | None = None
-        self._pts = 0
-        self._start: float | None = None
 
     def speak(self, on: bool = True) -> None:
         self.on = on
@@ -41,23 +31,9 @@ class Microphone(MediaStreamTrack):
             self.turned_on_at = asyncio.get_running_loop().time()
 
     async def recv(self) -> av.AudioFrame:
-        if self.readyState != "live":
-            raise MediaStreamError
-        loop = asyncio.get_running_loop()
-        if self._start is None:
-            self._start = loop.time()
-        else:
-            wait = self._start + self._pts / RATE - loop.time()
-            if wait > 0:
-                await asyncio.sleep(wait)
-        offset = self._pts % RATE
-        pcm = self._pcm[offset : offset + WINDOW].tobytes() if self.on else self._silence
-        frame = av.AudioFrame(format="s16", layout="mono", samples=WINDOW)
-        frame.planes[0].update(pcm)
-        frame.sample_rate = RATE
-        frame.pts = self._pts
-        frame.time_base = fractions.Fraction(1, RATE)
-        self._pts += WINDOW
+        frame = await super().recv()
+        if not self.on:
+            frame.planes[0].update(bytes(WINDOW * 2))
         return frame
 
 
@@ -99,19 +75,10 @@ class BrowserPeer:
         task.add_done_callback(self._tasks.discard)
 
     async def _collect(self, track: MediaStreamTrack) -> None:
-        resampler = av.AudioResampler(format="s16", layout="mono", rate=RATE)
-        pending = array("h")
         loop = asyncio.get_running_loop()
-        while True:
-            try:
-                frame = await track.recv()
-            except MediaStreamError:
-                self.ended.set()
-                return
-            for out in resampler.resample(frame):
-                pending.frombytes(bytes(out.planes[0])[: out.samples * 2])
-            while len(pending) >= WINDOW:
-                window = pending[:WINDOW]
-                del pending[:WINDOW]
-                rms = math.sqrt(sum(s * s for s in window) / WINDOW)
-                self.heard.append((loop.time(), rms))
+
+        def window(rms: float) -> None:
+            self.heard.append((loop.time(), rms))
+
+        await collect_rms(track, window)
+        self.ended.set()

@@ -14,6 +14,8 @@ to the one holding the call's media.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -39,32 +41,39 @@ class MuteBody(BaseModel):
     muted: bool
 
 
+Body = TypeVar("Body", bound=BaseModel)
+
+
 def install_webrtc(app: web.Application, check: InitDataCheck, talk: MetaTalk) -> None:
-    async def offer(request: web.Request) -> web.StreamResponse:
+    async def offer(user_id: int, call: str, body: OfferBody) -> dict[str, object]:
+        return {"type": "answer", "sdp": await talk.join(call, user_id, body.sdp)}
+
+    async def mute(user_id: int, call: str, body: MuteBody) -> dict[str, object]:
+        await talk.mute(call, user_id, body.muted)
+        return {"muted": body.muted}
+
+    app.router.add_post("/app/api/calls/{call}/webrtc", _endpoint(check, OfferBody, offer))
+    app.router.add_post("/app/api/calls/{call}/webrtc/mute", _endpoint(check, MuteBody, mute))
+
+
+def _endpoint(
+    check: InitDataCheck,
+    body_type: type[Body],
+    act: Callable[[int, str, Body], Awaitable[dict[str, object]]],
+) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """A JSON endpoint: initData checked first, then the body, then `act`."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
         try:
             user = check.from_header(request.headers.get("Authorization"))
-            body = OfferBody.model_validate_json(await request.read())
-            answer = await talk.join(request.match_info["call"], user.id, body.sdp)
+            body = body_type.model_validate_json(await request.read())
+            result = await act(user.id, request.match_info["call"], body)
         except NotAllowed as err:
             return refuse(err.status, err.code)
         except TalkRefused as err:
             return refuse(err.status, err.reason)
-        except ValidationError:
-            return refuse(400, 'send {"sdp": <the offer>}')
-        return web.json_response({"type": "answer", "sdp": answer})
+        except ValidationError as err:
+            return refuse(400, f"bad body: {err.errors()[0]['msg']}"[:200])
+        return web.json_response(result)
 
-    async def mute(request: web.Request) -> web.StreamResponse:
-        try:
-            user = check.from_header(request.headers.get("Authorization"))
-            body = MuteBody.model_validate_json(await request.read())
-            await talk.mute(request.match_info["call"], user.id, body.muted)
-        except NotAllowed as err:
-            return refuse(err.status, err.code)
-        except TalkRefused as err:
-            return refuse(err.status, err.reason)
-        except ValidationError:
-            return refuse(400, 'send {"muted": true|false}')
-        return web.json_response({"muted": body.muted})
-
-    app.router.add_post("/app/api/calls/{call}/webrtc", offer)
-    app.router.add_post("/app/api/calls/{call}/webrtc/mute", mute)
+    return handle
