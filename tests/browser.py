@@ -128,7 +128,7 @@ async def open_miniapp(
     init_data: str,
     theme: dict[str, str] = LIGHT,
     platform: str = "android",
-    viewport: tuple[int, int] = (390, 560),
+    viewport: tuple[int, int] = (390, 360),
 ) -> Any:
     """A page at `url` as a Telegram client opens a Mini App (loopback only)."""
     context = await browser.new_context(
