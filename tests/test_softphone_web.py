@@ -10,7 +10,9 @@ import asyncio
 import itertools
 import math
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -90,22 +92,41 @@ async def speak_into(session: RealtimeRecord, pcm: bytes) -> None:
         await session.send_bytes(pcm[k * 2 * FRAME : (k + 1) * 2 * FRAME])
 
 
-async def test_a_web_number_talks_both_ways_in_the_browser(
-    start_bot: StartBot, tmp_path: Path
-) -> None:
+@dataclass
+class Talking:
+    bot: RunningBot
+    record: CallRecord
+    reply: SentMessage  # the call's message in the chat
+    page: Any  # the Mini App, in Chromium
+    session: RealtimeRecord  # the callee's side of Pilot's realtime socket
+
+
+@asynccontextmanager
+async def answered_in_the_browser(
+    start_bot: StartBot, tmp_path: Path, *, language_code: str = "en", **page: Any
+) -> AsyncIterator[Talking]:
+    """A `/call … talk` on a web number, its Mini App open in Chromium with a 440 Hz
+    microphone, and the callee answering: the page's talk socket is open."""
     chromium_path()
     bot = await talk_bot(start_bot)
     record, reply = await place(bot)
     pilot_id = record.pilot_call_id
     assert pilot_id is not None
     async with chromium(tone_wav(tmp_path / "mic.wav")) as browser:
-        page = await open_miniapp(
-            browser, app_url(bot, record), init_data=init_data(TOKEN, OPERATOR)
-        )
-        await page.wait_for_function("document.getElementById('callee').textContent !== '…'")
-        assert await page.text_content("#callee") == "+55 11 99999-9999"
+        init = init_data(TOKEN, OPERATOR, language_code=language_code)
+        tab = await open_miniapp(browser, app_url(bot, record), init_data=init, **page)
+        await tab.wait_for_function("document.getElementById('callee').textContent !== '…'")
+        assert await tab.text_content("#callee") == "+55 11 99999-9999"
         bot.pilot.emit_status(pilot_id, "ACCEPTED")
         session = await until(lambda: bot.pilot.realtime.get(pilot_id), what="talk socket")
+        yield Talking(bot, record, reply, tab, session)
+
+
+async def test_a_web_number_talks_both_ways_in_the_browser(
+    start_bot: StartBot, tmp_path: Path
+) -> None:
+    async with answered_in_the_browser(start_bot, tmp_path) as call:
+        bot, reply, page, session = call.bot, call.reply, call.page, call.session
         assert session.mode == "talk"
         # the operator's 440 Hz tone reaches the callee, as 20 ms frames of PCM16 at 16 kHz
         await until(lambda: sum(rms(f) > LOUD for f in session.frames) >= 25, what="tone")
@@ -162,22 +183,13 @@ async def test_a_web_number_talks_both_ways_in_the_browser(
 async def test_the_callee_hanging_up_ends_the_page_s_call_too(
     start_bot: StartBot, tmp_path: Path
 ) -> None:
-    chromium_path()
-    bot = await talk_bot(start_bot)
-    record, reply = await place(bot)
-    pilot_id = record.pilot_call_id
-    assert pilot_id is not None
-    async with chromium(tone_wav(tmp_path / "mic.wav")) as browser:
-        page = await open_miniapp(
-            browser,
-            app_url(bot, record),
-            init_data=init_data(TOKEN, OPERATOR, language_code="pt-br"),
-            theme=DARK,
-            platform="ios",
-        )
-        await page.wait_for_function("document.getElementById('status').textContent !== '…'")
-        bot.pilot.emit_status(pilot_id, "ACCEPTED")
-        session = await until(lambda: bot.pilot.realtime.get(pilot_id), what="talk socket")
+    in_call = answered_in_the_browser(
+        start_bot, tmp_path, language_code="pt-br", theme=DARK, platform="ios"
+    )
+    async with in_call as call:
+        bot, reply, page, session = call.bot, call.reply, call.page, call.session
+        pilot_id = call.record.pilot_call_id
+        assert pilot_id is not None
         await until(lambda: sum(rms(f) > LOUD for f in session.frames) >= 10, what="tone")
         await page.wait_for_function("document.getElementById('status').textContent === 'Atendida'")
         assert await page.text_content("#hangup") == "Desligar"
