@@ -353,3 +353,19 @@ async def test_call_talk_says_why_it_cannot_where_the_mini_app_cannot_open(
     reply = await command(bot, f"/call {PHONE} talk")
     assert "PUBLIC_BASE_URL" in reply.plain
     assert bot.pilot.calls_started() == []
+
+
+async def test_a_denied_microphone_is_explained_for_the_operator_s_client(
+    start_bot: StartBot,
+) -> None:
+    chromium_path()
+    bot = await talk_bot(start_bot)
+    record, _reply = await place(bot)
+    async with chromium(allow_microphone=False) as browser:
+        page = await open_miniapp(
+            browser, app_url(bot, record), init_data=init_data(TOKEN, OPERATOR), platform="tdesktop"
+        )
+        await page.wait_for_selector("#notice:not([hidden])", timeout=5000)
+        assert "remembers a first" in (await page.text_content("#notice") or "")
+        assert await page.is_disabled("#mute")
+        assert not await page.is_disabled("#hangup")  # the call can still be ended from here
