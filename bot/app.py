@@ -49,6 +49,7 @@ from bot.shared.redis import connect as connect_redis
 from bot.shared.turns import LocalTurns, SharedTurns
 from bot.softphone.auth import InitDataCheck
 from bot.softphone.ice import ice_servers
+from bot.softphone.links import TalkLinks
 from bot.softphone.meta import MetaTalk
 from bot.softphone.meta_web import install_webrtc
 from bot.softphone.presence import presence
@@ -194,6 +195,12 @@ class CallbotApp:
         self.store = Store(sessionmaker(self.engine))
         self.i18n = build_i18n(settings.default_locale)
         self.call_again: Pending[CallRequest] = self._pending("call_again", CallRequest, 24 * 3600)
+        base = settings.public_base_url
+        self.talk_links = (
+            TalkLinks(str(base), short_name=settings.miniapp_short_name)
+            if base is not None
+            else None
+        )
         self.live = LiveMessages(
             self.bot,
             self.i18n,
@@ -201,6 +208,7 @@ class CallbotApp:
             min_interval=settings.telegram_edit_interval,
             give_up_after=settings.telegram_edit_give_up_after,
             turns=SharedTurns(self.redis, self.keys) if self.redis is not None else LocalTurns(),
+            talk=self.talk_links,
         )
         webhooks = settings.pilot_status_webhook_token is not None
         poll = (
@@ -227,7 +235,6 @@ class CallbotApp:
         self.speaker = Speaker(
             settings.speech_engine, words_per_minute=settings.speech_words_per_minute
         )
-        base = settings.public_base_url
         # a /play URL lives while the call may still ring, and at least two minutes
         ttl = max(120.0, settings.call_ring_timeout + 60)
         self.shelf = (
@@ -352,6 +359,7 @@ class CallbotApp:
             oncall=self.oncall,
             oncall_store=self.oncall_store,
             i18n=self.i18n,
+            talk_links=self.talk_links,
         )
         dp.update.outer_middleware(UpdateMetricsMiddleware(self.metrics))  # sees duplicates too
         if not settings.webhook_mode:  # the webhook receiver claims its updates itself
@@ -635,7 +643,9 @@ class CallbotApp:
             )
 
 
-async def on_startup(bot: Bot, dispatcher: Dispatcher, number_types: NumberTypes) -> None:
+async def on_startup(
+    bot: Bot, dispatcher: Dispatcher, number_types: NumberTypes, talk_links: TalkLinks | None
+) -> None:
     i18n = dispatcher["i18n"]
     for locale in LOCALES:
         with i18n.context(), i18n.use_locale(locale):
@@ -643,6 +653,8 @@ async def on_startup(bot: Bot, dispatcher: Dispatcher, number_types: NumberTypes
         language = None if locale == "en" else locale.split("_")[0]
         await bot.set_my_commands(commands, language_code=language)
     me = await bot.get_me()
+    if talk_links is not None:  # groups' Talk links name the bot
+        talk_links.bot_username = me.username
     kind = "unknown (will probe again on the first /call)"
     try:
         number_type = await asyncio.wait_for(number_types.get(), STARTUP_PROBE_SECONDS)

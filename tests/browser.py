@@ -78,18 +78,22 @@ def tone_wav(
 
 
 @asynccontextmanager
-async def chromium(microphone: Path | None = None) -> AsyncIterator[Any]:
+async def chromium(
+    microphone: Path | None = None, *, allow_microphone: bool = True
+) -> AsyncIterator[Any]:
     """A headless Chromium whose microphone plays `microphone` (silence when None), with
-    media permission granted and autoplay allowed."""
+    autoplay allowed; the microphone permission is granted, or with `allow_microphone=False`
+    denied as a user who pressed "Block" would."""
     from playwright.async_api import async_playwright
 
     executable = chromium_path()
     args = [
-        "--use-fake-ui-for-media-stream",
         "--use-fake-device-for-media-stream",
         "--autoplay-policy=no-user-gesture-required",
         "--no-sandbox",  # CI runs as root
     ]
+    if allow_microphone:
+        args.append("--use-fake-ui-for-media-stream")
     if microphone is not None:
         args.append(f"--use-file-for-fake-audio-capture={microphone}")
     async with async_playwright() as playwright:
@@ -128,7 +132,7 @@ async def open_miniapp(
     init_data: str,
     theme: dict[str, str] = LIGHT,
     platform: str = "android",
-    viewport: tuple[int, int] = (390, 560),
+    viewport: tuple[int, int] = (390, 360),
 ) -> Any:
     """A page at `url` as a Telegram client opens a Mini App (loopback only)."""
     context = await browser.new_context(

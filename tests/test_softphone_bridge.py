@@ -358,3 +358,22 @@ def test_turn_url_needs_a_username_and_password_and_a_turn_scheme() -> None:
     assert "TURN_URL: not a TURN URL" in str(scheme.value)
     good = load_settings(**base, turn_url="turns:turn.example.net:5349?transport=tcp", **creds)
     assert good.turn_url == "turns:turn.example.net:5349?transport=tcp"
+
+
+async def test_call_talk_on_a_meta_number_plays_nothing_and_waits_for_the_operator(
+    start_bot: StartBot, espeak: str, peers: Callable[[], BrowserPeer]
+) -> None:
+    bot = await meta_bot(start_bot, SCENARIO, public_base_url="https://bot.example.com")
+    reply = await command(bot, f"/call {PHONE} talk")
+    assert ": started" in reply.plain
+    pilot_id = pilot_id_of(bot)
+    await shown(bot, reply, ": answered")
+    edge = edge_of(bot, pilot_id)
+    await until(lambda: len(edge.rms) >= 75)  # 1.5 s of the call: no message, no beeps
+    assert not any(r > LOUD for r in edge.rms)
+    peer = peers()
+    await join(bot, pilot_id, peer)
+    peer.mic.speak()
+    await first_loud(edge, 0)
+    record = await bot.app.store.get_call(pilot_id)
+    assert record is not None and record.status == "ACCEPTED"
