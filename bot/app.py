@@ -50,6 +50,14 @@ from bot.shared.pending import Pending, pending_store
 from bot.shared.redis import Keys
 from bot.shared.redis import connect as connect_redis
 from bot.shared.turns import LocalTurns, SharedTurns
+from bot.softphone.auth import InitDataCheck
+from bot.softphone.ice import ice_servers
+from bot.softphone.links import TalkLinks
+from bot.softphone.meta import MetaTalk
+from bot.softphone.meta_web import install_webrtc
+from bot.softphone.presence import presence
+from bot.softphone.signalling import RedisSignals
+from bot.softphone.web import Softphone
 from bot.storage.db import (
     ONCALL_FILE_LOCK,
     DatabaseInUse,
@@ -191,6 +199,12 @@ class CallbotApp:
         self.store = Store(sessionmaker(self.engine))
         self.i18n = build_i18n(settings.default_locale)
         self.call_again: Pending[CallRequest] = self._pending("call_again", CallRequest, 24 * 3600)
+        base = settings.public_base_url
+        self.talk_links = (
+            TalkLinks(str(base), short_name=settings.miniapp_short_name)
+            if base is not None
+            else None
+        )
         self.live = LiveMessages(
             self.bot,
             self.i18n,
@@ -198,6 +212,7 @@ class CallbotApp:
             min_interval=settings.telegram_edit_interval,
             give_up_after=settings.telegram_edit_give_up_after,
             turns=SharedTurns(self.redis, self.keys) if self.redis is not None else LocalTurns(),
+            talk=self.talk_links,
         )
         webhooks = settings.pilot_status_webhook_token is not None
         poll = (
@@ -224,12 +239,17 @@ class CallbotApp:
         self.speaker = Speaker(
             settings.speech_engine, words_per_minute=settings.speech_words_per_minute
         )
-        base = settings.public_base_url
         # a /play URL lives while the call may still ring, and at least two minutes
         ttl = max(120.0, settings.call_ring_timeout + 60)
         self.shelf = (
             audio_shelf(self.redis, self.keys, str(base), ttl=ttl) if base is not None else None
         )
+        self.access = AccessPolicy(
+            operator_ids=settings.caller_ids,
+            admin_ids=settings.admin_ids,
+            allowed_chat_ids=settings.allowed_chat_ids,
+        )
+        relay = RedisRelay(self.redis, self.keys) if self.redis is not None else LocalRelay()
         self.voice = Voice(
             self.pilot,
             self.store,
@@ -245,8 +265,20 @@ class CallbotApp:
                 realtime_rate=settings.realtime_sample_rate,
             ),
             shelf=self.shelf,
-            relay=RedisRelay(self.redis, self.keys) if self.redis is not None else LocalRelay(),
+            relay=relay,
             default_text=self._say(spoken_default),
+        )
+        # the softphone on Meta numbers: the operator's browser bridged to the call's media
+        self.meta_talk = MetaTalk(
+            self.voice,
+            self.store,
+            access=self.access,
+            ice=ice_servers(settings),
+            signals=(
+                RedisSignals(self.redis, self.keys, relay.origin)
+                if self.redis is not None and isinstance(relay, RedisRelay)
+                else None
+            ),
         )
         self.in_flight = InFlight()  # what a shutdown lets finish
         self.calls = CallService(
@@ -294,6 +326,17 @@ class CallbotApp:
         self.retention = Retention(
             RetentionStore(sessionmaker(self.engine)), days=settings.retention_days
         )
+        self.softphone = Softphone(
+            check=InitDataCheck(
+                settings.bot_token.get_secret_value(), settings.miniapp_init_data_max_age
+            ),
+            access=self.access,
+            calls=self.calls,
+            pilot=self.pilot,
+            sample_rate=settings.realtime_sample_rate,
+            presence=presence(self.redis, self.keys),
+            ice_servers=lambda _user, record: self.meta_talk.ice_for(record),
+        )
         self.dp = self._dispatcher()
         self.web: WebServer | None = None
         self.web_port: int | None = None
@@ -330,14 +373,9 @@ class CallbotApp:
 
     def _dispatcher(self) -> Dispatcher:
         settings = self.settings
-        access = AccessPolicy(
-            operator_ids=settings.caller_ids,
-            admin_ids=settings.admin_ids,
-            allowed_chat_ids=settings.allowed_chat_ids,
-        )
         dp = Dispatcher(
             settings=settings,
-            access=access,
+            access=self.access,
             number_types=self.number_types,
             calls=self.calls,
             pending_calls=self._pending("calls", CallRequest, settings.confirm_ttl_seconds),
@@ -349,6 +387,7 @@ class CallbotApp:
             heartbeats=self.heartbeats,
             silences=self.silences,
             i18n=self.i18n,
+            talk_links=self.talk_links,
         )
         dp.update.outer_middleware(UpdateMetricsMiddleware(self.metrics))  # sees duplicates too
         if not settings.webhook_mode:  # the webhook receiver claims its updates itself
@@ -386,7 +425,9 @@ class CallbotApp:
             readiness=self.readiness,
             telegram=self._telegram_route(),
             heartbeats=self.heartbeats,
+            softphone=self.softphone,
         )
+        install_webrtc(app, self.softphone.check, self.meta_talk)  # Meta numbers' signalling
         limits = ConnectionLimits(
             header_timeout=settings.web_header_timeout,
             body_timeout=settings.web_body_timeout,
@@ -418,6 +459,8 @@ class CallbotApp:
             )
         if self.voice.relay.shared:  # one subscriber per replica, for its Meta calls' media
             self._spawn(self.voice.relay.run(self.voice), "media relay")
+        if self.meta_talk.signals is not None:  # a browser's request for a call held here
+            self._spawn(self.meta_talk.run(), "softphone signalling")
         if self.redis is not None:  # replicas: one may die after the others started
             sweep = self.tracker.sweep_forever(ATTEMPT_SWEEP_SECONDS, ATTEMPT_SWEEP_AGE)
             self._spawn(sweep, "attempt sweep")
@@ -580,6 +623,7 @@ class CallbotApp:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         await self.voice.stop()
+        await self.meta_talk.stop()
         await self.tracker.stop()
         await self.oncall.close()
         if self.pulse is not None:
@@ -645,7 +689,9 @@ class CallbotApp:
             )
 
 
-async def on_startup(bot: Bot, dispatcher: Dispatcher, number_types: NumberTypes) -> None:
+async def on_startup(
+    bot: Bot, dispatcher: Dispatcher, number_types: NumberTypes, talk_links: TalkLinks | None
+) -> None:
     i18n = dispatcher["i18n"]
     for locale in LOCALES:
         with i18n.context(), i18n.use_locale(locale):
@@ -653,6 +699,8 @@ async def on_startup(bot: Bot, dispatcher: Dispatcher, number_types: NumberTypes
         language = None if locale == "en" else locale.split("_")[0]
         await bot.set_my_commands(commands, language_code=language)
     me = await bot.get_me()
+    if talk_links is not None:  # groups' Talk links name the bot
+        talk_links.bot_username = me.username
     kind = "unknown (will probe again on the first /call)"
     try:
         number_type = await asyncio.wait_for(number_types.get(), STARTUP_PROBE_SECONDS)

@@ -122,6 +122,11 @@ class Settings(BaseSettings):
 
     # voice: the bot's own WebRTC endpoint for Meta numbers, and spoken messages on any call
     stun_servers: UrlList = ("stun:stun.l.google.com:19302",)  # `none` for no STUN
+    # the softphone's browser leg on Meta numbers (bot.softphone): a TURN relay for operators
+    # behind networks that block direct UDP; its credential goes only to a browser that may join
+    turn_url: str | None = None
+    turn_username: str | None = None
+    turn_password: SecretStr | None = None
     media_max_calls: int = Field(default=10, ge=1, le=500)
     media_answer_timeout: float = Field(default=20.0, gt=0, le=120)
     media_connect_timeout: float = Field(default=10.0, gt=0, le=120)
@@ -132,6 +137,10 @@ class Settings(BaseSettings):
     # where Pilot Status can fetch audio the bot serves (/play on web numbers); else realtime
     public_base_url: AnyHttpUrl | None = None
     realtime_sample_rate: int = Field(default=16_000, ge=8_000, le=48_000)
+    # the Mini App softphone (PUBLIC_BASE_URL/app/): initData older than this is refused; the
+    # short name registered with BotFather (/newapp) makes group links t.me/<bot>/<name>
+    miniapp_init_data_max_age: int = Field(default=3600, ge=60, le=86400)
+    miniapp_short_name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_]{3,30}$")
 
     default_region: str = "BR"
     default_locale: Literal["en", "pt_BR"] = "en"
@@ -163,6 +172,24 @@ class Settings(BaseSettings):
             if bad:
                 raise ValueError(f"not STUN URLs (stun:host:port): {', '.join(bad)}")
             return urls
+        return value
+
+    @field_validator("turn_url")
+    @classmethod
+    def _turn_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(
+            r"turns?:[\w.-]+(:\d{1,5})?(\?transport=(udp|tcp))?", value
+        ):
+            raise ValueError("not a TURN URL (turn:host:port, turns:host:port?transport=tcp)")
+        return value
+
+    @field_validator("turn_password", mode="after")
+    @classmethod
+    def _turn_credentials(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        if info.data.get("turn_url") is not None and (
+            value is None or not info.data.get("turn_username")
+        ):
+            raise ValueError("TURN_URL needs TURN_USERNAME and TURN_PASSWORD")
         return value
 
     @field_validator("pilot_status_webhook_token")

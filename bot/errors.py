@@ -66,6 +66,14 @@ class CallbotError(Exception):
         return self.code
 
 
+@dataclass
+class NotAllowed(CallbotError):
+    """A Mini App request refused before anything starts: bad, forged or expired initData
+    (401), or a user who may not act on that call (403)."""
+
+    status: int = 401
+
+
 def describe(error: BaseException) -> CallbotError:
     """Any error from the services or the client as a catalogue entry."""
     if isinstance(error, CallbotError):
@@ -100,3 +108,15 @@ def _describe_status(error: pe.APIStatusError) -> CallbotError:
     if error.status in _BY_STATUS:
         return CallbotError(_BY_STATUS[error.status], status)
     return CallbotError("api_unknown_code", status | {"code": "-", "message": error.message or "-"})
+
+
+@dataclass
+class TalkRefused(Exception):
+    """The softphone's answer to a browser it will not connect (bot.softphone): an HTTP status
+    and a short reason for the page; nothing was started."""
+
+    status: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.reason}"

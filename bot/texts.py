@@ -251,6 +251,15 @@ ERRORS: dict[str, LazyProxy] = {
     ),
     "not_your_call": __("Only the operator who started this call, or an admin, can hang it up."),
     "call_already_ended": __("This call has already ended."),
+    "talk_unavailable": __(
+        "Talking from Telegram needs the bot's public https address (PUBLIC_BASE_URL). "
+        "Ask an admin to set it."
+    ),
+    "talk_needs_short_name": __(
+        "Telegram opens the softphone from a group only through the bot's Mini App link "
+        "(MINIAPP_SHORT_NAME). Ask an admin to set it, or use <code>/call … talk</code> in "
+        "a private chat with me."
+    ),
     "status_usage": __(
         "Usage: <code>/status &lt;call id&gt;</code>, or reply /status to a call's message."
     ),
@@ -853,6 +862,10 @@ def export_caption(days: int, rows: int) -> str:
 
 def button_hang_up() -> str:
     return _("📴 Hang up")
+
+
+def button_talk() -> str:
+    return _("🎧 Talk")
 
 
 def button_call_now() -> str:

@@ -31,6 +31,7 @@ from bot.config import Settings
 from bot.errors import CallbotError, describe
 from bot.oncall.engine import OnCall
 from bot.shared.pending import Pending, Taken
+from bot.softphone.links import TalkLinks
 from bot.storage.store import CallRecord
 from bot.texts import (
     button_ask_permission,
@@ -50,6 +51,7 @@ from handlers.people import operator_name, sender_id
 
 log = logging.getLogger(__name__)
 REPLY_TRIES = 3  # sends of a started call's reply when Telegram fails
+TALK = "talk"  # `/call <phone> talk`: the operator talks through the Mini App
 
 
 class ConfirmCall(CallbackData, prefix="call"):
@@ -84,12 +86,21 @@ async def call_command(
     pending_permissions: Pending[PendingPermission],
     i18n: I18n,
     oncall: OnCall,
+    talk_links: TalkLinks | None,
 ) -> None:
     user_id = sender_id(message)
     access.require_caller(user_id, message.chat.id)
     if not command.args:
         raise CallbotError("usage")
     phone, note = await oncall.callee(message.chat.id, command.args, region=settings.default_region)
+    talk = note is not None and note.strip().lower() == TALK
+    if talk:
+        # the operator speaks: nothing is said for them, and the Talk button must work here
+        if talk_links is None:
+            raise CallbotError("talk_unavailable")
+        if not talk_links.available(private=not _is_group(message)):
+            raise CallbotError("talk_needs_short_name")
+        note = None
     note, speech = spoken_note(cut_note(note), i18n.current_locale)
     request = CallRequest(
         operator_id=user_id or 0,
@@ -100,6 +111,7 @@ async def call_command(
         locale=i18n.current_locale,
         masked=_is_group(message),
         speech=speech,
+        talk=talk,  # a Meta call then plays nothing: it waits for the operator's voice
     )
     if request.masked:
         token = await pending_calls.put(request)
@@ -112,11 +124,13 @@ async def call_command(
     key = f"tg:{message.chat.id}:{message.message_id}"
     earlier = await calls.earlier_attempt(key)
     if earlier is not None:
-        await _show_earlier(message, earlier, calls)
+        await _show_earlier(message, earlier, calls, talk_links)
         return
     request = replace(request, request_key=key)
     outcome = await calls.start(request)
-    text, markup = await _render(outcome, request, pending_permissions=pending_permissions)
+    text, markup = await _render(
+        outcome, request, pending_permissions=pending_permissions, talk=talk_links
+    )
     if not isinstance(outcome, Started):
         await message.reply(text, reply_markup=markup)
         return
@@ -125,7 +139,9 @@ async def call_command(
         await calls.attach(outcome.record, sent.message_id)
 
 
-async def _show_earlier(message: Message, record: CallRecord, calls: CallService) -> None:
+async def _show_earlier(
+    message: Message, record: CallRecord, calls: CallService, talk: TalkLinks | None
+) -> None:
     """The /call message made an attempt already: its reply, as it would have been."""
     log.info("update of message %s again: attempt %s shown, no call", message.message_id, record.id)
     if record.pilot_call_id is None:
@@ -136,7 +152,7 @@ async def _show_earlier(message: Message, record: CallRecord, calls: CallService
     calls.resume(record)  # the replica that started it may have died
     if record.message_id is not None:
         return  # its reply was sent: that live message follows the call
-    sent = await _reply_started(message, call_text(record), call_markup(record), record)
+    sent = await _reply_started(message, call_text(record), call_markup(record, talk), record)
     if sent is not None:
         await calls.attach(record, sent.message_id)
 
@@ -168,6 +184,7 @@ async def confirm_call(
     calls: CallService,
     pending_calls: Pending[CallRequest],
     pending_permissions: Pending[PendingPermission],
+    talk_links: TalkLinks | None,
 ) -> None:
     request = await _take(query, pending_calls, callback_data.token)
     if request is None or not isinstance(query.message, Message):
@@ -177,7 +194,7 @@ async def confirm_call(
         await query.message.edit_text(cancelled_text())
         return
     await query.answer()
-    await _dial_from(query.message, request, access, calls, pending_permissions)
+    await _dial_from(query.message, request, access, calls, pending_permissions, talk_links)
 
 
 async def call_now(
@@ -187,6 +204,7 @@ async def call_now(
     calls: CallService,
     call_again: Pending[CallRequest],
     pending_permissions: Pending[PendingPermission],
+    talk_links: TalkLinks | None,
 ) -> None:
     """The button under "now allows calls": pressing it is the confirmation."""
     request = await _take(query, call_again, callback_data.token)
@@ -196,7 +214,7 @@ async def call_now(
     request = replace(
         request, operator_id=query.from_user.id, operator_name=operator_name(query.from_user)
     )
-    await _dial_from(query.message, request, access, calls, pending_permissions)
+    await _dial_from(query.message, request, access, calls, pending_permissions, talk_links)
 
 
 async def _dial_from(
@@ -205,6 +223,7 @@ async def _dial_from(
     access: AccessPolicy,
     calls: CallService,
     pending_permissions: Pending[PendingPermission],
+    talk: TalkLinks | None,
 ) -> None:
     """Start the call and let the pressed message follow it; it shows why if none started."""
     try:
@@ -216,7 +235,9 @@ async def _dial_from(
         # A one-time button, answered already: its message says why no call was started.
         await message.edit_text(error_text(describe(err)))
         raise
-    text, markup = await _render(outcome, request, pending_permissions=pending_permissions)
+    text, markup = await _render(
+        outcome, request, pending_permissions=pending_permissions, talk=talk
+    )
     try:
         await message.edit_text(text, reply_markup=markup)
     except TelegramAPIError as err:
@@ -284,6 +305,7 @@ async def _render(
     request: CallRequest,
     *,
     pending_permissions: Pending[PendingPermission],
+    talk: TalkLinks | None = None,
 ) -> tuple[str, InlineKeyboardMarkup | None]:
     masked = request.masked
     if isinstance(outcome, NeedsPermission):
@@ -297,7 +319,7 @@ async def _render(
             builder.button(text=button_ask_permission(), callback_data=AskPermission(token=token))
             markup = builder.as_markup()
         return needs_permission_text(outcome, request.phone, masked=masked), markup
-    return call_text(outcome.record, outcome.limits), call_markup(outcome.record)
+    return call_text(outcome.record, outcome.limits), call_markup(outcome.record, talk)
 
 
 def _confirm_keyboard(token: str) -> InlineKeyboardMarkup:

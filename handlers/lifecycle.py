@@ -19,6 +19,7 @@ from bot.calls.service import CallService
 from bot.config import Settings
 from bot.errors import CallbotError
 from bot.phones import parse_phone
+from bot.softphone.links import TalkLinks
 from bot.storage.store import CallRecord, Store, utcnow
 from bot.texts import (
     call_text,
@@ -69,12 +70,15 @@ async def status_command(
     access: AccessPolicy,
     calls: CallService,
     store: Store,
+    talk_links: TalkLinks | None,
 ) -> None:
     access.require_caller(sender_id(message), message.chat.id)
     ref = await _call_ref(message, command, store, "status_usage")
     record = await calls.refresh(ref)
     [shown] = _in_chat([record], message)
-    await message.reply(call_text(shown), reply_markup=call_markup(record))
+    # the Talk button is the kind its own chat allows (web_app only in private chats)
+    talk = talk_links if record.chat_id == message.chat.id else None
+    await message.reply(call_text(shown), reply_markup=call_markup(record, talk))
 
 
 async def hangup_command(

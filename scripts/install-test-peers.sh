@@ -11,6 +11,9 @@
 # - prometheus-alertmanager: tests/test_oncall_watch.py runs it on a free loopback port with the
 #   README's Watchdog route to the heartbeat endpoint. Skipped without it, unless
 #   CALLBOT_REQUIRE_ALERTMANAGER=1.
+# - chromium (+ fonts-dejavu-core, so screenshots show text): the Mini App softphone's tests
+#   (tests/browser.py) drive Debian's headless Chromium with Playwright, never a downloaded
+#   browser. Skipped without it, unless CALLBOT_REQUIRE_BROWSER=1.
 # Debian's packages start system services (prometheus on :9090, haproxy with /etc/haproxy,
 # alertmanager on :9093)
 # when they are installed. Tests never use them, so they must not run: the install is made under
@@ -19,7 +22,7 @@
 # disabled and stopped as well.
 PACKAGES="python3-gi gir1.2-gstreamer-1.0 gir1.2-gst-plugins-base-1.0 gir1.2-gst-plugins-bad-1.0
 gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-nice
-prometheus haproxy prometheus-alertmanager"
+prometheus haproxy prometheus-alertmanager chromium fonts-dejavu-core"
 # shellcheck disable=SC2086
 set -- $PACKAGES
 installed=$(dpkg-query -W -f='${db:Status-Abbrev}\n' "$@" 2>/dev/null | grep -c '^ii')

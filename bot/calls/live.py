@@ -40,6 +40,7 @@ from bot.oncall.engine import PostFailed
 from bot.phones import Phone
 from bot.shared.pending import Pending
 from bot.shared.turns import EditTurns, LocalTurns
+from bot.softphone.links import TalkLinks
 from bot.states import rank
 from bot.storage.oncall import Incident, Team
 from bot.storage.store import CallRecord, PermissionRequestRecord
@@ -47,6 +48,7 @@ from bot.texts import (
     button_acknowledge,
     button_call_now,
     button_hang_up,
+    button_talk,
     call_text,
     incident_text,
     incident_unposted_text,
@@ -70,10 +72,14 @@ class CallNow(CallbackData, prefix="again"):
     token: str
 
 
-def call_markup(record: CallRecord) -> InlineKeyboardMarkup | None:
+def call_markup(record: CallRecord, talk: TalkLinks | None = None) -> InlineKeyboardMarkup | None:
+    """A live call's buttons: 🎧 Talk (the Mini App softphone, when it is served) and Hang up."""
     if record.status not in LIVE or record.pilot_call_id is None:
         return None
     builder = InlineKeyboardBuilder()
+    talk_button = talk.button(record, button_talk()) if talk is not None else None
+    if talk_button is not None:
+        builder.add(talk_button)
     builder.button(text=button_hang_up(), callback_data=HangUp(call=record.id))
     return builder.as_markup()
 
@@ -112,7 +118,9 @@ class LiveMessages:
         min_interval: float = 1.0,
         give_up_after: float = 900.0,
         turns: EditTurns | None = None,
+        talk: TalkLinks | None = None,
     ) -> None:
+        self.talk = talk  # the 🎧 Talk button of live calls (PUBLIC_BASE_URL set)
         self._bot = bot
         self._i18n = i18n
         self._call_again = call_again
@@ -128,7 +136,7 @@ class LiveMessages:
         self._queue(
             (record.chat_id, record.message_id),
             record.locale,
-            lambda: (call_text(record), call_markup(record)),
+            lambda: (call_text(record), call_markup(record, self.talk)),
             call_order(record),
         )
 
@@ -272,7 +280,7 @@ class LiveMessages:
 
     async def announce(self, record: CallRecord) -> int | None:
         with self._i18n.context(), self._i18n.use_locale(record.locale):
-            text, markup = call_text(record), call_markup(record)
+            text, markup = call_text(record), call_markup(record, self.talk)
         try:
             sent = await self._bot.send_message(record.chat_id, text, reply_markup=markup)
         except (TelegramBadRequest, TelegramForbiddenError) as err:

@@ -58,6 +58,7 @@ class CallRequest:
     origin: str = "operator"  # or "alert": an on-call ring (counted apart in the metrics)
     # the Telegram message of a direct /call: a second attempt with it starts no call
     request_key: str | None = None
+    talk: bool = False  # the operator speaks (bot.softphone), no message is played
 
 
 @dataclass(frozen=True)
@@ -194,7 +195,9 @@ class CallService:
             limits = start_limits(probe)
         leg: Leg | None = None
         if self._voice is not None:
-            leg = await self._voice.prepare(number_type, request.speech, request.locale)
+            leg = await self._voice.prepare(
+                number_type, request.speech, request.locale, talk=request.talk
+            )
         elif request.speech is not None:
             raise CallbotError("speech_unavailable")
         try:

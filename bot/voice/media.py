@@ -7,6 +7,7 @@ aiortc and espeak-ng; the call service knows only these protocols.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal, Protocol
 
 from bot.pilot_status.models import NumberType
@@ -32,6 +33,14 @@ class MediaSession(Protocol):
 
     async def play(self, audio: Audio) -> None: ...
 
+    def listen(self, sink: Callable[[bytes], None] | None) -> None:
+        """Hand the far end's audio (20 ms of mono s16 48 kHz at a time) to `sink`."""
+        ...
+
+    def speak(self, pcm: bytes) -> None:
+        """Send 20 ms of live audio (mono s16 48 kHz) to the far end."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -50,10 +59,11 @@ class Leg(Protocol):
 
 class VoiceSide(Protocol):
     async def prepare(
-        self, number_type: NumberType, speech: Speech | None, locale: str
+        self, number_type: NumberType, speech: Speech | None, locale: str, *, talk: bool = False
     ) -> Leg | None:
         """Before the POST: the media leg (Meta) or the audio (a spoken message), or None when
-        the call needs neither. Raises CallbotError when it cannot (busy, no speech engine)."""
+        the call needs neither. `talk`: an operator will speak on it, nothing is played.
+        Raises CallbotError when it cannot (busy, no speech engine)."""
         ...
 
     def begin(self, leg: Leg, record: CallRecord) -> None:

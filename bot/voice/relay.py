@@ -127,6 +127,11 @@ class RedisRelay:
         self.subscribed = 0  # times the subscription was made (a reconnect adds one)
         self._claims: set[str] = set()
 
+    @property
+    def origin(self) -> str:
+        """This process, as its claims name it."""
+        return self._origin
+
     async def share_answer(self, ref: str, sdp: str) -> None:
         message = {"from": self._origin, "kind": "answer", "ref": ref, "sdp": sdp}
         try:

@@ -20,6 +20,7 @@ import importlib
 import logging
 import time
 from collections.abc import Callable, Coroutine
+from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -38,6 +39,8 @@ from bot.voice.sdp import SDPError
 from bot.voice.shelf import Shelf
 from bot.voice.speech import Audio, Speaker, Speech, SpeechError, tone
 
+RATE = 48_000  # what a Meta leg's audio is made at
+
 log = logging.getLogger(__name__)
 
 
@@ -53,6 +56,7 @@ class VoicePolicy:
     max_sessions: int = 10  # Meta calls with media at once
     realtime_rate: int = 16_000  # PCM16 sample rate on /realtime-session
     claim_lapse: float = CLAIM_TTL_SECONDS  # seconds between looks at calls left to a replica
+    talk_wait: float = 60.0  # seconds an answered talk call waits for its operator's voice
 
 
 class _Failure(Exception):
@@ -70,6 +74,7 @@ class VoiceLeg:
     session: MediaSession | None = None
     release: Callable[[], None] | None = None
     shelved: str | None = None  # the URL of its audio on the shelf, for /play
+    talk: bool = False  # an operator speaks on it (bot.softphone); nothing is played
 
     @property
     def offer_sdp(self) -> str | None:
@@ -115,6 +120,19 @@ class _Watch:
         return True
 
 
+@dataclass(eq=False)
+class TalkLine:
+    """A Meta call whose media this process holds, open to an operator's voice: the softphone's
+    bridge (bot.softphone.bridge) speaks and listens on `session`, says when it `joined`, and
+    `hang_up` ends the call (the operator hung up, or their browser is gone)."""
+
+    call_id: str
+    session: MediaSession
+    hang_up: Callable[[], Coroutine[Any, Any, None]]
+    joined: asyncio.Event = field(default_factory=asyncio.Event)
+    ended: asyncio.Event = field(default_factory=asyncio.Event)  # the call's media is closed
+
+
 # which part of the media did not come up → the reason the call's message gives
 _MEDIA_DOWN = {"ice": "media_no_connection", "dtls": "media_dtls_failed"}
 
@@ -154,6 +172,7 @@ class Voice:
         self._open = 0
         self._streaming = 0  # web calls streaming over /realtime-session now
         self._watches: dict[str, _Watch] = {}
+        self._lines: dict[str, TalkLine] = {}  # Meta calls of ours, by our call id
         self._refs: dict[str, str] = {}  # Pilot or external call id → our call id
         self._early: dict[str, tuple[float, str]] = {}  # answers that came before the POST's reply
         self._tasks: set[asyncio.Task[None]] = set()
@@ -172,8 +191,12 @@ class Voice:
 
     # before the call is placed
 
+    def line(self, call_id: str) -> TalkLine | None:
+        """The live Meta call `call_id` if this process holds its media."""
+        return self._lines.get(call_id)
+
     async def prepare(
-        self, number_type: NumberType, speech: Speech | None, locale: str
+        self, number_type: NumberType, speech: Speech | None, locale: str, *, talk: bool = False
     ) -> VoiceLeg | None:
         if number_type is not NumberType.META:
             return None if speech is None else VoiceLeg(await self._audio(speech))
@@ -181,7 +204,9 @@ class Voice:
             raise CallbotError("media_busy", {"max": str(self.policy.max_sessions)})
         self._open += 1  # the slot is taken before any await: two /calls cannot both pass
         try:
-            if speech is None and not self._speaker.available:
+            if talk:
+                audio = Audio(b"", RATE)
+            elif speech is None and not self._speaker.available:
                 # no engine: the callee still hears that the call is for them
                 audio = tone().repeated(self.policy.repeat, self.policy.gap)
             else:
@@ -197,7 +222,7 @@ class Voice:
                 raise
             log.exception("cannot open a media session")
             raise CallbotError("media_unavailable") from err
-        return VoiceLeg(audio, session, self._release)
+        return VoiceLeg(audio, session, self._release, talk=talk)
 
     def _release(self) -> None:
         self._open -= 1
@@ -290,7 +315,13 @@ class Voice:
         try:
             await self.relay.claim(record.id)  # other replicas leave this call to us
             if leg.session is not None:
-                await self._drive_meta(leg, leg.session, record, watch)
+                line = TalkLine(record.id, leg.session, lambda: self._hang_up_talk(record))
+                self._lines[record.id] = line
+                try:
+                    await self._drive_meta(leg, line, record, watch)
+                finally:
+                    line.ended.set()
+                    self._lines.pop(record.id, None)
             else:
                 await self._drive_web(leg, record, watch)
         except _Failure as failure:
@@ -312,8 +343,9 @@ class Voice:
             await self.relay.release(record.id)
 
     async def _drive_meta(
-        self, leg: VoiceLeg, session: MediaSession, record: CallRecord, watch: _Watch
+        self, leg: VoiceLeg, line: TalkLine, record: CallRecord, watch: _Watch
     ) -> None:
+        session = line.session
         await self._catch_up(record.id, watch)
         answer = await self._answer(record, watch)
         if answer is None:
@@ -340,9 +372,45 @@ class Voice:
             return
         if not heard:
             raise _Failure("media_no_rtp")
-        play = session.play(leg.audio)
-        if not (await self._unless_ended(watch, play))[0]:
-            await self._end(record, "COMPLETED", None, spoken=True)
+        if not leg.talk:
+            ended, _ = await self._unless_ended(watch, self._say_unless_joined(leg, line))
+            if ended:
+                return
+            if not line.joined.is_set():
+                await self._end(record, "COMPLETED", None, spoken=True)
+                return
+        # an operator speaks: the call lasts until either side hangs up (`line.hang_up`)
+        ended, joined = await self._unless_ended(watch, self._joined(line))
+        if ended:
+            return
+        if not joined:
+            log.info("call %s: no operator came to talk", record.id)
+            await self._end(record, "COMPLETED", None)
+            return
+        await watch.until(states.is_terminal)
+
+    async def _joined(self, line: TalkLine) -> bool:
+        """Whether an operator's voice is on the call, or comes within the policy's wait."""
+        with suppress(TimeoutError):
+            await asyncio.wait_for(line.joined.wait(), self.policy.talk_wait)
+        return line.joined.is_set()
+
+    async def _say_unless_joined(self, leg: VoiceLeg, line: TalkLine) -> None:
+        """The message, cut short when an operator's voice joins the call."""
+        play = asyncio.ensure_future(line.session.play(leg.audio))
+        joined = asyncio.ensure_future(line.joined.wait())
+        try:
+            await asyncio.wait({play, joined}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for step in (play, joined):
+                step.cancel()
+            await asyncio.gather(play, joined, return_exceptions=True)
+
+    async def _hang_up_talk(self, record: CallRecord) -> None:
+        """The operator hung up, or their browser left and did not come back."""
+        watch = self._watches.get(record.id)
+        if watch is not None and not states.is_terminal(watch.status):
+            await self._end(record, "COMPLETED", None)
 
     async def _answer(self, record: CallRecord, watch: _Watch) -> str | None:
         """Meta's SDP answer, from the webhook or the API, whichever is first; None if the call

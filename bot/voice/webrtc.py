@@ -17,6 +17,7 @@ import inspect
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from contextlib import suppress
 from typing import Literal
 
@@ -107,14 +108,36 @@ def _offer_rsa_ciphers_too() -> None:
 _offer_rsa_ciphers_too()
 
 
+LIVE_FRAMES = 6  # 120 ms: live audio queued beyond this is late, its oldest frames dropped
+
+
+class Rechunker:
+    """Decoded frames of any layout and rate → mono s16 48 kHz, in 20 ms pieces."""
+
+    def __init__(self) -> None:
+        self._resampler = av.AudioResampler(format="s16", layout="mono", rate=RATE)
+        self._pending = b""
+
+    def __call__(self, frame: av.AudioFrame) -> list[bytes]:
+        for out in self._resampler.resample(frame):
+            self._pending += bytes(out.planes[0])[: out.samples * 2]
+        size = len(SILENCE)
+        count = len(self._pending) // size
+        pieces = [self._pending[i * size : (i + 1) * size] for i in range(count)]
+        self._pending = self._pending[count * size :]
+        return pieces
+
+
 class MessageTrack(MediaStreamTrack):
-    """Real-time paced 20 ms frames: silence, or the message while one is playing."""
+    """Real-time paced 20 ms frames: the message while one is playing, else live audio fed by
+    `feed` (an operator's voice, a callee's), else silence."""
 
     kind = "audio"
 
     def __init__(self) -> None:
         super().__init__()
         self._chunks: deque[bytes] = deque()
+        self._live: deque[bytes] = deque(maxlen=LIVE_FRAMES)
         self._drained = asyncio.Event()
         self._drained.set()
         self._pts = 0
@@ -132,6 +155,10 @@ class MessageTrack(MediaStreamTrack):
         self._chunks.clear()
         self._drained.set()
 
+    def feed(self, pcm: bytes) -> None:
+        """20 ms of live mono s16 48 kHz audio, sent after what is queued before it."""
+        self._live.append(pcm)
+
     async def recv(self) -> av.AudioFrame:
         if self.readyState != "live":
             raise MediaStreamError
@@ -147,6 +174,8 @@ class MessageTrack(MediaStreamTrack):
             self.frames_of_sound += 1
             if not self._chunks:
                 self._drained.set()
+        elif self._live:
+            pcm = self._live.popleft()
         else:
             pcm = SILENCE
         frame = av.AudioFrame(format="s16", layout="mono", samples=FRAME)
@@ -167,6 +196,7 @@ class AiortcSession:
         self._connected = asyncio.Event()
         self._failed = asyncio.Event()
         self._closed = False
+        self._sink: Callable[[bytes], None] | None = None
         self.offer_sdp = ""
         pc.on("track", self._on_track)
         pc.on("connectionstatechange", self._on_state)
@@ -179,11 +209,25 @@ class AiortcSession:
         task.add_done_callback(self._listening.discard)
 
     async def _listen(self, track: MediaStreamTrack) -> None:
+        rechunk = Rechunker()
         with suppress(MediaStreamError):
-            await track.recv()  # the first frame decoded from the far end's RTP
+            frame = await track.recv()  # the first frame decoded from the far end's RTP
             self._heard.set()
             while True:
-                await track.recv()
+                sink = self._sink
+                if sink is not None and isinstance(frame, av.AudioFrame):
+                    for pcm in rechunk(frame):
+                        sink(pcm)
+                frame = await track.recv()
+
+    def listen(self, sink: Callable[[bytes], None] | None) -> None:
+        """Hand the far end's audio, 20 ms of mono s16 48 kHz at a time, to `sink` (None:
+        drop it again)."""
+        self._sink = sink
+
+    def speak(self, pcm: bytes) -> None:
+        """Send 20 ms of live audio to the far end (after the message, if one is playing)."""
+        self._track.feed(pcm)
 
     def _on_state(self) -> None:
         state = self._pc.connectionState

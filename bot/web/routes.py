@@ -13,6 +13,7 @@ intake from monitoring, health.
 - `POST <path of TELEGRAM_WEBHOOK_URL>`: Telegram updates in webhook mode (bot/web/telegram.py).
 - `GET /healthz`: the process is alive. `GET /readyz`: 200 when the database answers and its
   schema is at the newest migration, 503 naming what is not ready otherwise (and while draining).
+- `/app/…`: the Mini App softphone and its API (bot/softphone/web.py).
 - `GET /metrics`: Prometheus text format (bot/metrics.py), behind `METRICS_TOKEN` when set.
 
 Each route has its own body limit (Pilot's events are small, an Alertmanager group of a few
@@ -41,6 +42,7 @@ from bot.oncall.engine import OnCall, valid_alias
 from bot.oncall.heartbeats import Heartbeats, counts_as_ping
 from bot.ops.metrics import CONTENT_TYPE, Metrics
 from bot.pilot_status.webhooks import parse_delivery
+from bot.softphone.web import Softphone
 from bot.storage.oncall import Team
 from bot.storage.store import Unstorable
 from bot.voice.shelf import Shelf
@@ -84,6 +86,7 @@ def build_web_app(
     readiness: Readiness | None = None,
     telegram: tuple[str, Handler] | None = None,
     heartbeats: Heartbeats | None = None,
+    softphone: Softphone | None = None,
 ) -> web.Application:
     app = web.Application(client_max_size=max_body, middlewares=[_contain()])
     app[TRACKER] = tracker
@@ -103,6 +106,8 @@ def build_web_app(
         app.router.add_get("/metrics", _metrics(metrics, metrics_token))
     if shelf is not None:
         app.router.add_get("/audio/{ref}.wav", shelf.serve)
+    if softphone is not None:  # the Mini App at /app/ (bot/softphone/web.py)
+        softphone.install(app)
     return app
 
 

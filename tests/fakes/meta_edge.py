@@ -30,13 +30,23 @@ import fractions
 import math
 import re
 from array import array
+from collections.abc import Callable
 from typing import Any
 
 import av
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
-__all__ = ["RATE", "WINDOW", "MetaEdge", "MuteTrack", "ToneTrack", "add_ice_lite", "offer_problems"]
+__all__ = [
+    "RATE",
+    "WINDOW",
+    "MetaEdge",
+    "MuteTrack",
+    "ToneTrack",
+    "add_ice_lite",
+    "collect_rms",
+    "offer_problems",
+]
 
 RATE = 48000
 WINDOW = 960  # samples per 20 ms at 48 kHz
@@ -236,19 +246,37 @@ class MetaEdge:
         task.add_done_callback(self._tasks.discard)
 
     async def _collect(self, track: MediaStreamTrack) -> None:
-        resampler = av.AudioResampler(format="s16", layout="mono", rate=RATE)
-        pending = array("h")
-        while True:
-            try:
-                frame = await track.recv()
-            except MediaStreamError:
-                return
-            if not isinstance(frame, av.AudioFrame):
-                continue
+        def window(rms: float) -> None:
+            self.rms.append(rms)
+
+        def frame() -> None:
             self.frames_received += 1
-            for out in resampler.resample(frame):
-                pending.frombytes(bytes(out.planes[0])[: out.samples * 2])
-            while len(pending) >= WINDOW:
-                window = pending[:WINDOW]
-                del pending[:WINDOW]
-                self.rms.append(math.sqrt(sum(s * s for s in window) / WINDOW))
+
+        await collect_rms(track, window, on_frame=frame)
+
+
+async def collect_rms(
+    track: MediaStreamTrack,
+    on_window: Callable[[float], None],
+    *,
+    on_frame: Callable[[], None] | None = None,
+) -> None:
+    """Decode `track` to mono s16 at 48 kHz and hand `on_window` the RMS of every 20 ms, until
+    the track ends."""
+    resampler = av.AudioResampler(format="s16", layout="mono", rate=RATE)
+    pending = array("h")
+    while True:
+        try:
+            frame = await track.recv()
+        except MediaStreamError:
+            return
+        if not isinstance(frame, av.AudioFrame):
+            continue
+        if on_frame is not None:
+            on_frame()
+        for out in resampler.resample(frame):
+            pending.frombytes(bytes(out.planes[0])[: out.samples * 2])
+        while len(pending) >= WINDOW:
+            window = pending[:WINDOW]
+            del pending[:WINDOW]
+            on_window(math.sqrt(sum(s * s for s in window) / WINDOW))

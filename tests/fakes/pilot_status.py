@@ -268,6 +268,7 @@ class RealtimeRecord:
     token: str
     opened_at: float
     frames: list[bytes] = field(default_factory=list)
+    arrived: list[float] = field(default_factory=list)  # time.time() of each frame
     texts: list[str] = field(default_factory=list)
     closed_at: float | None = None
     closed: asyncio.Event = field(default_factory=asyncio.Event, repr=False, compare=False)
@@ -669,7 +670,7 @@ class FakePilotStatus:
         """Move a stored call (by id or externalCallId) to `status`; `fields` override DTO
         fields. Fills connectedAt on ACCEPTED, endedAt/durationSeconds on terminal states.
         A real change of status is sent to the `webhooks_to()` target, if any, and a
-        terminal one closes the call's Meta edge."""
+        terminal one closes the call's Meta edge and its realtime WebSocket."""
         call = self._find_call(call_id)
         if call is None:
             raise KeyError(call_id)
@@ -1093,6 +1094,9 @@ class FakePilotStatus:
         self._send_status_event(call)
         if status in _TERMINAL and call["id"] in self.edges:
             self._spawn(self._stop_media(call["id"]))
+        realtime = self.realtime.get(call["id"])
+        if status in _TERMINAL and realtime is not None and realtime.ws is not None:
+            self._spawn(realtime.ws.close())  # the call's media session ends with it
 
     def _send_status_event(self, call: Mapping[str, Any]) -> None:
         event = _STATUS_EVENTS.get(call["status"])
@@ -1303,6 +1307,7 @@ class FakePilotStatus:
             async for message in ws:
                 if message.type == aiohttp.WSMsgType.BINARY:
                     record.frames.append(message.data)
+                    record.arrived.append(time.time())
                 elif message.type == aiohttp.WSMsgType.TEXT:
                     record.texts.append(message.data)
         finally:

@@ -20,8 +20,8 @@ What it fakes:
   ``deleteMyCommands``, ``sendMessage``, ``sendDocument``, ``editMessageText``,
   ``editMessageReplyMarkup``, ``deleteMessage``, ``answerCallbackQuery``, ``sendChatAction``.
 * Telegram's HTML parse mode validation (``can't parse entities``), text length limits,
-  "message is not modified", inline keyboard validation (callback_data 1..64 bytes) and
-  double-answered callback queries.
+  "message is not modified", inline keyboard validation (callback_data 1..64 bytes; no
+  web_app button in a group: BUTTON_TYPE_INVALID) and double-answered callback queries.
 
 Test code feeds updates (``send_command``, ``press_button``, ``push_update``) and inspects
 what the bot did (``requests``, ``sent``, ``edits``, ``callback_answers``, ``commands``,
@@ -1164,6 +1164,8 @@ class FakeTelegram:
                     "can't parse inline keyboard button: "
                     "Text buttons are unallowed in the inline keyboard"
                 )
+            if "web_app" in button and str(params.get("chat_id", "")).startswith("-"):
+                raise _bad_request("BUTTON_TYPE_INVALID")  # web_app buttons: private chats only
             data = button.get("callback_data")
             if data is not None and not 1 <= len(str(data).encode()) <= MAX_CALLBACK_DATA_BYTES:
                 raise _bad_request("BUTTON_DATA_INVALID")

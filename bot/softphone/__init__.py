@@ -1,0 +1,1 @@
+"""The Mini App softphone: an operator talks with the callee from inside Telegram."""
