@@ -138,7 +138,7 @@ async def test_sigterm_mid_ring_records_the_ring_and_the_next_start_rings_nobody
     await asyncio.sleep(3.0)  # three leases: a step left unrecorded would be taken again
     assert posts_to(pilot, ALICE) == [post] and posts_to(pilot, BOB) == []
     [incident_post] = [m for m in messages(telegram, INFRA_CHAT) if m.plain.startswith("🚨")]
-    assert "calling alice" in incident_post.plain and "bob" not in incident_post.plain
+    assert "calling alice" in incident_post.plain and "calling bob" not in incident_post.plain
     assert await second.signal(signal.SIGTERM) == 0
 
 
