@@ -144,6 +144,20 @@ async def test_a_missed_heartbeat_opens_one_incident_that_pages_and_the_next_pin
     assert "✅ last ping" in await say(bot, "/heartbeat list", user=OPERATOR)
 
 
+async def test_a_portuguese_team_reads_its_missed_heartbeat_in_portuguese(
+    start_bot: StartBot, tmp_path: Path, clock: Clock
+) -> None:
+    bot = await watch_bot(start_bot, tmp_path, clock)
+    await say(bot, "/team policy infra locale=pt_BR")
+    pinged_at = clock.now
+    await ping(bot)
+    clock.advance(7 * 60 + 1)
+    assert await bot.app.heartbeats.check_due() == 1
+    post = await post_in(bot, INFRA_CHAT, "heartbeat backup ausente desde")
+    assert f"ausente desde {hm(pinged_at + timedelta(minutes=5))}" in post.plain
+    assert "esperado a cada 5 m, tolerância 2 m; último ping" in post.plain
+
+
 async def test_alertmanager_watchdog_body_is_a_ping_while_it_fires(
     start_bot: StartBot, tmp_path: Path, clock: Clock
 ) -> None:

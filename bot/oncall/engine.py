@@ -233,6 +233,10 @@ class OnCall:
     def _locale_of(self, team: Team) -> str:
         return team.locale or self._locale
 
+    def say(self, of: Team, template: str, **params: str) -> str:
+        """A template of bot.oncall.notes in the team's language (a heartbeat's incident)."""
+        return self._notes.say(self._locale_of(of), template, at=None, **params)
+
     def _note(self, of: Team, template: str, *, at: datetime, **params: str) -> str:
         """A line of the post, in the team's language."""
         return self._notes.say(self._locale_of(of), template, at=at, **params)

@@ -15,9 +15,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections.abc import Callable
 from datetime import datetime, timedelta
+from functools import partial
 
 from bot.errors import CallbotError
+from bot.oncall import notes
 from bot.oncall.alerts import Alert, parse_alertmanager
 from bot.oncall.engine import OnCall, duration_text, parse_duration, valid_alias
 from bot.storage.oncall import OnCallStore, Team
@@ -38,6 +41,9 @@ def interval_and_grace(interval: object, grace: object = 0) -> tuple[int, int]:
     return every, late
 
 
+Say = Callable[..., str]  # (template, **params) → the text in the team's language
+
+
 def parse_add(text: str) -> tuple[int, int]:
     """`every 5m grace 2m` (grace optional) → seconds."""
     match = _ADD.fullmatch(text.strip())
@@ -49,18 +55,26 @@ def parse_add(text: str) -> tuple[int, int]:
         raise CallbotError("heartbeat_usage") from None
 
 
-def missed_alert(heartbeat: Heartbeat, team: Team) -> Alert:
+def missed_alert(heartbeat: Heartbeat, team: Team, say: Say) -> Alert:
+    """The incident a missed heartbeat opens, written in the team's language by `say`."""
     since = heartbeat.expected_at
     last = heartbeat.last_ping_at
-    text = f"expected every {duration_text(heartbeat.interval_seconds)}"
+    every = duration_text(heartbeat.interval_seconds)
     if heartbeat.grace_seconds:
-        text += f", grace {duration_text(heartbeat.grace_seconds)}"
-    text += f"; last ping {last.strftime('%Y-%m-%d %H:%M')} UTC" if last else "; never pinged"
+        text = say(
+            notes.HEARTBEAT_EVERY_GRACE, every=every, grace=duration_text(heartbeat.grace_seconds)
+        )
+    else:
+        text = say(notes.HEARTBEAT_EVERY, every=every)
+    if last:
+        text += "; " + say(notes.HEARTBEAT_LAST_PING, last=last.strftime("%Y-%m-%d %H:%M"))
+    else:
+        text += "; " + say(notes.HEARTBEAT_NEVER)
     return Alert(
         source="heartbeat",
         dedup_key=dedup_key(heartbeat.name),
         firing=True,
-        title=f"heartbeat {heartbeat.name} missed since {since.strftime('%H:%M')}",
+        title=say(notes.HEARTBEAT_MISSED, name=heartbeat.name, since=notes.hm(since)),
         text=text,
         severity="critical",
         labels={"alertname": "heartbeat", "heartbeat": heartbeat.name, "team": team.name},
@@ -154,7 +168,9 @@ class Heartbeats:
             team = await self._teams.team_by_id(claimed.team_id)
             if team is None:
                 continue
-            _, incident = await self._oncall.intake(team, missed_alert(claimed, team))
+            _, incident = await self._oncall.intake(
+                team, missed_alert(claimed, team, partial(self._oncall.say, team))
+            )
             if await self._store.mark_missed(
                 claimed.id, fence=claimed.attempt, since=claimed.expected_at
             ):
