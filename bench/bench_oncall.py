@@ -162,15 +162,15 @@ async def part_timers(count: int) -> dict[str, Any]:
     await pilot.start()
     app = await build(peer, pilot, teams=count, members=2)
     late: list[float] = []
-    claim = app.oncall_store.claim
+    claim = app.oncall_store.claim_next
 
-    async def timed_claim(incident_id: int, now: Any, lease: Any) -> Any:
-        incident = await claim(incident_id, now, lease)
+    async def timed_claim(now: Any, lease: Any, **kwargs: Any) -> Any:
+        incident = await claim(now, lease, **kwargs)
         if incident is not None and incident.step == 1 and incident.next_action_at is not None:
             late.append((utcnow() - incident.next_action_at).total_seconds() * 1000)
         return incident
 
-    app.oncall_store.claim = timed_claim  # type: ignore[method-assign]
+    app.oncall_store.claim_next = timed_claim  # type: ignore[method-assign]
     try:
         await send_alerts(app, range(count))
         await wait_for_posts(pilot, 2 * count, 60)

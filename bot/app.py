@@ -59,7 +59,7 @@ from bot.storage.db import (
     schema_revision,
     sessionmaker,
 )
-from bot.storage.oncall import OnCallStore
+from bot.storage.oncall import OnCallStore, PostShare
 from bot.storage.retention import RetentionStore
 from bot.storage.store import Store, utcnow
 from bot.telegram.ledger import MemoryLedger, RedisLedger, UpdateLedger
@@ -264,6 +264,9 @@ class CallbotApp:
             locale=settings.default_locale,
             speech=self._alert_speech,
             lease=timedelta(seconds=settings.oncall_lease_seconds),
+            post_share=PostShare(settings.oncall_posts_per_minute)
+            if settings.oncall_posts_per_minute
+            else None,
             drain=self.in_flight,
             admins=tuple(sorted(settings.admin_ids)),
             on_step=self.metrics.step,

@@ -45,7 +45,15 @@ from bot.oncall.alerts import Alert
 from bot.ops.shutdown import InFlight
 from bot.phones import Phone, mask, parse_phone, split_phone_and_note
 from bot.pilot_status.errors import APIConnectionError, PilotStatusError
-from bot.storage.oncall import Contact, Held, Incident, NewIncident, OnCallStore, Team
+from bot.storage.oncall import (
+    Contact,
+    Held,
+    Incident,
+    NewIncident,
+    OnCallStore,
+    PostShare,
+    Team,
+)
 from bot.storage.store import CallRecord, utcnow
 from bot.voice.speech import Speech
 
@@ -125,6 +133,11 @@ class IncidentView(Protocol):
 
     async def show_incident(self, incident: Incident, team: Team) -> None: ...
 
+    async def post_digest(self, head: Incident, lines: list[Incident], team: Team) -> int:
+        """Like post_incident, for a digest: one post listing `lines`, each with its own
+        Acknowledge button while it fires."""
+        ...
+
     async def tell_admins(
         self, incident: Incident, team: Team, admins: tuple[int, ...], reason: str
     ) -> int:
@@ -189,6 +202,7 @@ class OnCall:
         clock: Callable[[], datetime] = utcnow,
         speech: Callable[[str, str], Speech | None] = lambda _team, _title: None,
         lease: timedelta = LEASE,
+        post_share: PostShare | None = None,
         drain: InFlight | None = None,
         admins: tuple[int, ...] = (),
         on_step: Callable[[str], None] | None = None,
@@ -196,9 +210,11 @@ class OnCall:
         self._store = store
         self._on_step = on_step  # told what each step did (bot.ops.metrics counts it)
         self.lease = lease  # a claimed step is renewed every third of it while it runs
+        self.post_share = post_share  # a team's posts a minute; past it, a digest (None: off)
         self._drain = drain or InFlight()
         self._running: set[int] = set()  # incidents whose step this process is running
         self._stopping = False
+        self._timer_running = False  # run_forever runs: intake may take first steps itself
         # Set once the calls' recovery after a start has asked the API about attempts a crash
         # left half-done: only then does a ring of unknown outcome count as "maybe rung".
         self.calls_recovered = asyncio.Event()
@@ -215,6 +231,12 @@ class OnCall:
             weakref.WeakValueDictionary()
         )
         self._post_tasks: set[asyncio.Task[bool]] = set()  # refreshes off the hot path
+        # one ring of a number at a time from this process; a lock lives while it is used
+        self._dialing: weakref.WeakValueDictionary[str, asyncio.Lock] = (
+            weakref.WeakValueDictionary()
+        )
+        self._step_tasks: set[asyncio.Task[None]] = set()  # first steps, started by intake
+        self._ringing: dict[int, asyncio.Event] = {}  # set once a first step's ring is sent
 
     # configuration
 
@@ -330,11 +352,54 @@ class OnCall:
                 alert_count=alert.count,
             ),
             at=now,
+            claim=self.lease if self._rings_at_intake else None,
+            share=self.post_share,
         )
-        self._wake.set()  # its first step is due now: a page does not wait for Telegram
         log.info("incident %s for team %s: %s", incident.id, team.name, alert.source)
+        if not self._rings_at_intake:
+            self._wake.set()  # its first step is due now: the timer (maybe another's) takes it
+        else:
+            rung = self._ring_first(incident, now)
+            with suppress(TimeoutError):  # the post waits for the ring to be on its way
+                async with asyncio.timeout(POST_WAIT):
+                    await rung.wait()
         await self._publish(incident.id)
         return "created", await self._store.incident(incident.id) or incident
+
+    @property
+    def _rings_at_intake(self) -> bool:
+        """Whether this process takes a new incident's first step itself: while its timer runs
+        steps (a process without one, ONCALL_TICK_SECONDS=0, leaves them to the replicas that
+        have one), and not once it is stopping."""
+        return self._timer_running and not self._stopping
+
+    def _ring_first(self, incident: Incident, now: datetime) -> asyncio.Event:
+        """The first step of a new incident, claimed when it was created, runs at once: not
+        after the timer's next look, and not after the post, which follows from its write
+        ahead, in parallel with the POST. Returns an event set once the ring is written ahead
+        (its POST going out) or the step ended. A shutdown waits for it like any step."""
+        self._running.add(incident.id)
+        rung = self._ringing[incident.id] = asyncio.Event()
+
+        async def step() -> None:
+            try:
+                async with self._drain.track():
+                    await self._step(incident, now)
+            finally:
+                rung.set()
+                if self._ringing.get(incident.id) is rung:
+                    del self._ringing[incident.id]
+
+        task = asyncio.create_task(step(), name=f"step {incident.id}")
+        self._step_tasks.add(task)
+        task.add_done_callback(self._first_step_done)
+        return rung
+
+    def _first_step_done(self, task: asyncio.Task[None]) -> None:
+        self._step_tasks.discard(task)
+        if not task.cancelled() and (error := task.exception()) is not None:
+            # Its lease runs out and the timer takes the step again.
+            log.error("first on-call step failed", exc_info=error)
 
     async def _still_firing(self, incident: Incident, team: Team) -> tuple[str, Incident]:
         """A repeat of an alert whose escalation ran out: the same incident, paged again only
@@ -432,7 +497,11 @@ class OnCall:
             log.error("post refresh failed; the timer retries it", exc_info=error)
 
     async def close(self) -> None:
-        """Let post refreshes in flight finish (bounded), then cancel what is left."""
+        """Let post refreshes in flight finish (bounded), then cancel what is left. First
+        steps still running after the drain are cut off (their lease retakes them)."""
+        for step in list(self._step_tasks):
+            step.cancel()
+        await asyncio.gather(*self._step_tasks, return_exceptions=True)
         if self._post_tasks:
             await asyncio.wait(list(self._post_tasks), timeout=POST_WAIT)
         for task in list(self._post_tasks):
@@ -450,6 +519,8 @@ class OnCall:
                 return False
             team = await self._store.team_by_id(incident.team_id)
             assert team is not None
+            if incident.digest_head:
+                return await self._publish_digest(incident, team)
             try:
                 async with asyncio.timeout(POST_WAIT):
                     message_id = await self._view.post_incident(incident, team)
@@ -465,6 +536,31 @@ class OnCall:
                 return True
             await self._post_failed(incident, team, failure)
             return False
+
+    async def _publish_digest(self, head: Incident, team: Team) -> bool:
+        """One attempt at a digest post (claimed, as its head's post): edited only when a line
+        shows something new, so a storm's escalation notes cost no message."""
+        lines = await self._store.digest_lines(head.id)
+        shown = _fingerprint(lines)
+        if head.post_message_id is not None and shown == head.digest_shown:
+            await self._store.post_done(head.id, head.post_message_id, shown=shown)
+            return True
+        try:
+            async with asyncio.timeout(POST_WAIT):
+                message_id = await self._view.post_digest(head, lines, team)
+        except TimeoutError:
+            failure = PostFailed("no answer from Telegram", unreachable=False)
+        except PostFailed as err:
+            failure = err
+        else:
+            await self._store.post_done(head.id, message_id, shown=shown)
+            if _fingerprint(await self._store.digest_lines(head.id)) != shown:
+                # a line changed while it was being posted: the newest state is shown last
+                await self._store.update_incident(head.id, at=self.clock(), repost=True)
+                self._publish_soon(head.id)
+            return True
+        await self._post_failed(head, team, failure)
+        return False
 
     async def _post_failed(self, incident: Incident, team: Team, failure: PostFailed) -> None:
         now = self.clock()
@@ -566,6 +662,7 @@ class OnCall:
     async def run_forever(self, tick: float) -> None:
         """Take due steps, then sleep until the next timer (at most `tick`), or until a new
         incident wakes it. Ends after `stop()`."""
+        self._timer_running = True
         while not self._stopping:
             delay = tick
             self._wake.clear()  # before looking: an incident arriving meanwhile wakes the wait
@@ -723,9 +820,14 @@ class OnCall:
                 raise _Held(ringing.until)
             written.append(record.id)
             self._publish_soon(ringing.id)
+            if (rung := self._ringing.get(incident.id)) is not None:
+                rung.set()  # intake's wait for the post to follow the ring ends
 
         try:
-            outcome = await self._calls.start(request, before_post=write_ahead)
+            # Rings of one number from this process take turns (a storm's incidents all ring
+            # the person on call) instead of meeting its guard and retrying a second later.
+            async with self._dialing.setdefault(phone, asyncio.Lock()):
+                outcome = await self._calls.start(request, before_post=write_ahead)
         except _Superseded:
             return "superseded"  # acknowledged, resolved or taken by another attempt meanwhile
         except _Held as held:
@@ -936,8 +1038,16 @@ class _Held(Exception):
 def _no_button(incident: Incident) -> bool:
     """The team has no Acknowledge to press: its post was never made, or its chat cannot be
     reached. Then answering the ring acknowledges."""
+    if incident.in_digest:
+        return False  # its button is in its digest's post (retried like any post)
     unposted = incident.post_status == "pending"
     return unposted and (incident.post_message_id is None or incident.admins_told_at is not None)
+
+
+def _fingerprint(lines: list[Incident]) -> str:
+    """What a digest post shows of its lines (their ids and states), in 16 characters."""
+    shown = ",".join(f"{line.id}:{line.status}" for line in lines)
+    return hashlib.sha256(shown.encode()).hexdigest()[:16]
 
 
 def _next_person(steps: list[str], step: int) -> int:
