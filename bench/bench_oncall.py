@@ -47,7 +47,11 @@ def phone(i: int) -> str:
     return f"+55119{i:08d}"
 
 
-async def build(peer: Peer, pilot: FakePilotStatus, teams: int, members: int) -> CallbotApp:
+async def build(
+    peer: Peer, pilot: FakePilotStatus, teams: int, members: int, wait: int = WAIT, **overrides: Any
+) -> CallbotApp:
+    """The app on the fakes, with `teams` teams of `members` people each (`overrides`: more
+    settings, e.g. bench_storm's)."""
     settings = load_settings(
         _env_file=None,
         bot_token=TOKEN,
@@ -62,7 +66,7 @@ async def build(peer: Peer, pilot: FakePilotStatus, teams: int, members: int) ->
         web_port=0,
         oncall_throttle="",
         oncall_tick_seconds=1,
-        telegram_edit_interval=0,
+        **({"telegram_edit_interval": 0} | overrides),
     )
     app = CallbotApp(settings)
     await app.start()
@@ -82,7 +86,7 @@ async def build(peer: Peer, pilot: FakePilotStatus, teams: int, members: int) ->
             at=now,
             members=aliases,
             attempts_per_person=1,
-            wait_seconds=WAIT,
+            wait_seconds=wait,
             max_rounds=1,
         )
     return app

@@ -32,11 +32,12 @@ import hmac
 import logging
 import re
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Protocol
+from functools import partial
+from typing import Any, Protocol
 
 from bot import states
 from bot.calls.service import CallRequest, CallService, NeedsPermission, Started
@@ -237,6 +238,9 @@ class OnCall:
         )
         self._step_tasks: set[asyncio.Task[None]] = set()  # first steps, started by intake
         self._ringing: dict[int, asyncio.Event] = {}  # set once a first step's ring is sent
+        self._posting: set[int] = set()  # posts the timer is making now
+        # the timer's posts, going on after its run
+        self._timer_posts: set[asyncio.Future[list[bool | BaseException]]] = set()
 
     # configuration
 
@@ -499,9 +503,10 @@ class OnCall:
     async def close(self) -> None:
         """Let post refreshes in flight finish (bounded), then cancel what is left. First
         steps still running after the drain are cut off (their lease retakes them)."""
-        for step in list(self._step_tasks):
+        running: list[asyncio.Future[Any]] = [*self._step_tasks, *self._timer_posts]
+        for step in running:
             step.cancel()
-        await asyncio.gather(*self._step_tasks, return_exceptions=True)
+        await asyncio.gather(*self._step_tasks, *self._timer_posts, return_exceptions=True)
         if self._post_tasks:
             await asyncio.wait(list(self._post_tasks), timeout=POST_WAIT)
         for task in list(self._post_tasks):
@@ -627,21 +632,30 @@ class OnCall:
 
     # the timer
 
-    async def run_due(self, parallel: int = 16) -> int:
+    async def run_due(self, parallel: int = 16, *, wait_for_posts: bool = True) -> int:
         """Take every step that is due now, several at once; returns how many were taken. Each
         is claimed when a slot is free, so what this process cannot start yet stays free for
-        another replica; a step made due again meanwhile waits for the next run."""
+        another replica; a step made due again meanwhile waits for the next run. Due posts are
+        made alongside, with slots of their own (a post waiting for Telegram's send limits never
+        holds a ring back); without `wait_for_posts` (the timer) they go on after it returns."""
         if self._stopping:
             return 0
-        gate = asyncio.Semaphore(parallel)
+        gate, posts_gate = asyncio.Semaphore(parallel), asyncio.Semaphore(parallel)
 
         async def post(incident_id: int) -> bool:
-            async with gate:
+            async with posts_gate:
                 return await self._publish(incident_id, timer=True)
 
         await self._expire_acks()
-        posts = await self._store.posts_due(self.clock())  # alongside: a ring never waits
-        posting = asyncio.gather(*(post(i) for i in posts), return_exceptions=True)
+        posts = [i for i in await self._store.posts_due(self.clock()) if i not in self._posting]
+        self._posting.update(posts)
+        posting = asyncio.ensure_future(
+            asyncio.gather(*(post(i) for i in posts), return_exceptions=True)
+        )
+        posting.add_done_callback(lambda _: self._posting.difference_update(posts))
+        if not wait_for_posts:
+            self._timer_posts.add(posting)
+            posting.add_done_callback(self._timer_posts.discard)
         steps: dict[int, asyncio.Task[None]] = {}
         try:
             async with self._drain.track():  # a shutdown waits for the steps claimed here
@@ -654,9 +668,10 @@ class OnCall:
                     # Its lease runs out and the step is taken again later.
                     log.error("on-call step of incident %s failed", incident_id, exc_info=result)
         finally:
-            for incident_id, posted in zip(posts, await posting, strict=True):
-                if isinstance(posted, BaseException):  # its lease runs out and it is tried again
-                    log.error("post of incident %s failed", incident_id, exc_info=posted)
+            if wait_for_posts:
+                _log_failed_posts(posts, await posting)
+            else:
+                posting.add_done_callback(partial(_posts_done, posts))
         return len(steps)
 
     async def run_forever(self, tick: float) -> None:
@@ -667,7 +682,7 @@ class OnCall:
             delay = tick
             self._wake.clear()  # before looking: an incident arriving meanwhile wakes the wait
             try:
-                await self.run_due()
+                await self.run_due(wait_for_posts=False)
                 next_at = await self._store.next_due_at()
                 if next_at is not None:
                     delay = min(tick, max(0.0, (next_at - self.clock()).total_seconds()))
@@ -1042,6 +1057,17 @@ def _no_button(incident: Incident) -> bool:
         return False  # its button is in its digest's post (retried like any post)
     unposted = incident.post_status == "pending"
     return unposted and (incident.post_message_id is None or incident.admins_told_at is not None)
+
+
+def _log_failed_posts(posts: list[int], results: Sequence[object]) -> None:
+    for incident_id, posted in zip(posts, results, strict=True):
+        if isinstance(posted, BaseException):  # its lease runs out and it is tried again
+            log.error("post of incident %s failed", incident_id, exc_info=posted)
+
+
+def _posts_done(posts: list[int], done: asyncio.Future[list[bool | BaseException]]) -> None:
+    if not done.cancelled():
+        _log_failed_posts(posts, done.result())
 
 
 def _fingerprint(lines: list[Incident]) -> str:
