@@ -47,7 +47,11 @@ def phone(i: int) -> str:
     return f"+55119{i:08d}"
 
 
-async def build(peer: Peer, pilot: FakePilotStatus, teams: int, members: int) -> CallbotApp:
+async def build(
+    peer: Peer, pilot: FakePilotStatus, teams: int, members: int, wait: int = WAIT, **overrides: Any
+) -> CallbotApp:
+    """The app on the fakes, with `teams` teams of `members` people each (`overrides`: more
+    settings, e.g. bench_storm's)."""
     settings = load_settings(
         _env_file=None,
         bot_token=TOKEN,
@@ -62,7 +66,7 @@ async def build(peer: Peer, pilot: FakePilotStatus, teams: int, members: int) ->
         web_port=0,
         oncall_throttle="",
         oncall_tick_seconds=1,
-        telegram_edit_interval=0,
+        **({"telegram_edit_interval": 0} | overrides),
     )
     app = CallbotApp(settings)
     await app.start()
@@ -82,7 +86,7 @@ async def build(peer: Peer, pilot: FakePilotStatus, teams: int, members: int) ->
             at=now,
             members=aliases,
             attempts_per_person=1,
-            wait_seconds=WAIT,
+            wait_seconds=wait,
             max_rounds=1,
         )
     return app
@@ -162,15 +166,15 @@ async def part_timers(count: int) -> dict[str, Any]:
     await pilot.start()
     app = await build(peer, pilot, teams=count, members=2)
     late: list[float] = []
-    claim = app.oncall_store.claim
+    claim = app.oncall_store.claim_next
 
-    async def timed_claim(incident_id: int, now: Any, lease: Any) -> Any:
-        incident = await claim(incident_id, now, lease)
+    async def timed_claim(now: Any, lease: Any, **kwargs: Any) -> Any:
+        incident = await claim(now, lease, **kwargs)
         if incident is not None and incident.step == 1 and incident.next_action_at is not None:
             late.append((utcnow() - incident.next_action_at).total_seconds() * 1000)
         return incident
 
-    app.oncall_store.claim = timed_claim  # type: ignore[method-assign]
+    app.oncall_store.claim_next = timed_claim  # type: ignore[method-assign]
     try:
         await send_alerts(app, range(count))
         await wait_for_posts(pilot, 2 * count, 60)

@@ -70,7 +70,7 @@ from bot.storage.db import (
     schema_revision,
     sessionmaker,
 )
-from bot.storage.oncall import Incident, OnCallStore, Team
+from bot.storage.oncall import Incident, OnCallStore, PostShare, Team
 from bot.storage.retention import RetentionStore
 from bot.storage.store import Store, utcnow
 from bot.storage.watch import WatchStore
@@ -303,6 +303,9 @@ class CallbotApp:
             speech=self._alert_speech,
             translate=lambda locale, template: self.i18n.gettext(template, locale=locale),
             lease=timedelta(seconds=settings.oncall_lease_seconds),
+            post_share=PostShare(settings.oncall_posts_per_minute)
+            if settings.oncall_posts_per_minute
+            else None,
             drain=self.in_flight,
             admins=tuple(sorted(settings.admin_ids)),
             on_step=self.metrics.step,

@@ -101,6 +101,9 @@ class Settings(BaseSettings):
     oncall_throttle: str = "1/60,3/900"
     # how often due escalation steps are looked for (0 turns the timer off)
     oncall_tick_seconds: float = Field(default=1.0, ge=0, le=60)
+    # alerts of one team per minute that get a post of their own; the rest of that minute's
+    # share a digest post (Telegram allows a group 20 messages a minute, edits included)
+    oncall_posts_per_minute: int = Field(default=5, ge=0, le=20)
     # a step taken is reserved this long, renewed while it runs: it is retaken after a crash
     oncall_lease_seconds: float = Field(default=15.0, ge=0.1, le=600)
     # outbound heartbeat: requested (GET) every minute while the escalation engine is healthy,

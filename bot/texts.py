@@ -656,6 +656,49 @@ def next_step_text(incident: Incident, team: Team) -> str:
     return _("⏭ next: {who} at {time}").format(who=escape(steps[incident.step]), time=_clock(when))
 
 
+_DIGEST_MARKS = {"firing": "🔴", "acknowledged": "✅", "resolved": "✔️", "exhausted": "⚠️"}
+
+
+def digest_text(lines: list[Incident], team: Team) -> str:
+    """A storm's digest post: the alerts past the team's share of posts in a minute, one line
+    each (state, id, title), as many as fit; each firing one has its button below."""
+    room = _Room(TELEGRAM_TEXT_LIMIT)
+    count = len(lines)
+    header = (
+        _("🗂 <b>1 more alert</b> for team {team}:")
+        if count == 1
+        else _("🗂 <b>{n} more alerts</b> for team {team}:")
+    ).format(n=count, team=escape(team.name))
+    footer = _(
+        "A storm: one post for these instead of a flood. Each ✋ button acknowledges its "
+        "alert (or /ack &lt;id&gt;)."
+    )
+    more = _("…and {n} more")
+    reserve = _shown_length(footer) + len(more) + 14
+    body = [room.take(header)]
+    shown = 0
+    for line in lines:
+        severity = f"[{line.severity.upper()}] " if line.severity else ""
+        text = f"{_DIGEST_MARKS.get(line.status, '•')} #{line.id} " + _escape_within(
+            severity + line.title, 160
+        )
+        if line.status == "acknowledged" and line.acked_by:
+            text += " — " + escape(line.acked_by[:64])
+        if not room.fits(text, reserve=reserve):
+            break
+        body.append(room.take(text))
+        shown += 1
+    if count > shown:
+        body.append(room.take(more.format(n=count - shown)))
+    body.append(room.take(footer))
+    return "\n".join(body)
+
+
+def button_acknowledge_one(incident_id: int) -> str:
+    """A digest's button for one of its alerts."""
+    return f"✋ #{incident_id}"
+
+
 class _Room:
     """What is left of a message's length, lines joined by newlines."""
 

@@ -49,6 +49,7 @@ async def team_bot(start_bot: StartBot, tmp_path: Path, **overrides: Any) -> Run
         oncall_tick_seconds=0,
         pilot_status_webhook_token=HOOK,
         pilot_status_number_type="web",
+        oncall_posts_per_minute=0,  # every alert its own post: the pacing is what is tested
         **(LIMITS_ON | overrides),
     )
     bot.app.pacer.limits = PACED

@@ -46,10 +46,12 @@ from bot.storage.oncall import Incident, Team
 from bot.storage.store import CallRecord, PermissionRequestRecord
 from bot.texts import (
     button_acknowledge,
+    button_acknowledge_one,
     button_call_now,
     button_hang_up,
     button_talk,
     call_text,
+    digest_text,
     incident_text,
     incident_unposted_text,
     permission_answered_text,
@@ -106,6 +108,24 @@ def incident_markup(incident: Incident) -> InlineKeyboardMarkup | None:
     return builder.as_markup()
 
 
+DIGEST_BUTTONS_PER_ROW = 4
+
+
+def digest_markup(lines: list[Incident]) -> InlineKeyboardMarkup | None:
+    """One Acknowledge button per alert of a digest that still fires (the same button as an
+    alert's own post: the same handler, the same checks)."""
+    firing = [line for line in lines if line.status == "firing"]
+    if not firing:
+        return None
+    builder = InlineKeyboardBuilder()
+    for line in firing:
+        builder.button(
+            text=button_acknowledge_one(line.id), callback_data=Acknowledge(incident=line.id)
+        )
+    builder.adjust(DIGEST_BUTTONS_PER_ROW)
+    return builder.as_markup()
+
+
 class LiveMessages:
     """Messages that follow something (a call, an incident): the newest state is edited in."""
 
@@ -155,6 +175,17 @@ class LiveMessages:
         Telegram's refusals and failures become PostFailed (the outbox retries)."""
         with self._i18n.context(), self._i18n.use_locale(team.locale or self._i18n.default_locale):
             text, markup = incident_text(incident, team), incident_markup(incident)
+        return await self._post(incident, team, text, markup)
+
+    async def post_digest(self, head: Incident, lines: list[Incident], team: Team) -> int:
+        """The digest post of a storm's alerts past the team's share (its head holds it)."""
+        with self._i18n.context(), self._i18n.use_locale(self._i18n.default_locale):
+            text, markup = digest_text(lines, team), digest_markup(lines)
+        return await self._post(head, team, text, markup)
+
+    async def _post(
+        self, incident: Incident, team: Team, text: str, markup: InlineKeyboardMarkup | None
+    ) -> int:
         try:
             if incident.post_message_id is not None:
                 try:

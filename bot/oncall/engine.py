@@ -34,11 +34,12 @@ import logging
 import re
 import secrets
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Protocol
+from functools import partial
+from typing import Any, Protocol
 
 from bot import states
 from bot.calls.service import CallRequest, CallService, NeedsPermission, Started
@@ -49,7 +50,15 @@ from bot.oncall.schedules import rotation_fields, team_schedule
 from bot.ops.shutdown import InFlight
 from bot.phones import Phone, mask, parse_phone, split_phone_and_note
 from bot.pilot_status.errors import APIConnectionError, PilotStatusError
-from bot.storage.oncall import Contact, Held, Incident, NewIncident, OnCallStore, Team
+from bot.storage.oncall import (
+    Contact,
+    Held,
+    Incident,
+    NewIncident,
+    OnCallStore,
+    PostShare,
+    Team,
+)
 from bot.storage.store import CallRecord, utcnow
 from bot.storage.watch import Silence
 from bot.voice.speech import Speech
@@ -139,6 +148,11 @@ class IncidentView(Protocol):
 
     async def show_incident(self, incident: Incident, team: Team) -> None: ...
 
+    async def post_digest(self, head: Incident, lines: list[Incident], team: Team) -> int:
+        """Like post_incident, for a digest: one post listing `lines`, each with its own
+        Acknowledge button while it fires."""
+        ...
+
     async def tell_admins(
         self, incident: Incident, team: Team, admins: tuple[int, ...], reason: str
     ) -> int:
@@ -199,6 +213,7 @@ class OnCall:
         clock: Callable[[], datetime] = utcnow,
         speech: Callable[[Team, Incident], Speech | None] = lambda _team, _incident: None,
         lease: timedelta = LEASE,
+        post_share: PostShare | None = None,
         drain: InFlight | None = None,
         admins: tuple[int, ...] = (),
         on_step: Callable[[str], None] | None = None,
@@ -210,9 +225,11 @@ class OnCall:
         self._notes = notes.Notes(translate)  # the post's lines, in each team's language
         self._on_step = on_step  # told what each step did (bot.ops.metrics counts it)
         self.lease = lease  # a claimed step is renewed every third of it while it runs
+        self.post_share = post_share  # a team's posts a minute; past it, a digest (None: off)
         self._drain = drain or InFlight()
         self._running: set[int] = set()  # incidents whose step this process is running
         self._stopping = False
+        self._timer_running = False  # run_forever runs: intake may take first steps itself
         # Set once the calls' recovery after a start has asked the API about attempts a crash
         # left half-done: only then does a ring of unknown outcome count as "maybe rung".
         self.calls_recovered = asyncio.Event()
@@ -229,6 +246,15 @@ class OnCall:
             weakref.WeakValueDictionary()
         )
         self._post_tasks: set[asyncio.Task[bool]] = set()  # refreshes off the hot path
+        # one ring of a number at a time from this process; a lock lives while it is used
+        self._dialing: weakref.WeakValueDictionary[str, asyncio.Lock] = (
+            weakref.WeakValueDictionary()
+        )
+        self._step_tasks: set[asyncio.Task[None]] = set()  # first steps, started by intake
+        self._ringing: dict[int, asyncio.Event] = {}  # set once a first step's ring is sent
+        self._posting: set[int] = set()  # posts the timer is making now
+        # the timer's posts, going on after its run
+        self._timer_posts: set[asyncio.Future[list[bool | BaseException]]] = set()
 
     def _locale_of(self, team: Team) -> str:
         return team.locale or self._locale
@@ -365,6 +391,7 @@ class OnCall:
             await self._publish(incident.id)
             return "updated", incident
         silence = await self._silence(team, alert.labels, now)
+        rings_now = self._rings_at_intake and silence is None
         incident = await self._store.create_incident(
             NewIncident(
                 team_id=team.id,
@@ -382,9 +409,19 @@ class OnCall:
                 notes=(self._silenced_note(team, silence, now),) if silence else (),
             ),
             at=now,
+            claim=self.lease if rings_now else None,
+            share=self.post_share,
         )
-        self._wake.set()  # its first step is due now: a page does not wait for Telegram
         log.info("incident %s for team %s: %s", incident.id, team.name, alert.source)
+        if silence is not None:
+            pass  # its first step is due when the silence ends: the timer takes it then
+        elif not rings_now:
+            self._wake.set()  # its first step is due now: the timer (maybe another's) takes it
+        else:
+            rung = self._ring_first(incident, now)
+            with suppress(TimeoutError):  # the post waits for the ring to be on its way
+                async with asyncio.timeout(POST_WAIT):
+                    await rung.wait()
         await self._publish(incident.id)
         return "created", await self._store.incident(incident.id) or incident
 
@@ -408,6 +445,41 @@ class OnCall:
         log.info("test page %s for team %s", incident.id, team.name)
         await self._publish(incident.id)
         return await self._store.incident(incident.id) or incident
+
+    @property
+    def _rings_at_intake(self) -> bool:
+        """Whether this process takes a new incident's first step itself: while its timer runs
+        steps (a process without one, ONCALL_TICK_SECONDS=0, leaves them to the replicas that
+        have one), and not once it is stopping."""
+        return self._timer_running and not self._stopping
+
+    def _ring_first(self, incident: Incident, now: datetime) -> asyncio.Event:
+        """The first step of a new incident, claimed when it was created, runs at once: not
+        after the timer's next look, and not after the post, which follows from its write
+        ahead, in parallel with the POST. Returns an event set once the ring is written ahead
+        (its POST going out) or the step ended. A shutdown waits for it like any step."""
+        self._running.add(incident.id)
+        rung = self._ringing[incident.id] = asyncio.Event()
+
+        async def step() -> None:
+            try:
+                async with self._drain.track():
+                    await self._step(incident, now)
+            finally:
+                rung.set()
+                if self._ringing.get(incident.id) is rung:
+                    del self._ringing[incident.id]
+
+        task = asyncio.create_task(step(), name=f"step {incident.id}")
+        self._step_tasks.add(task)
+        task.add_done_callback(self._first_step_done)
+        return rung
+
+    def _first_step_done(self, task: asyncio.Task[None]) -> None:
+        self._step_tasks.discard(task)
+        if not task.cancelled() and (error := task.exception()) is not None:
+            # Its lease runs out and the timer takes the step again.
+            log.error("first on-call step failed", exc_info=error)
 
     async def _still_firing(self, incident: Incident, team: Team) -> tuple[str, Incident]:
         """A repeat of an alert whose escalation ran out: the same incident, paged again only
@@ -525,7 +597,12 @@ class OnCall:
             log.error("post refresh failed; the timer retries it", exc_info=error)
 
     async def close(self) -> None:
-        """Let post refreshes in flight finish (bounded), then cancel what is left."""
+        """Let post refreshes in flight finish (bounded), then cancel what is left. First
+        steps still running after the drain are cut off (their lease retakes them)."""
+        running: list[asyncio.Future[Any]] = [*self._step_tasks, *self._timer_posts]
+        for step in running:
+            step.cancel()
+        await asyncio.gather(*self._step_tasks, *self._timer_posts, return_exceptions=True)
         if self._post_tasks:
             await asyncio.wait(list(self._post_tasks), timeout=POST_WAIT)
         for task in list(self._post_tasks):
@@ -543,6 +620,8 @@ class OnCall:
                 return False
             team = await self._store.team_by_id(incident.team_id)
             assert team is not None
+            if incident.digest_head:
+                return await self._publish_digest(incident, team)
             try:
                 async with asyncio.timeout(POST_WAIT):
                     message_id = await self._view.post_incident(incident, team)
@@ -558,6 +637,31 @@ class OnCall:
                 return True
             await self._post_failed(incident, team, failure)
             return False
+
+    async def _publish_digest(self, head: Incident, team: Team) -> bool:
+        """One attempt at a digest post (claimed, as its head's post): edited only when a line
+        shows something new, so a storm's escalation notes cost no message."""
+        lines = await self._store.digest_lines(head.id)
+        shown = _fingerprint(lines)
+        if head.post_message_id is not None and shown == head.digest_shown:
+            await self._store.post_done(head.id, head.post_message_id, shown=shown)
+            return True
+        try:
+            async with asyncio.timeout(POST_WAIT):
+                message_id = await self._view.post_digest(head, lines, team)
+        except TimeoutError:
+            failure = PostFailed("no answer from Telegram", unreachable=False)
+        except PostFailed as err:
+            failure = err
+        else:
+            await self._store.post_done(head.id, message_id, shown=shown)
+            if _fingerprint(await self._store.digest_lines(head.id)) != shown:
+                # a line changed while it was being posted: the newest state is shown last
+                await self._store.update_incident(head.id, at=self.clock(), repost=True)
+                self._publish_soon(head.id)
+            return True
+        await self._post_failed(head, team, failure)
+        return False
 
     async def _post_failed(self, incident: Incident, team: Team, failure: PostFailed) -> None:
         now = self.clock()
@@ -625,21 +729,30 @@ class OnCall:
 
     # the timer
 
-    async def run_due(self, parallel: int = 16) -> int:
+    async def run_due(self, parallel: int = 16, *, wait_for_posts: bool = True) -> int:
         """Take every step that is due now, several at once; returns how many were taken. Each
         is claimed when a slot is free, so what this process cannot start yet stays free for
-        another replica; a step made due again meanwhile waits for the next run."""
+        another replica; a step made due again meanwhile waits for the next run. Due posts are
+        made alongside, with slots of their own (a post waiting for Telegram's send limits never
+        holds a ring back); without `wait_for_posts` (the timer) they go on after it returns."""
         if self._stopping:
             return 0
-        gate = asyncio.Semaphore(parallel)
+        gate, posts_gate = asyncio.Semaphore(parallel), asyncio.Semaphore(parallel)
 
         async def post(incident_id: int) -> bool:
-            async with gate:
+            async with posts_gate:
                 return await self._publish(incident_id, timer=True)
 
         await self._expire_acks()
-        posts = await self._store.posts_due(self.clock())  # alongside: a ring never waits
-        posting = asyncio.gather(*(post(i) for i in posts), return_exceptions=True)
+        posts = [i for i in await self._store.posts_due(self.clock()) if i not in self._posting]
+        self._posting.update(posts)
+        posting = asyncio.ensure_future(
+            asyncio.gather(*(post(i) for i in posts), return_exceptions=True)
+        )
+        posting.add_done_callback(lambda _: self._posting.difference_update(posts))
+        if not wait_for_posts:
+            self._timer_posts.add(posting)
+            posting.add_done_callback(self._timer_posts.discard)
         steps: dict[int, asyncio.Task[None]] = {}
         try:
             async with self._drain.track():  # a shutdown waits for the steps claimed here
@@ -652,19 +765,21 @@ class OnCall:
                     # Its lease runs out and the step is taken again later.
                     log.error("on-call step of incident %s failed", incident_id, exc_info=result)
         finally:
-            for incident_id, posted in zip(posts, await posting, strict=True):
-                if isinstance(posted, BaseException):  # its lease runs out and it is tried again
-                    log.error("post of incident %s failed", incident_id, exc_info=posted)
+            if wait_for_posts:
+                _log_failed_posts(posts, await posting)
+            else:
+                posting.add_done_callback(partial(_posts_done, posts))
         return len(steps)
 
     async def run_forever(self, tick: float) -> None:
         """Take due steps, then sleep until the next timer (at most `tick`), or until a new
         incident wakes it. Ends after `stop()`."""
+        self._timer_running = True
         while not self._stopping:
             delay = tick
             self._wake.clear()  # before looking: an incident arriving meanwhile wakes the wait
             try:
-                await self.run_due()
+                await self.run_due(wait_for_posts=False)
                 next_at = await self._store.next_due_at()
                 if next_at is not None:
                     delay = min(tick, max(0.0, (next_at - self.clock()).total_seconds()))
@@ -843,9 +958,14 @@ class OnCall:
                 raise _Held(ringing.until)
             written.append(record.id)
             self._publish_soon(ringing.id)
+            if (rung := self._ringing.get(incident.id)) is not None:
+                rung.set()  # intake's wait for the post to follow the ring ends
 
         try:
-            outcome = await self._calls.start(request, before_post=write_ahead)
+            # Rings of one number from this process take turns (a storm's incidents all ring
+            # the person on call) instead of meeting its guard and retrying a second later.
+            async with self._dialing.setdefault(phone, asyncio.Lock()):
+                outcome = await self._calls.start(request, before_post=write_ahead)
         except _Superseded:
             return "superseded"  # acknowledged, resolved or taken by another attempt meanwhile
         except _Held as held:
@@ -1085,8 +1205,27 @@ def answer_acknowledges(team: Team, incident: Incident) -> bool:
 def _no_button(incident: Incident) -> bool:
     """The team has no Acknowledge to press: its post was never made, or its chat cannot be
     reached. Then answering the ring acknowledges."""
+    if incident.in_digest:
+        return False  # its button is in its digest's post (retried like any post)
     unposted = incident.post_status == "pending"
     return unposted and (incident.post_message_id is None or incident.admins_told_at is not None)
+
+
+def _log_failed_posts(posts: list[int], results: Sequence[object]) -> None:
+    for incident_id, posted in zip(posts, results, strict=True):
+        if isinstance(posted, BaseException):  # its lease runs out and it is tried again
+            log.error("post of incident %s failed", incident_id, exc_info=posted)
+
+
+def _posts_done(posts: list[int], done: asyncio.Future[list[bool | BaseException]]) -> None:
+    if not done.cancelled():
+        _log_failed_posts(posts, done.result())
+
+
+def _fingerprint(lines: list[Incident]) -> str:
+    """What a digest post shows of its lines (their ids and states), in 16 characters."""
+    shown = ",".join(f"{line.id}:{line.status}" for line in lines)
+    return hashlib.sha256(shown.encode()).hexdigest()[:16]
 
 
 def _next_person(steps: list[str], step: int) -> int:

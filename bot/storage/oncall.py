@@ -90,6 +90,18 @@ class Incident:
     admins_told_at: datetime | None = None
     exhausted_at: datetime | None = None
     silence_id: int | None = None  # the silence holding its escalation back
+    digest_id: int | None = None  # the digest post it is a line of (its own id: it holds it)
+    digest_shown: str | None = None  # a digest's head: what its post shows (see post_done)
+
+    @property
+    def digest_head(self) -> bool:
+        """Its post is a digest of the alerts past its team's share (see post_share)."""
+        return self.digest_id == self.id
+
+    @property
+    def in_digest(self) -> bool:
+        """It has no post of its own: its line and button are in another incident's digest."""
+        return self.digest_id is not None and self.digest_id != self.id
 
     def shown(self) -> tuple[object, ...]:
         """What the post shows (to tell whether it changed while being posted)."""
@@ -186,6 +198,8 @@ def _incident(row: IncidentRow) -> Incident:
         admins_told_at=row.admins_told_at,
         exhausted_at=row.exhausted_at,
         silence_id=row.silence_id,
+        digest_id=row.digest_id,
+        digest_shown=row.digest_shown,
     )
 
 
@@ -319,8 +333,23 @@ class OnCallStore:
             row = (await session.execute(query.order_by(IncidentRow.id.desc()))).scalars().first()
             return _incident(row) if row else None
 
-    async def create_incident(self, new: NewIncident, *, at: datetime) -> Incident:
+    async def create_incident(
+        self,
+        new: NewIncident,
+        *,
+        at: datetime,
+        claim: timedelta | None = None,
+        share: PostShare | None = None,
+    ) -> Incident:
+        """A new firing incident, its first step due now. With `claim` (a lease), the caller
+        takes that step at once, as `claim_next` would have: the timer passes over it until the
+        lease runs out (a crash before the ring retakes it then). With `share`, an incident
+        past its team's share of posts in a minute goes into the team's digest post."""
         async with self._sessions.begin() as session:
+            if share is not None:  # before the insert, whose key lock on the team would deadlock
+                await session.execute(
+                    select(TeamRow.id).where(TeamRow.id == new.team_id).with_for_update()
+                )
             row = IncidentRow(
                 team_id=new.team_id,
                 dedup_key=new.dedup_key,
@@ -343,10 +372,16 @@ class OnCallStore:
                 post_attempts=0,
                 post_next_at=at,
                 silence_id=new.silence_id,
+                attempt=1 if claim else 0,
             )
             session.add(row)
             await session.flush()
-            return _incident(row)
+            if share is not None:
+                await _join_digest(session, row, share, at)
+            created = _incident(row)  # carries the time its first step was due
+            if claim:
+                row.next_action_at = at + claim
+            return created
 
     async def incident(self, incident_id: int) -> Incident | None:
         async with self._sessions() as session:
@@ -471,9 +506,13 @@ class OnCallStore:
         self, incident_id: int, now: datetime, lease: timedelta, *, skip_locked: bool = False
     ) -> Incident | None:
         """Take a due post: its retry moves to now + lease meanwhile (a crash retries it). With
-        skip_locked (the timer), a post another transaction holds is left to it."""
+        skip_locked (the timer), a post another transaction holds is left to it. An incident in
+        a digest has no post: when the status its line shows changed, the digest is due, and
+        taken instead."""
         async with self._sessions.begin() as session:
             row = await self._locked(session, incident_id, skip_locked=skip_locked)
+            if row is not None and row.digest_id not in (None, row.id):
+                row = await _digest_due(session, row, now, skip_locked=skip_locked)
             if row is None or row.post_status != "pending" or row.post_next_at is None:
                 return None
             if row.post_next_at > now:
@@ -482,14 +521,26 @@ class OnCallStore:
             row.post_next_at = now + lease
             return claimed
 
-    async def post_done(self, incident_id: int, message_id: int) -> Incident | None:
+    async def post_done(
+        self, incident_id: int, message_id: int, *, shown: str | None = None
+    ) -> Incident | None:
+        """The post was made; `shown`: a digest's fingerprint of the lines it shows."""
         async with self._sessions.begin() as session:
             row = await self._locked(session, incident_id)
             if row is None:
                 return None
+            if shown is not None:
+                row.digest_shown = shown
             row.post_message_id, row.post_status = message_id, "posted"
             row.post_attempts, row.post_next_at = 0, None
             return _incident(row)
+
+    async def digest_lines(self, head_id: int) -> list[Incident]:
+        """The incidents a digest post lists, oldest first (its head among them)."""
+        async with self._sessions() as session:
+            query = select(IncidentRow).where(IncidentRow.digest_id == head_id)
+            rows = (await session.execute(query.order_by(IncidentRow.id))).scalars()
+            return [_incident(row) for row in rows]
 
     async def post_failed(
         self, incident_id: int, *, attempts: int, retry_at: datetime | None
@@ -707,6 +758,61 @@ class OnCallStore:
                 IncidentRow.team_id == team_id, IncidentRow.status.in_(OPEN)
             )
             return (await session.execute(query.limit(1))).first() is not None
+
+
+@dataclass(frozen=True)
+class PostShare:
+    """Posts a team's chat gets in a minute: `posts` incidents get their own, the rest of the
+    minute's are lines of a digest post, at most `lines` per digest (a new one past that)."""
+
+    posts: int
+    lines: int = 30
+    window: timedelta = timedelta(minutes=1)
+    gather: timedelta = timedelta(seconds=3)  # a digest is posted or edited at most this often
+
+
+async def _join_digest(
+    session: AsyncSession, row: IncidentRow, share: PostShare, at: datetime
+) -> None:
+    """A new incident past its team's share of posts in the last minute becomes a line of the
+    team's open digest (started within the minute, not full), or starts one. Counted under the
+    team's row lock (taken by the caller), so replicas taking a storm together keep to one
+    share."""
+    since = at - share.window
+    recent = IncidentRow.team_id == row.team_id, IncidentRow.created_at > since
+    own = select(func.count()).where(
+        *recent, IncidentRow.digest_id.is_(None), IncidentRow.id != row.id
+    )
+    if (await session.scalar(own) or 0) < share.posts:
+        return
+    heads = select(IncidentRow).where(*recent, IncidentRow.digest_id == IncidentRow.id)
+    head = (await session.execute(heads.order_by(IncidentRow.id.desc()).limit(1))).scalars().first()
+    if head is not None:
+        lines = select(func.count()).where(IncidentRow.digest_id == head.id)
+        if (await session.scalar(lines) or 0) < share.lines:
+            row.digest_id, row.digest_shown = head.id, row.status
+            row.post_status, row.post_next_at = "digest", None
+            # lines joining within `gather` of each other cost one edit together
+            head.post_status = "pending"
+            head.post_next_at = head.post_next_at or at + share.gather
+            return
+    row.digest_id = row.id  # its post is the new digest, made once its first lines gathered
+    row.post_next_at = at + share.gather
+
+
+async def _digest_due(
+    session: AsyncSession, row: IncidentRow, now: datetime, *, skip_locked: bool
+) -> IncidentRow | None:
+    """A line of a digest changed: its own post stays unmade; when its status is not the one
+    its line shows, the digest's post is due. Returns the digest's head, locked."""
+    row.post_status, row.post_next_at = "digest", None
+    if row.digest_shown == row.status:
+        return None
+    head = await OnCallStore._locked(session, row.digest_id or 0, skip_locked=skip_locked)
+    if head is not None:  # else whoever holds it sees the change (see OnCall._publish)
+        row.digest_shown = row.status
+        _repost(head, now)
+    return head
 
 
 async def _rings_since(session: AsyncSession, phone: str, since: datetime) -> list[datetime]:

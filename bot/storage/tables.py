@@ -263,9 +263,15 @@ class IncidentRow(Base):
     exhausted_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     # the silence that holds its escalation back (its post was made quietly); None: none
     silence_id: Mapped[int | None] = mapped_column(Integer, index=True)
+    # An alert storm: past its team's share of posts in a minute, an incident has no post of
+    # its own but a line in a digest post, held by the digest's first incident (digest_id =
+    # its own id; its post_* columns are the digest's). digest_shown: the status its line shows.
+    digest_id: Mapped[int | None] = mapped_column(Integer)
+    digest_shown: Mapped[str | None] = mapped_column(Cut(16))
 
     __table_args__ = (
         Index("ix_incidents_team_key", "team_id", "dedup_key"),
+        Index("ix_incidents_digest", "digest_id"),
         Index("ix_incidents_post_next_at", "post_next_at"),
         Index("ix_incidents_call", "call_id"),
         Index("ix_incidents_ring_call", "ring_call_id"),

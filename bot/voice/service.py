@@ -23,6 +23,7 @@ from collections.abc import Callable, Coroutine
 from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 from bot import states
@@ -37,7 +38,7 @@ from bot.voice.realtime import stream_pcm
 from bot.voice.relay import CLAIM_TTL_SECONDS, LocalRelay, Relay
 from bot.voice.sdp import SDPError
 from bot.voice.shelf import Shelf
-from bot.voice.speech import Audio, Speaker, Speech, SpeechError, tone
+from bot.voice.speech import Audio, Speaker, Speech, tone
 
 RATE = 48_000  # what a Meta leg's audio is made at
 
@@ -67,21 +68,36 @@ class _Failure(Exception):
 
 @dataclass(eq=False)
 class VoiceLeg:
-    """What one call needs from the voice side: its audio (already repeated as the policy says),
-    and on Meta its peer connection."""
+    """What one call needs from the voice side: its audio (already repeated as the policy says;
+    synthesized while the call is placed and rings, since it is needed only once the callee
+    answers), and on Meta its peer connection."""
 
-    audio: Audio
+    synthesize: Callable[[], Coroutine[Any, Any, Audio]]
     session: MediaSession | None = None
     release: Callable[[], None] | None = None
     shelved: str | None = None  # the URL of its audio on the shelf, for /play
     talk: bool = False  # an operator speaks on it (bot.softphone); nothing is played
+    sound: asyncio.Future[Audio] | None = None  # its synthesis, once started
 
     @property
     def offer_sdp(self) -> str | None:
         return self.session.offer_sdp if self.session is not None else None
 
+    def prime(self) -> None:
+        """Start the synthesis (in the background) if it has not started yet."""
+        if self.sound is None:
+            self.sound = asyncio.ensure_future(self.synthesize())
+
+    async def audio(self) -> Audio:
+        self.prime()
+        assert self.sound is not None
+        return await asyncio.shield(self.sound)
+
     async def close(self) -> None:
         release, self.release = self.release, None
+        if self.sound is not None and not self.sound.done():
+            self.sound.cancel()  # and let the engine's process be ended and reaped
+            await asyncio.gather(self.sound, return_exceptions=True)
         try:
             if self.session is not None:
                 await self.session.close()
@@ -198,41 +214,50 @@ class Voice:
     async def prepare(
         self, number_type: NumberType, speech: Speech | None, locale: str, *, talk: bool = False
     ) -> VoiceLeg | None:
+        if speech is not None and not self._speaker.available:
+            raise CallbotError("speech_unavailable")
         if number_type is not NumberType.META:
-            return None if speech is None else VoiceLeg(await self._audio(speech))
+            # synthesized once the POST is on its way (see begin)
+            return None if speech is None else VoiceLeg(partial(self._audio, speech))
         if self._open >= self.policy.max_sessions:
             raise CallbotError("media_busy", {"max": str(self.policy.max_sessions)})
         self._open += 1  # the slot is taken before any await: two /calls cannot both pass
+        if talk:  # an operator speaks on it: nothing is played
+            leg = VoiceLeg(self._silence, release=self._release, talk=True)
+        elif speech is None and not self._speaker.available:
+            # no engine: the callee still hears that the call is for them
+            leg = VoiceLeg(self._tone, release=self._release)
+        else:
+            said = speech or Speech.for_locale(self._default_text(locale), locale)
+            leg = VoiceLeg(partial(self._audio, said), release=self._release)
+        leg.prime()  # synthesized while the peer connection gathers its offer
         try:
-            if talk:
-                audio = Audio(b"", RATE)
-            elif speech is None and not self._speaker.available:
-                # no engine: the callee still hears that the call is for them
-                audio = tone().repeated(self.policy.repeat, self.policy.gap)
-            else:
-                default = Speech.for_locale(self._default_text(locale), locale)
-                audio = await self._audio(speech or default)
-            session = await self._endpoint.open_session()
-        except CallbotError:
-            self._open -= 1
-            raise
+            leg.session = await self._endpoint.open_session()
         except BaseException as err:
-            self._open -= 1
+            await leg.close()
             if not isinstance(err, Exception):
                 raise
             log.exception("cannot open a media session")
             raise CallbotError("media_unavailable") from err
-        return VoiceLeg(audio, session, self._release, talk=talk)
+        return leg
 
     def _release(self) -> None:
         self._open -= 1
 
+    async def _silence(self) -> Audio:
+        return Audio(b"", RATE)
+
+    async def _tone(self) -> Audio:
+        return tone().repeated(self.policy.repeat, self.policy.gap)
+
     async def _audio(self, speech: Speech) -> Audio:
+        """What the callee hears, synthesized off the call's hot path (the POST never waits
+        for espeak-ng; the Speaker caches it). If synthesis fails, a tone instead."""
         try:
             said = await self._speaker.speak(speech)
-        except SpeechError as err:
-            log.warning("speech failed: %s", err)
-            raise CallbotError("speech_unavailable") from None
+        except Exception as err:  # SpeechError, or the engine could not even be started
+            log.warning("speech failed, the call plays a tone instead: %s", err)
+            said = tone()
         return said.repeated(self.policy.repeat, self.policy.gap)
 
     # after the API accepted the call
@@ -248,6 +273,7 @@ class Voice:
             early = self._early.pop(ref, None)
             if early is not None and not watch.answer.done():
                 watch.answer.set_result(early[1])
+        leg.prime()  # the POST went out: its audio is synthesized while it rings
         task = asyncio.create_task(self._drive(leg, record, watch), name=f"voice {record.id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -397,7 +423,7 @@ class Voice:
 
     async def _say_unless_joined(self, leg: VoiceLeg, line: TalkLine) -> None:
         """The message, cut short when an operator's voice joins the call."""
-        play = asyncio.ensure_future(line.session.play(leg.audio))
+        play = asyncio.ensure_future(line.session.play(await leg.audio()))
         joined = asyncio.ensure_future(line.joined.wait())
         try:
             await asyncio.wait({play, joined}, return_when=asyncio.FIRST_COMPLETED)
@@ -485,7 +511,7 @@ class Voice:
         if not await self._picked_up(record, watch):
             return
         session = await self._client.realtime_session(record.pilot_call_id)
-        stream = stream_pcm(session.url, leg.audio, rate=self.policy.realtime_rate)
+        stream = stream_pcm(session.url, await leg.audio(), rate=self.policy.realtime_rate)
         self._streaming += 1
         try:
             ended = (await self._unless_ended(watch, stream))[0]
@@ -498,7 +524,8 @@ class Voice:
         """`/play` with `hangupAfterPlay`; the spec's field first, every documented name if that
         is refused (API.md D4). False when the API will not play it."""
         assert self._shelf is not None and record.pilot_call_id is not None
-        url = await self._shelf.shelve(leg.audio.wav())
+        audio = await leg.audio()
+        url = await self._shelf.shelve(audio.wav())
         if url is None:
             return False
         leg.shelved = url
@@ -514,7 +541,7 @@ class Voice:
                 "call.play",
                 chat_id=record.chat_id,
                 subject=record.id,
-                detail={"seconds": round(leg.audio.seconds, 1)},
+                detail={"seconds": round(audio.seconds, 1)},
             )
             return True
         return False
