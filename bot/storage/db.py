@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import sqlite3
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -28,6 +29,8 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 MIGRATION_LOCK = 0x63616C6C626F74
 # And one for loading ONCALL_FILE at start: replicas starting together take turns.
 ONCALL_FILE_LOCK = MIGRATION_LOCK + 1
+# `revision: str = "0008"` and `down_revision: str | None = "0007"` in a revision file
+_REVISION_LINE = re.compile(r'^(down_revision|revision)\b[^=\n]*= *(?:"([^"\n]+)"|None) *$', re.M)
 
 
 def database_url(url: str | None, data_dir: Path) -> str:
@@ -134,8 +137,12 @@ async def migrate(engine: AsyncEngine) -> None:
     """Bring the schema to the newest revision, on the app's own engine and event loop.
 
     On PostgreSQL the upgrade holds an advisory lock until it commits: replicas starting together
-    take turns, and the later ones find the schema already at head.
+    take turns, and the later ones find the schema already at head. A database at head already
+    (every start but the first after an upgrade) is left alone without importing Alembic, which
+    would stay in the process's memory for nothing (~10 MiB).
     """
+    if await schema_revision(engine) == head_revision():
+        return
 
     def upgrade(connection: Connection) -> None:
         from alembic import command
@@ -215,7 +222,25 @@ class SqliteFileLock:
 
 
 def head_revision() -> str | None:
-    """The newest migration this code ships."""
+    """The newest migration this code ships: read from the revision files' `revision` and
+    `down_revision` lines; any file that does not show both, or a history without exactly one
+    head, is left to Alembic to tell."""
+    revisions: set[str] = set()
+    parents: set[str] = set()
+    for path in (MIGRATIONS / "versions").glob("*.py"):
+        text = path.read_text("utf-8")
+        found: dict[str, str | None] = {m[1]: m[2] for m in _REVISION_LINE.finditer(text)}
+        revision, parent = found.get("revision"), found.get("down_revision", "")
+        if not revision or parent == "":
+            return _alembic_head()
+        revisions.add(revision)
+        if parent:
+            parents.add(parent)
+    heads = revisions - parents
+    return heads.pop() if len(heads) == 1 else _alembic_head()
+
+
+def _alembic_head() -> str | None:
     from alembic.script import ScriptDirectory
 
     return ScriptDirectory.from_config(alembic_config()).get_current_head()
