@@ -294,6 +294,7 @@ class ClientPerCallPilot(PilotStatusClient):
 
     async def _request(
         self,
+        operation: str,
         method: str,
         path: str,
         *,
@@ -304,7 +305,7 @@ class ClientPerCallPilot(PilotStatusClient):
         fresh = build_pilot_client(self._settings)
         try:
             return await fresh._request(
-                method, path, params=params, json=json, idempotent=idempotent
+                operation, method, path, params=params, json=json, idempotent=idempotent
             )
         finally:
             await fresh.aclose()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from typing import Any
 
@@ -62,6 +62,17 @@ class Audit:
     action: str
     actor_id: int | None = None
     detail: dict[str, object] | None = None
+
+    def values(self, chat_id: int, call_id: str, at: datetime) -> dict[str, Any]:
+        """Its audit row's columns, for the call it records."""
+        return {
+            "at": at,
+            "actor_id": self.actor_id,
+            "chat_id": chat_id,
+            "action": self.action,
+            "subject": call_id,
+            "detail": self.detail,
+        }
 
 
 @dataclass(frozen=True)
@@ -190,21 +201,11 @@ class Store:
         """Write ahead: the attempt exists before the API is asked (one transaction, with its
         first status and its audit entry)."""
         now = at or utcnow()
+        given = {f.name: getattr(new, f.name) for f in fields(NewCall) if f.name != "request_key"}
         record = CallRecord(
-            id=new.id,
+            **given,
             pilot_call_id=None,
             external_call_id=None,
-            operator_id=new.operator_id,
-            operator_name=new.operator_name,
-            chat_id=new.chat_id,
-            message_id=new.message_id,
-            number_type=new.number_type,
-            phone=new.phone,
-            phone_display=new.phone_display,
-            masked=new.masked,
-            locale=new.locale,
-            note=new.note,
-            spoken=new.spoken,
             status=states.PENDING,
             error_code=None,
             duration_seconds=None,
@@ -264,17 +265,7 @@ class Store:
         at: datetime,
     ) -> None:
         if audit is not None:
-            await connection.execute(
-                insert(AUDIT),
-                {
-                    "at": at,
-                    "actor_id": audit.actor_id,
-                    "chat_id": chat_id,
-                    "action": audit.action,
-                    "subject": call_id,
-                    "detail": audit.detail,
-                },
-            )
+            await connection.execute(insert(AUDIT), audit.values(chat_id, call_id, at))
 
     async def call_failed(
         self,
@@ -298,16 +289,7 @@ class Store:
     @staticmethod
     def _audit_row(session: AsyncSession, audit: Audit | None, row: CallRow, at: datetime) -> None:
         if audit is not None:
-            session.add(
-                AuditRow(
-                    at=at,
-                    actor_id=audit.actor_id,
-                    chat_id=row.chat_id,
-                    action=audit.action,
-                    subject=row.id,
-                    detail=audit.detail,
-                )
-            )
+            session.add(AuditRow(**audit.values(row.chat_id, row.id, at)))
 
     async def set_message(self, call_id: str, message_id: int) -> CallRecord | None:
         """The message that follows the call; returns the call as it is now.
