@@ -5,13 +5,11 @@ from __future__ import annotations
 import fcntl
 import os
 import re
-import sqlite3
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-import aiosqlite
 from sqlalchemy import Connection, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import (
@@ -58,12 +56,9 @@ def create_engine(url: str) -> AsyncEngine:
         # One connection: SQLite has one writer anyway. Transactions queue for it in asyncio,
         # so a read-then-write (SELECT ... FOR UPDATE, which SQLite ignores) never acts on a
         # row another transaction is changing, and nobody sleeps in SQLite's busy handler.
-        database = parsed.database or ":memory:"
         engine = create_async_engine(
             url,
-            async_creator=lambda: InlineSqlite(
-                lambda: sqlite3.connect(database, timeout=30, check_same_thread=False)
-            ),
+            connect_args={"timeout": 30},
             pool_size=1,
             max_overflow=0,
             pool_timeout=60,
@@ -74,41 +69,6 @@ def create_engine(url: str) -> AsyncEngine:
     return create_async_engine(
         url, pool_size=10, max_overflow=10, pool_pre_ping=True, hide_parameters=True
     )
-
-
-class InlineSqlite(aiosqlite.Connection):
-    """aiosqlite's connection with its calls run on the event loop's own thread.
-
-    aiosqlite sends every call (cursor, execute, fetchall, close: four per statement) to a
-    worker thread and back, and under load each hop costs more than the statement itself: a
-    `/call` spent most of its CPU there (bench/README.md). Inline, a statement blocks the loop
-    for what SQLite spends on it, tens of microseconds: the file is local, one process owns it
-    (SqliteFileLock), its one connection never waits for another's lock, and WAL with
-    synchronous=NORMAL commits without an fsync (a checkpoint, every ~1,000 pages, does one).
-    A commit is still durable against a crash of the process (kill -9): it is in the WAL file.
-    """
-
-    def __init__(self, connector: Callable[[], sqlite3.Connection]) -> None:
-        super().__init__(connector, iter_chunk_size=64)
-
-    async def _execute(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        if not self._running or not self._connection:
-            raise ValueError("Connection closed")
-        return fn(*args, **kwargs)
-
-    async def _connect(self) -> InlineSqlite:
-        if self._connection is None:
-            self._connection = self._connector()
-        return self
-
-    def __await__(self) -> Any:  # no worker thread to start
-        return self._connect().__await__()
-
-    def stop(self) -> None:
-        self._running = False
-        if self._connection is not None:
-            self._connection.close()
-            self._connection = None
 
 
 def _sqlite_pragmas(dbapi_connection: object, _record: object) -> None:
