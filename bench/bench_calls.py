@@ -46,6 +46,7 @@ from aiohttp import web
 import bot.app
 from bot.app import CallbotApp, build_pilot_client
 from bot.config import Settings, load_settings
+from bot.ops.metrics import Metrics
 from bot.pilot_status import PilotStatusClient
 from tests.fakes.pilot_status import FakePilotStatus
 from tests.fakes.telegram import FakeTelegram
@@ -252,8 +253,20 @@ class FakesHandle:
 # ------------------------------------------------------------------ the bot side
 
 
-def bench_settings(pilot_url: str, telegram_url: str, data_dir: str) -> Settings:
-    """The app's defaults pointed at the fakes, like tests/conftest.py settings_for."""
+def bench_settings(
+    pilot_url: str, telegram_url: str, data_dir: str, *, paced: bool = False
+) -> Settings:
+    """The app's defaults pointed at the fakes, like tests/conftest.py settings_for. Unpaced
+    (the default here): Telegram's send limits off, so a reply never waits for a slot."""
+    limits = (
+        {}
+        if paced
+        else {
+            "telegram_sends_per_second": 0,
+            "telegram_group_sends_per_minute": 0,
+            "telegram_chat_sends_per_second": 0,
+        }
+    )
     return load_settings(
         _env_file=None,
         bot_token=TOKEN,
@@ -268,18 +281,20 @@ def bench_settings(pilot_url: str, telegram_url: str, data_dir: str) -> Settings
         pilot_status_webhook_token=WEBHOOK_TOKEN,
         web_host="127.0.0.1",
         web_port=0,
+        **limits,
     )
 
 
 class ClientPerCallPilot(PilotStatusClient):
     """Baseline: every request builds a fresh client the way the app does, then closes it."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
         super().__init__(httpx.AsyncClient())  # never used for requests
         self._settings = settings
 
     async def _request(
         self,
+        operation: str,
         method: str,
         path: str,
         *,
@@ -290,7 +305,7 @@ class ClientPerCallPilot(PilotStatusClient):
         fresh = build_pilot_client(self._settings)
         try:
             return await fresh._request(
-                method, path, params=params, json=json, idempotent=idempotent
+                operation, method, path, params=params, json=json, idempotent=idempotent
             )
         finally:
             await fresh.aclose()

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from alembic import command
-from alembic.config import Config
-from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import (
@@ -20,11 +19,16 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+if TYPE_CHECKING:
+    from alembic.config import Config
+
 MIGRATIONS = Path(__file__).parent / "migrations"
 # One PostgreSQL advisory lock key ("callbot" in ASCII) for every replica's migrations.
 MIGRATION_LOCK = 0x63616C6C626F74
 # And one for loading ONCALL_FILE at start: replicas starting together take turns.
 ONCALL_FILE_LOCK = MIGRATION_LOCK + 1
+# `revision: str = "0008"` and `down_revision: str | None = "0007"` in a revision file
+_REVISION_LINE = re.compile(r'^(down_revision|revision)\b[^=\n]*= *(?:"([^"\n]+)"|None) *$', re.M)
 
 
 def database_url(url: str | None, data_dir: Path) -> str:
@@ -80,6 +84,8 @@ def sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
 
 
 def alembic_config(url: str | None = None) -> Config:
+    from alembic.config import Config  # Alembic only at start and in the migrate command
+
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     if url:
@@ -91,10 +97,16 @@ async def migrate(engine: AsyncEngine) -> None:
     """Bring the schema to the newest revision, on the app's own engine and event loop.
 
     On PostgreSQL the upgrade holds an advisory lock until it commits: replicas starting together
-    take turns, and the later ones find the schema already at head.
+    take turns, and the later ones find the schema already at head. A database at head already
+    (every start but the first after an upgrade) is left alone without importing Alembic, which
+    would stay in the process's memory for nothing (~10 MiB).
     """
+    if await schema_revision(engine) == head_revision():
+        return
 
     def upgrade(connection: Connection) -> None:
+        from alembic import command
+
         config = alembic_config()
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
@@ -170,7 +182,27 @@ class SqliteFileLock:
 
 
 def head_revision() -> str | None:
-    """The newest migration this code ships."""
+    """The newest migration this code ships: read from the revision files' `revision` and
+    `down_revision` lines; any file that does not show both, or a history without exactly one
+    head, is left to Alembic to tell."""
+    revisions: set[str] = set()
+    parents: set[str] = set()
+    for path in (MIGRATIONS / "versions").glob("*.py"):
+        text = path.read_text("utf-8")
+        found: dict[str, str | None] = {m[1]: m[2] for m in _REVISION_LINE.finditer(text)}
+        revision, parent = found.get("revision"), found.get("down_revision", "")
+        if not revision or parent == "":
+            return _alembic_head()
+        revisions.add(revision)
+        if parent:
+            parents.add(parent)
+    heads = revisions - parents
+    return heads.pop() if len(heads) == 1 else _alembic_head()
+
+
+def _alembic_head() -> str | None:
+    from alembic.script import ScriptDirectory
+
     return ScriptDirectory.from_config(alembic_config()).get_current_head()
 
 

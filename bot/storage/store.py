@@ -3,18 +3,33 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime
+from typing import Any
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import Row, Table, func, insert, or_, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import selectinload
 
 from bot import states
 from bot.storage.tables import AuditRow, CallRow, DeliveryRow, PermissionRequestRow, StatusRow
 
 log = logging.getLogger(__name__)
+# The /call path's statements run on SQLAlchemy Core (no ORM session, identity map or flush):
+# that machinery was most of a /call's CPU (bench/README.md).
+CALLS: Table = CallRow.__table__  # type: ignore[assignment]
+STATUSES: Table = StatusRow.__table__  # type: ignore[assignment]
+AUDIT: Table = AuditRow.__table__  # type: ignore[assignment]
+# what call_started changes
+STARTED_COLUMNS = (
+    "pilot_call_id",
+    "external_call_id",
+    "status",
+    "updated_at",
+    "connected_at",
+    "ended_at",
+)
 
 
 def utcnow() -> datetime:
@@ -47,6 +62,17 @@ class Audit:
     action: str
     actor_id: int | None = None
     detail: dict[str, object] | None = None
+
+    def values(self, chat_id: int, call_id: str, at: datetime) -> dict[str, Any]:
+        """Its audit row's columns, for the call it records."""
+        return {
+            "at": at,
+            "actor_id": self.actor_id,
+            "chat_id": chat_id,
+            "action": self.action,
+            "subject": call_id,
+            "detail": self.detail,
+        }
 
 
 @dataclass(frozen=True)
@@ -132,7 +158,8 @@ class AuditRecord:
     detail: dict[str, object] | None
 
 
-def _record(row: CallRow, history: bool = False) -> CallRecord:
+def _record(row: CallRow | Row[Any], history: bool = False) -> CallRecord:
+    """From an ORM row, or a Core row of the calls table (attributes by column name)."""
     return CallRecord(
         id=row.id,
         pilot_call_id=row.pilot_call_id,
@@ -164,38 +191,39 @@ def _record(row: CallRow, history: bool = False) -> CallRecord:
 class Store:
     def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
         self._sessions = sessions
+        self._engine: AsyncEngine = sessions.kw["bind"]
 
     # calls
 
     async def create_call(
         self, new: NewCall, *, at: datetime | None = None, audit: Audit | None = None
     ) -> CallRecord:
-        """Write ahead: the attempt exists before the API is asked."""
+        """Write ahead: the attempt exists before the API is asked (one transaction, with its
+        first status and its audit entry)."""
         now = at or utcnow()
-        async with self._sessions.begin() as session:
-            row = CallRow(
-                id=new.id,
-                operator_id=new.operator_id,
-                operator_name=new.operator_name,
-                chat_id=new.chat_id,
-                message_id=new.message_id,
-                number_type=new.number_type,
-                phone=new.phone,
-                phone_display=new.phone_display,
-                masked=new.masked,
-                locale=new.locale,
-                note=new.note,
-                spoken=new.spoken,
-                request_key=new.request_key,
-                status=states.PENDING,
-                created_at=now,
-                updated_at=now,
-                history=[StatusRow(status=states.PENDING, at=now, source="bot")],
+        given = {f.name: getattr(new, f.name) for f in fields(NewCall) if f.name != "request_key"}
+        record = CallRecord(
+            **given,
+            pilot_call_id=None,
+            external_call_id=None,
+            status=states.PENDING,
+            error_code=None,
+            duration_seconds=None,
+            created_at=now,
+            updated_at=now,
+            connected_at=None,
+            ended_at=None,
+            history=(StatusChange(states.PENDING, now, "bot"),),
+        )
+        values = {column.key: getattr(record, column.key, None) for column in CALLS.c}
+        async with self._engine.begin() as connection:
+            await connection.execute(insert(CALLS), {**values, "request_key": new.request_key})
+            await connection.execute(
+                insert(STATUSES),
+                {"call_id": new.id, "status": states.PENDING, "at": now, "source": "bot"},
             )
-            session.add(row)
-            self._audit_row(session, audit, row, now)
-            await session.flush()
-            return _record(row, history=True)
+            await self._audit_core(connection, audit, new.chat_id, new.id, now)
+        return record
 
     async def call_started(
         self,
@@ -209,17 +237,35 @@ class Store:
         audit: Audit | None = None,
     ) -> CallRecord:
         now = at or utcnow()
-        async with self._sessions.begin() as session:
-            row = await self._lock(session, CallRow.id == call_id)
-            if row is None:
+        async with self._engine.begin() as connection:
+            query = select(CALLS).where(CALLS.c.id == call_id).with_for_update()
+            found = (await connection.execute(query)).first()
+            if found is None:
                 raise KeyError(call_id)
+            row = CallRow(**found._mapping)  # transient: changed here, written by one UPDATE
             row.pilot_call_id = pilot_call_id
             row.external_call_id = external_call_id
-            self._advance(session, row, status, now, source)
+            changes = [self._step(row, status, now, source)]
             if row.status in (states.PENDING, states.UNKNOWN_OUTCOME):
-                self._advance(session, row, "INITIATED", now, source)
-            self._audit_row(session, audit, row, now)
+                changes.append(self._step(row, "INITIATED", now, source))
+            written = {name: getattr(row, name) for name in STARTED_COLUMNS}
+            await connection.execute(update(CALLS).where(CALLS.c.id == call_id), written)
+            history = [c for c in changes if c is not None]
+            if history:
+                await connection.execute(insert(STATUSES), history)
+            await self._audit_core(connection, audit, row.chat_id, row.id, now)
             return _record(row)
+
+    @staticmethod
+    async def _audit_core(
+        connection: AsyncConnection,
+        audit: Audit | None,
+        chat_id: int,
+        call_id: str,
+        at: datetime,
+    ) -> None:
+        if audit is not None:
+            await connection.execute(insert(AUDIT), audit.values(chat_id, call_id, at))
 
     async def call_failed(
         self,
@@ -243,28 +289,23 @@ class Store:
     @staticmethod
     def _audit_row(session: AsyncSession, audit: Audit | None, row: CallRow, at: datetime) -> None:
         if audit is not None:
-            session.add(
-                AuditRow(
-                    at=at,
-                    actor_id=audit.actor_id,
-                    chat_id=row.chat_id,
-                    action=audit.action,
-                    subject=row.id,
-                    detail=audit.detail,
-                )
-            )
+            session.add(AuditRow(**audit.values(row.chat_id, row.id, at)))
 
     async def set_message(self, call_id: str, message_id: int) -> CallRecord | None:
         """The message that follows the call; returns the call as it is now.
 
-        Locked: a webhook stored meanwhile either sees this message id (and edits it) or is
-        seen here (and the caller shows it) — read unlocked, both could miss each other."""
-        async with self._sessions.begin() as session:
-            row = await self._lock(session, CallRow.id == call_id)
-            if row is None:
-                return None
-            row.message_id = message_id
-            return _record(row)
+        Locked (the UPDATE takes the row): a webhook stored meanwhile either sees this message
+        id (and edits it) or is seen here (and the caller shows it) — read unlocked, both could
+        miss each other."""
+        async with self._engine.begin() as connection:
+            query = (
+                update(CALLS)
+                .where(CALLS.c.id == call_id)
+                .values(message_id=message_id)
+                .returning(*CALLS.c)
+            )
+            row = (await connection.execute(query)).first()
+            return _record(row) if row is not None else None
 
     async def apply_delivery(
         self, key: str, updates: list[StatusUpdate], *, at: datetime | None = None
@@ -385,20 +426,28 @@ class Store:
             row.updated_at = max(row.updated_at, update.at)
         return _record(row), changed
 
-    @staticmethod
+    @classmethod
     def _advance(
-        session: AsyncSession, row: CallRow, status: str, at: datetime, source: str
+        cls, session: AsyncSession, row: CallRow, status: str, at: datetime, source: str
     ) -> bool:
-        if not states.advances(row.status, status):
+        step = cls._step(row, status, at, source)
+        if step is None:
             return False
+        session.add(StatusRow(**step))
+        return True
+
+    @staticmethod
+    def _step(row: CallRow, status: str, at: datetime, source: str) -> dict[str, Any] | None:
+        """Move the row to `status` if that advances it; the history entry to add, if so."""
+        if not states.advances(row.status, status):
+            return None
         row.status = status
         row.updated_at = max(row.updated_at, at)
         if status == "ACCEPTED" and row.connected_at is None:
             row.connected_at = at
         if states.is_terminal(status):
             row.ended_at = at
-        session.add(StatusRow(call_id=row.id, status=status, at=at, source=source))
-        return True
+        return {"call_id": row.id, "status": status, "at": at, "source": source}
 
     async def _lock(self, session: AsyncSession, where: object) -> CallRow | None:
         # FOR UPDATE on PostgreSQL serializes concurrent events for one call; SQLite ignores it
@@ -418,10 +467,10 @@ class Store:
 
     async def call_by_request(self, request_key: str) -> CallRecord | None:
         """The attempt a /call message already made (NewCall.request_key), if any."""
-        async with self._sessions() as session:
-            query = select(CallRow).where(CallRow.request_key == request_key)
-            row = (await session.execute(query)).scalars().first()
-            return _record(row) if row else None
+        async with self._engine.connect() as connection:
+            query = select(CALLS).where(CALLS.c.request_key == request_key)
+            row = (await connection.execute(query)).first()
+            return _record(row) if row is not None else None
 
     async def call_by_message(self, chat_id: int, message_id: int) -> CallRecord | None:
         async with self._sessions() as session:
