@@ -61,40 +61,20 @@ async def holding(
     again would fail again), marks it done. Cancelled (a shutdown cut it off), it is released so
     that the redelivery is handled at once by whoever gets it.
     """
-    renewer = _Renewal(ledger, update_id, lease / 3)
+    renewer = asyncio.create_task(_renew(ledger, update_id, lease / 3), name="update lease")
     try:
         yield
     except Exception:
-        await renewer.stop()
+        await _stop(renewer)
         await _done(ledger, update_id)
         raise
     except BaseException:
-        await renewer.stop()
+        await _stop(renewer)
         with suppress(Exception):
             await asyncio.shield(ledger.release(update_id))
         raise
-    await renewer.stop()
+    await _stop(renewer)
     await _done(ledger, update_id)
-
-
-class _Renewal:
-    """Renews the lease every `every` seconds, from the first renewal on in a task of its own.
-    Until then only a timer waits: most updates are handled within milliseconds, and a timer
-    costs far less than starting and cancelling a task for each update."""
-
-    def __init__(self, ledger: UpdateLedger, update_id: int, every: float) -> None:
-        self._task: asyncio.Task[None] | None = None
-        self._timer = asyncio.get_running_loop().call_later(
-            every, self._start, ledger, update_id, every
-        )
-
-    def _start(self, ledger: UpdateLedger, update_id: int, every: float) -> None:
-        self._task = asyncio.create_task(_renew(ledger, update_id, every), name="update lease")
-
-    async def stop(self) -> None:
-        self._timer.cancel()
-        if self._task is not None:
-            await _stop(self._task)
 
 
 async def _done(ledger: UpdateLedger, update_id: int) -> None:
@@ -113,15 +93,15 @@ async def _stop(task: asyncio.Task[None]) -> None:
 
 async def _renew(ledger: UpdateLedger, update_id: int, every: float) -> None:
     while True:
+        await asyncio.sleep(every)
         try:
             kept = await ledger.renew(update_id)
         except Exception as err:
             log.warning("update %s: lease not renewed (%s)", update_id, type(err).__name__)
-        else:
-            if not kept:
-                log.warning("update %s: lease lost while handling it", update_id)
-                return
-        await asyncio.sleep(every)
+            continue
+        if not kept:
+            log.warning("update %s: lease lost while handling it", update_id)
+            return
 
 
 class MemoryLedger:
