@@ -226,6 +226,10 @@ async def run_backend(backend: str, calls: int, concurrency: int) -> dict[str, A
         web_host="127.0.0.1",
         web_port=0,
         telegram_edit_interval=0,
+        # Telegram's send limits off too (as bench_calls does): the figures are the bot's
+        telegram_sends_per_second=0,
+        telegram_group_sends_per_minute=0,
+        telegram_chat_sends_per_second=0,
     )
     app = CallbotApp(settings)
     await app.start()
