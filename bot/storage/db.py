@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import re
 from collections.abc import AsyncIterator
@@ -12,15 +13,19 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import Connection, event, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
     create_async_engine,
 )
+from tenacity import before_sleep_log, retry, retry_if_exception, stop_after_attempt, wait_random
 
 if TYPE_CHECKING:
     from alembic.config import Config
+
+log = logging.getLogger(__name__)
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 # One PostgreSQL advisory lock key ("callbot" in ASCII) for every replica's migrations.
@@ -77,6 +82,26 @@ def _sqlite_pragmas(dbapi_connection: object, _record: object) -> None:
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
+
+
+# What PostgreSQL ends a transaction with when it must be run again: 40P01 it was chosen to
+# break a deadlock, 40001 a serialization failure. It was rolled back whole.
+_RUN_AGAIN = frozenset({"40P01", "40001"})
+
+
+def conflicted(error: BaseException) -> bool:
+    return isinstance(error, DBAPIError) and getattr(error.orig, "sqlstate", None) in _RUN_AGAIN
+
+
+# A store method that is one transaction, run again (up to 3 times, after a short random pause)
+# when PostgreSQL aborted it to break a deadlock: nothing of it was committed.
+retry_conflicts = retry(
+    retry=retry_if_exception(conflicted),
+    stop=stop_after_attempt(3),
+    wait=wait_random(0.01, 0.1),
+    before_sleep=before_sleep_log(log, logging.WARNING),
+    reraise=True,
+)
 
 
 def sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

@@ -20,6 +20,7 @@ from sqlalchemy import delete, func, or_, select, text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from bot.oncall.schedules import Override, active
+from bot.storage.db import retry_conflicts
 from bot.storage.tables import ContactRow, IncidentRow, RingRow, TeamRow
 
 # Open: a repeat of its alert updates it. An exhausted escalation stays open (its alert is still
@@ -333,6 +334,7 @@ class OnCallStore:
             row = (await session.execute(query.order_by(IncidentRow.id.desc()))).scalars().first()
             return _incident(row) if row else None
 
+    @retry_conflicts  # replicas taking a storm: a digest head held by a post (see the test)
     async def create_incident(
         self,
         new: NewIncident,
