@@ -11,7 +11,7 @@ from collections.abc import Callable, Coroutine
 from contextlib import suppress
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiogram import Bot, Dispatcher
 from aiogram.client.default import DefaultBotProperties
@@ -24,7 +24,6 @@ from aiogram.exceptions import (
     TelegramUnauthorizedError,
 )
 from aiogram.types import BotCommand
-from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bot.access import AccessPolicy
@@ -91,6 +90,9 @@ from bot.web.routes import Handler, build_web_app
 from bot.web.server import ConnectionLimits, WebServer
 from bot.web.telegram import TelegramWebhook
 from handlers import build_router
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
 
 log = logging.getLogger("callbot")
 # A replica killed while starting a call frees its number's guard within this lease. It must be

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from redis.exceptions import RedisError
-
 from bot.phones import PhoneError
 from bot.pilot_status import errors as pe
+from bot.shared.redis import redis_error
 
 # Pilot `code` → catalogue code (API.md §1.3, §4).
 _BY_PILOT_CODE = {
@@ -80,7 +79,7 @@ def describe(error: BaseException) -> CallbotError:
         return error
     if isinstance(error, PhoneError):
         return CallbotError(error.problem.value, {"text": error.text[:64], "region": error.region})
-    if isinstance(error, RedisError):  # REDIS_URL's server is down or stuck: nothing was done
+    if isinstance(error, redis_error()):  # REDIS_URL's server is down or stuck: nothing was done
         return CallbotError("shared_state_unavailable")
     if isinstance(error, pe.APITimeoutError):
         return CallbotError("api_timeout_maybe_sent" if error.maybe_sent else "api_unreachable")

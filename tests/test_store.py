@@ -384,6 +384,36 @@ async def test_concurrent_replays_of_one_delivery_let_exactly_one_through(store:
     assert call is not None and call.status == "COMPLETED" and call.duration_seconds == 3
 
 
+async def test_a_batch_of_deliveries_takes_the_same_statements_as_one(
+    store: Store, engine: AsyncEngine
+) -> None:
+    """Group commit shares more than the commit: a batch's key check, locking query, UPDATE and
+    history INSERT are one statement each however many deliveries and calls it holds."""
+    for i in range(6):
+        await started_call(store, f"c{i}", f"p{i}")
+    statements: list[str] = []
+
+    def count(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        statements.append(statement.split(None, 1)[0])
+
+    event.listen(engine.sync_engine, "before_cursor_execute", count)
+    try:
+        batch = [(f"k{i}", [StatusUpdate(f"p{i}", "RINGING", at(5), "webhook")]) for i in range(6)]
+        batch.append(("k0", batch[0][1]))  # the same key twice in one batch: applied once
+        results = await store.apply_deliveries(batch)
+        one = await store.apply_deliveries(
+            [("k9", [StatusUpdate("p0", "ACCEPTED", at(6), "webhook", duration_seconds=1)])]
+        )
+    finally:
+        event.remove(engine.sync_engine, "before_cursor_execute", count)
+    assert [r is not None for r in results] == [True] * 6 + [False]
+    assert all(r and r[0][1] for r in one)
+    assert sorted(statements) == sorted(["INSERT", "SELECT", "UPDATE", "INSERT"] * 2)
+    for i in range(6):
+        call = await store.get_call(f"p{i}")
+        assert call is not None and [h.status for h in call.history].count("RINGING") == 1
+
+
 # listing calls
 
 

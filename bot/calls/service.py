@@ -9,7 +9,6 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
-from redis.exceptions import RedisError
 from sqlalchemy.exc import IntegrityError
 
 from bot import states
@@ -29,6 +28,7 @@ from bot.pilot_status.models import (
     StartCall,
 )
 from bot.shared.locks import Held, LocalLocks, Locks
+from bot.shared.redis import redis_error
 from bot.storage.store import Audit, CallRecord, NewCall, Store, utcnow
 from bot.voice.media import Leg, VoiceSide
 from bot.voice.speech import Speech
@@ -149,7 +149,7 @@ class CallService:
         try:
             async with self._holding(request), self._drain.track():
                 outcome = await self._start(request, before_post)
-        except (CallbotError, PilotStatusError, RedisError) as err:
+        except (CallbotError, PilotStatusError, redis_error()) as err:
             if self._counts is not None:
                 known = self._types.known
                 self._counts.call_failed(known.value if known else None, describe(err).code)
@@ -169,7 +169,7 @@ class CallService:
                 await held.enter_async_context(self._in_flight.hold(key))
             except Held:
                 raise CallbotError("call_in_flight") from None
-            except RedisError as err:
+            except redis_error() as err:
                 if request.origin != "alert":
                     raise
                 log.warning(

@@ -12,12 +12,13 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from typing import Protocol
-
-from redis.asyncio import Redis
+from typing import TYPE_CHECKING, Protocol
 
 from bot.pilot_status.webhooks import CallEvent
 from bot.shared.redis import Keys
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
 
 MAX_PER_CALL = 20  # a call has a handful of status changes; more is noise, the newest are kept
 MAX_CALLS = 10_000  # in memory: refs kept at most

@@ -12,13 +12,13 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from redis.asyncio import Redis
-from redis.asyncio.lock import Lock
-from redis.exceptions import LockError, RedisError
+from bot.shared.redis import Keys, redis_error
 
-from bot.shared.redis import Keys
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+    from redis.asyncio.lock import Lock
 
 log = logging.getLogger(__name__)
 WAIT_POLL = 0.02  # seconds between two tries at a name another holder has, when waiting
@@ -67,6 +67,8 @@ class RedisLocks:
 
     @asynccontextmanager
     async def hold(self, name: str) -> AsyncIterator[None]:
+        from redis.exceptions import LockError  # with a client, redis-py is loaded already
+
         lock = self._redis.lock(
             self._keys("lock", self._space, name),
             timeout=self._lease,
@@ -87,10 +89,12 @@ class RedisLocks:
                 await lock.release()
             except LockError:
                 log.warning("a %s lock had expired before its release", self._space)
-            except RedisError as err:
+            except redis_error() as err:
                 log.warning("a %s lock: release failed (%s)", self._space, type(err).__name__)
 
     async def _renew(self, lock: Lock) -> None:
+        from redis.exceptions import LockError
+
         while True:
             await asyncio.sleep(self._lease / 3)
             try:
@@ -98,7 +102,7 @@ class RedisLocks:
             except LockError:  # expired (Redis was unreachable too long): nothing to renew
                 log.warning("a %s lock expired while held", self._space)
                 return
-            except RedisError as err:
+            except redis_error() as err:
                 log.warning("a %s lock: renewal failed (%s)", self._space, type(err).__name__)
 
 

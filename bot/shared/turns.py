@@ -15,13 +15,13 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
-from typing import Protocol
-
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from typing import TYPE_CHECKING, Protocol
 
 from bot.shared.locks import RedisLocks
-from bot.shared.redis import Keys
+from bot.shared.redis import Keys, redis_error
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
 
 log = logging.getLogger(__name__)
 LEASE = 10.0  # seconds a turn is held unless renewed; a replica that dies frees it after this
@@ -73,7 +73,7 @@ class _SharedTurn:
             return False
         try:
             shown = await self._redis.get(self._key)
-        except RedisError as err:
+        except redis_error() as err:
             log.warning("cannot read the state shown of a message (%s); editing", err)
             return False
         return shown is not None and int(shown) > order
@@ -83,7 +83,7 @@ class _SharedTurn:
             return
         try:
             await self._redis.eval(_SHOWN, 1, self._key, order, SHOWN_TTL)
-        except RedisError as err:
+        except redis_error() as err:
             log.warning("cannot record the state shown of a message (%s)", err)
 
 
@@ -103,7 +103,7 @@ class SharedTurns:
             turn: Turn = _SharedTurn(self._redis, shown)
             try:
                 await held.enter_async_context(self._locks.hold(f"{chat_id}:{message_id}"))
-            except RedisError as err:
+            except redis_error() as err:
                 log.warning(
                     "no edit lock for message %s in chat %s (%s); editing", message_id, chat_id, err
                 )

@@ -9,11 +9,12 @@ change so a replica killed mid-call leaves nothing forever), in memory otherwise
 from __future__ import annotations
 
 from collections import Counter
-from typing import Protocol
-
-from redis.asyncio import Redis
+from typing import TYPE_CHECKING, Protocol
 
 from bot.shared.redis import Keys
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
 
 KEY_TTL_SECONDS = 24 * 3600
 

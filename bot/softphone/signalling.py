@@ -15,13 +15,14 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ValidationError
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
-from bot.shared.redis import Keys
+from bot.shared.redis import Keys, redis_error
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
 
 log = logging.getLogger(__name__)
 
@@ -85,12 +86,12 @@ class RedisSignals:
                         if message is not None:
                             return TalkReply.model_validate_json(message["data"])
             finally:
-                with suppress(RedisError, OSError):
+                with suppress(redis_error(), OSError):
                     await pubsub.aclose()
         except TimeoutError:
             log.warning("softphone: call %s: the holding replica did not answer", request.call)
             return TalkReply(status=504, reason="the replica holding the call did not answer")
-        except (RedisError, OSError) as err:
+        except (redis_error(), OSError) as err:
             log.warning("softphone: request not forwarded (%s)", type(err).__name__)
             return TalkReply(status=503, reason="shared state unavailable")
         except ValidationError:
@@ -111,7 +112,7 @@ class RedisSignals:
                         message = await pubsub.get_message(timeout=1.0)
                         if message is not None:
                             self._answer(message["data"], handle)
-                except (RedisError, OSError) as err:
+                except (redis_error(), OSError) as err:
                     log.warning(
                         "softphone: subscription lost (%s); again in %.1f s",
                         type(err).__name__,
@@ -119,7 +120,7 @@ class RedisSignals:
                     )
                 finally:
                     self.subscribed.clear()
-                    with suppress(RedisError, OSError):
+                    with suppress(redis_error(), OSError):
                         await pubsub.aclose()
                 await asyncio.sleep(delay)
                 delay = min(BACKOFF_MAX, delay * 2)
@@ -149,5 +150,5 @@ class RedisSignals:
             await self._redis.publish(
                 self._keys("softphone-reply", envelope.id), reply.model_dump_json()
             )
-        except (RedisError, OSError) as err:
+        except (redis_error(), OSError) as err:
             log.warning("softphone: reply not sent (%s)", type(err).__name__)

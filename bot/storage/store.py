@@ -5,15 +5,23 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
+from importlib import import_module
 from typing import Any
 
-from sqlalchemy import Row, Table, func, insert, or_, select, update
+from sqlalchemy import Row, Table, bindparam, func, insert, or_, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import selectinload
 
 from bot import states
-from bot.storage.tables import AuditRow, CallRow, DeliveryRow, PermissionRequestRow, StatusRow
+from bot.storage.tables import (
+    AuditRow,
+    CallRow,
+    DeliveryRow,
+    PermissionRequestRow,
+    StatusRow,
+    fit,
+)
 
 log = logging.getLogger(__name__)
 # The /call path's statements run on SQLAlchemy Core (no ORM session, identity map or flush):
@@ -22,6 +30,17 @@ CALLS: Table = CallRow.__table__  # type: ignore[assignment]
 STATUSES: Table = StatusRow.__table__  # type: ignore[assignment]
 AUDIT: Table = AuditRow.__table__  # type: ignore[assignment]
 # what call_started changes
+DELIVERIES: Table = DeliveryRow.__table__  # type: ignore[assignment]
+DELIVERY_KEY_WIDTH = 256  # DeliveryRow.key
+# what a status update changes
+APPLIED_COLUMNS = (
+    "status",
+    "updated_at",
+    "connected_at",
+    "ended_at",
+    "duration_seconds",
+    "error_code",
+)
 STARTED_COLUMNS = (
     "pilot_call_id",
     "external_call_id",
@@ -351,36 +370,76 @@ class Store:
 
     async def _apply_deliveries(
         self, batch: list[tuple[str, list[StatusUpdate]]], at: datetime
-    ) -> list[list[tuple[CallRecord | None, bool]] | None]:
-        async with self._sessions.begin() as session:
-            keys = {key for key, _ in batch}
-            query = select(DeliveryRow.key).where(DeliveryRow.key.in_(keys))
-            seen = set((await session.execute(query)).scalars())
-            refs = {update.pilot_ref for _, updates in batch for update in updates}
-            rows = await self._lock_all(session, refs) if refs else {}
-            results: list[list[tuple[CallRecord | None, bool]] | None] = []
-            for key, updates in batch:
-                if key in seen:
-                    results.append(None)
-                    continue
-                seen.add(key)
-                results.append([self._change(session, rows.get(u.pilot_ref), u) for u in updates])
-                session.add(DeliveryRow(key=key, received_at=at))
-        return results
+    ) -> list[Applied]:
+        """On Core, a fixed number of statements whatever the batch's size (on SQLite each is
+        several hops to aiosqlite's thread): the keys recorded (a key recorded before is a
+        replay), the calls locked, their changes written, their history added."""
+        async with self._engine.begin() as connection:
+            fresh = await self._record_keys(connection, [key for key, _ in batch], at)
+            new = []
+            for key, _ in batch:
+                stored = fit(key, DELIVERY_KEY_WIDTH, key=True)
+                new.append(stored in fresh)
+                fresh.discard(stored)  # the same key twice in one batch: applied once
+            updates = [u for (_, items), n in zip(batch, new, strict=True) if n for u in items]
+            changes = iter(await self._apply_updates(connection, updates))
+            return [
+                [next(changes) for _ in items] if n else None
+                for (_, items), n in zip(batch, new, strict=True)
+            ]
 
-    async def _lock_all(self, session: AsyncSession, refs: set[str]) -> dict[str, CallRow]:
-        """The calls named by Pilot or external ids, locked, in one query."""
+    @staticmethod
+    async def _record_keys(connection: AsyncConnection, keys: list[str], at: datetime) -> set[str]:
+        """Record delivery keys; the ones not recorded before (as stored: long keys are cut).
+        One INSERT … ON CONFLICT DO NOTHING RETURNING: a key another transaction is recording
+        waits for it, then counts as recorded before if that one committed."""
+        if not keys:
+            return set()
+        dialect = connection.dialect.name
+        module = import_module(f"sqlalchemy.dialects.{dialect}")  # sqlite or postgresql
+        rows = [{"key": key, "received_at": at} for key in sorted(set(keys))]  # one lock order
+        query = module.insert(DELIVERIES).values(rows).on_conflict_do_nothing()
+        return set((await connection.execute(query.returning(DELIVERIES.c.key))).scalars())
+
+    async def _apply_updates(
+        self, connection: AsyncConnection, updates: list[StatusUpdate]
+    ) -> list[tuple[CallRecord | None, bool]]:
+        """Status updates in order, each (record, changed) as apply_status gives; the calls they
+        name are locked in one query and written back by one UPDATE per batch."""
+        refs = {item.pilot_ref for item in updates}
+        if not refs:
+            return []
         query = (
-            select(CallRow)
-            .where(or_(CallRow.pilot_call_id.in_(refs), CallRow.external_call_id.in_(refs)))
+            select(CALLS)
+            .where(or_(CALLS.c.pilot_call_id.in_(refs), CALLS.c.external_call_id.in_(refs)))
             .with_for_update()
         )
-        found: dict[str, CallRow] = {}
-        for row in (await session.execute(query)).scalars():
-            for ref in (row.pilot_call_id, row.external_call_id):
+        rows: dict[str, CallRow] = {}
+        for found in await connection.execute(query):
+            locked = CallRow(**found._mapping)  # transient: changed here, written by one UPDATE
+            for ref in (locked.pilot_call_id, locked.external_call_id):
                 if ref in refs:
-                    found[ref] = row
-        return found
+                    rows[ref] = locked
+        results: list[tuple[CallRecord | None, bool]] = []
+        history: list[dict[str, Any]] = []
+        changed_rows: dict[str, CallRow] = {}
+        for item in updates:
+            row = rows.get(item.pilot_ref)
+            record, changed = self._change(row, item, history)
+            if row is not None and changed:
+                changed_rows[row.id] = row
+            results.append((record, changed))
+        if changed_rows:
+            written = [
+                {"_id": row.id, **{name: getattr(row, name) for name in APPLIED_COLUMNS}}
+                for row in changed_rows.values()
+            ]
+            values: dict[str, Any] = {name: bindparam(name) for name in APPLIED_COLUMNS}
+            write = update(CALLS).where(CALLS.c.id == bindparam("_id")).values(values)
+            await connection.execute(write, written)
+        if history:
+            await connection.execute(insert(STATUSES), history)
+        return results
 
     async def apply_status(
         self,
@@ -398,24 +457,20 @@ class Store:
         is final, though a late duration still fills in.
         """
         update = StatusUpdate(pilot_ref, status, at, source, duration_seconds, error_code)
-        async with self._sessions.begin() as session:
-            return await self._apply(session, update)
-
-    async def _apply(
-        self, session: AsyncSession, update: StatusUpdate
-    ) -> tuple[CallRecord | None, bool]:
-        ref = update.pilot_ref
-        row = await self._lock(
-            session, or_(CallRow.pilot_call_id == ref, CallRow.external_call_id == ref)
-        )
-        return self._change(session, row, update)
+        async with self._engine.begin() as connection:
+            [result] = await self._apply_updates(connection, [update])
+            return result
 
     def _change(
-        self, session: AsyncSession, row: CallRow | None, update: StatusUpdate
+        self, row: CallRow | None, update: StatusUpdate, history: list[dict[str, Any]]
     ) -> tuple[CallRecord | None, bool]:
+        """Move a (transient) row by one update; its history entry, if any, goes to `history`."""
         if row is None:
             return None, False
-        changed = self._advance(session, row, update.status, update.at, update.source)
+        step = self._step(row, update.status, update.at, update.source)
+        if step is not None:
+            history.append(step)
+        changed = step is not None
         duration = update.duration_seconds
         if duration is not None and row.duration_seconds != duration:
             row.duration_seconds = duration

@@ -23,11 +23,12 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from enum import StrEnum
-from typing import Any, Protocol
-
-from redis.asyncio import Redis
+from typing import TYPE_CHECKING, Any, Protocol
 
 from bot.shared.redis import Keys
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
 
 log = logging.getLogger(__name__)
 LEASE_SECONDS = 30.0  # a dead holder's update is taken again after this

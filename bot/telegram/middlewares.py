@@ -16,10 +16,10 @@ from aiogram.exceptions import TelegramRetryAfter
 from aiogram.methods import Response, TelegramMethod
 from aiogram.methods.base import TelegramType
 from aiogram.types import TelegramObject, Update
-from redis.exceptions import RedisError
 
 from bot.ops.metrics import mark_duplicate
 from bot.ops.shutdown import InFlight
+from bot.shared.redis import redis_error
 from bot.telegram.ledger import Claim, UpdateLedger, holding
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ class LedgerMiddleware(BaseMiddleware):
             return await handler(event, data)
         try:
             claim = await self._ledger.claim(event.update_id)
-        except RedisError as err:
+        except redis_error() as err:
             # Polling gets each update once but for rare redeliveries: handle it rather than
             # lose it (its offset is confirmed already).
             log.warning("update %s: ledger unavailable (%s)", event.update_id, type(err).__name__)

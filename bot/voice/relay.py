@@ -27,12 +27,12 @@ import time
 import uuid
 from collections.abc import Sequence
 from contextlib import suppress
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from bot.shared.redis import Keys, redis_error
 
-from bot.shared.redis import Keys
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
 
 log = logging.getLogger(__name__)
 
@@ -141,14 +141,14 @@ class RedisRelay:
                 pipe.set(self._keys("meta-answer", ref), sdp, ex=ANSWER_TTL_SECONDS)
                 pipe.publish(self._channel, json.dumps(message))
                 await pipe.execute()
-        except (RedisError, OSError) as err:
+        except (redis_error(), OSError) as err:
             log.warning("media relay: the SDP answer was not shared (%s)", type(err).__name__)
 
     async def share_status(self, call_id: str, status: str) -> None:
         message = {"from": self._origin, "kind": "status", "call": call_id, "status": status}
         try:
             await self._redis.publish(self._channel, json.dumps(message))
-        except (RedisError, OSError) as err:
+        except (redis_error(), OSError) as err:
             log.warning("media relay: a call status was not shared (%s)", type(err).__name__)
 
     async def kept_answer(self, refs: Sequence[str]) -> str | None:
@@ -156,7 +156,7 @@ class RedisRelay:
             return None
         try:
             values = await self._redis.mget([self._keys("meta-answer", ref) for ref in refs])
-        except (RedisError, OSError) as err:
+        except (redis_error(), OSError) as err:
             log.warning("media relay: kept answers not read (%s)", type(err).__name__)
             return None
         found = next((value for value in values if value), None)
@@ -166,14 +166,14 @@ class RedisRelay:
         self._claims.add(call_id)
         try:
             await self._set_claims([call_id])
-        except (RedisError, OSError) as err:
+        except (redis_error(), OSError) as err:
             log.warning("media relay: a call was not claimed (%s)", type(err).__name__)
 
     async def release(self, call_id: str) -> None:
         self._claims.discard(call_id)
         try:
             await self._redis.delete(self._keys("meta-owner", call_id))
-        except (RedisError, OSError) as err:
+        except (redis_error(), OSError) as err:
             log.warning("media relay: a claim was not released (%s)", type(err).__name__)
 
     async def claimed(self, call_ids: Sequence[str]) -> set[str]:
@@ -183,7 +183,7 @@ class RedisRelay:
             return set()
         try:
             owners = await self._redis.mget([self._keys("meta-owner", c) for c in call_ids])
-        except (RedisError, OSError) as err:
+        except (redis_error(), OSError) as err:
             log.warning("media relay: claims not read (%s)", type(err).__name__)
             return set(call_ids)
         return {call_id for call_id, owner in zip(call_ids, owners, strict=True) if owner}
@@ -215,14 +215,14 @@ class RedisRelay:
                     message = await pubsub.get_message(timeout=READ_TIMEOUT)
                     if message is not None:
                         self._hand_over(message, waiters)
-            except (RedisError, OSError) as err:
+            except (redis_error(), OSError) as err:
                 log.warning(
                     "media relay: Redis subscription lost (%s); again in %.1f s",
                     type(err).__name__,
                     delay,
                 )
             finally:
-                with suppress(RedisError, OSError):
+                with suppress(redis_error(), OSError):
                     await pubsub.aclose()
             await asyncio.sleep(delay)
             delay = min(BACKOFF_MAX, delay * 2)

@@ -15,13 +15,14 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from aiohttp import web
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
-from bot.shared.redis import Keys
+from bot.shared.redis import Keys, redis_error
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
 
 log = logging.getLogger(__name__)
 MAX_SHARED_BYTES = 16 * 1024 * 1024  # one file in Redis; a longer one is streamed instead
@@ -155,6 +156,8 @@ class RedisAudioShelf:
             await self._redis.set(name, secrets.token_bytes(32), nx=True)
             key: bytes | None = await self._redis.get(name)
             if key is None:
+                from redis.exceptions import RedisError  # loaded with the client
+
                 raise RedisError("the shelf's signing key vanished")
             self._key = key
         return self._key
@@ -169,7 +172,7 @@ class RedisAudioShelf:
         try:
             key = await self._signing_key()
             await self._redis.set(self._keys("audio", name), wav, pxat=expires * 1000)
-        except RedisError as err:
+        except redis_error() as err:
             log.warning("cannot shelve audio in Redis (%s); streamed instead", type(err).__name__)
             return None
         return f"{self._base}/audio/{name}.{expires}.{_sign(key, name, expires)}.wav"
@@ -177,7 +180,7 @@ class RedisAudioShelf:
     async def forget(self, url: str) -> None:
         try:
             await self._redis.delete(self._keys("audio", _name_of(url)))
-        except RedisError as err:  # it expires by itself
+        except redis_error() as err:  # it expires by itself
             log.info("cannot drop shelved audio (%s)", type(err).__name__)
 
     async def serve(self, request: web.Request) -> web.Response:
@@ -186,7 +189,7 @@ class RedisAudioShelf:
             wav = None
             if verified is not None and verified[1] > self._clock():
                 wav = await self._redis.getdel(self._keys("audio", verified[0]))
-        except RedisError as err:
+        except redis_error() as err:
             log.warning("cannot serve shelved audio: Redis (%s)", type(err).__name__)
             return web.Response(status=503, text="audio store unavailable")
         if wav is None:

@@ -27,10 +27,10 @@ from aiogram import Bot, Dispatcher
 from aiogram.types import Update
 from aiohttp import web
 from pydantic import ValidationError
-from redis.exceptions import RedisError
 
 from bot.ops.metrics import Metrics
 from bot.ops.shutdown import InFlight
+from bot.shared.redis import redis_error
 from bot.telegram.ledger import Claim, UpdateLedger, holding
 from bot.web.bodies import parse_json, read_body, refuse
 
@@ -79,7 +79,7 @@ class TelegramWebhook:
         count = self.metrics.telegram_update
         try:
             claim = await self.ledger.claim(update.update_id)
-        except RedisError as err:
+        except redis_error() as err:
             log.warning("update %s: ledger unavailable (%s)", update.update_id, type(err).__name__)
             count("unavailable")
             return _unavailable("temporarily unavailable")
