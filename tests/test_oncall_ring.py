@@ -244,6 +244,12 @@ async def test_a_drain_cut_off_after_the_post_was_sent_is_reconciled_and_nobody_
     second.pilot.emit_status("call_kill", "MISSED")
     await second.pilot.wait_deliveries()
     await post_in(second, INFRA_CHAT, "not answered (missed)")
+    # The edit is seen before its post is marked made; the timer passes over a row locked
+    # meanwhile (SKIP LOCKED, on PostgreSQL), so the post is let settle first.
+    for _ in range(250):
+        if (await incident_of(second, incident.id)).post_status == "posted":
+            break
+        await asyncio.sleep(0.02)
     assert await second.app.oncall.run_due() == 1
     assert [r.json["to"] for r in second.pilot.calls_started()] == [ALICE, BOB]
 

@@ -12,7 +12,7 @@ sent, or unknown even to the API's list) rather than ringing the person again.
 Per-destination throttles hold a ring back rather than flood a phone (4 unanswered calls in a
 row revoke a WhatsApp call permission); they are checked again when the ring is recorded,
 under the number's lock, so replicas ringing one person for two incidents at once cannot both
-pass. Several replicas share the timers: each claims due steps one at a time, passing over
+pass. Several replicas share the timers: each claims due steps in batches, passing over
 rows another replica holds (see bot/storage/oncall.py). Nothing here knows aiogram.
 
 The post to the team's chat is an outbox step: stored as pending with the incident, tried at
@@ -34,8 +34,8 @@ import logging
 import re
 import secrets
 import weakref
-from collections.abc import Callable, Mapping, Sequence
-from contextlib import suppress
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import partial
@@ -51,6 +51,7 @@ from bot.ops.shutdown import InFlight
 from bot.phones import Phone, mask, parse_phone, split_phone_and_note
 from bot.pilot_status.errors import APIConnectionError, PilotStatusError
 from bot.storage.oncall import (
+    Claimed,
     Contact,
     Held,
     Incident,
@@ -130,12 +131,27 @@ class Throttle:
         return tuple(limits)
 
 
+@dataclass(frozen=True)
+class _Known:
+    """What a step looks up before it rings, read once for a batch of claimed steps."""
+
+    team: Team
+    silence: Silence | None
+    contacts: Mapping[str, Contact]
+
+
 class SilenceCheck(Protocol):
     """Whether a silence holds a team's alert now (bot/oncall/silences.py)."""
 
     async def holding(
         self, team_id: int, labels: Mapping[str, str], now: datetime
     ) -> Silence | None: ...
+
+    async def holding_each(
+        self, alerts: Sequence[tuple[int, Mapping[str, str]]], now: datetime
+    ) -> list[Silence | None]:
+        """`holding` for each (team id, labels) at once."""
+        ...
 
 
 class IncidentView(Protocol):
@@ -250,8 +266,12 @@ class OnCall:
         self._dialing: weakref.WeakValueDictionary[str, asyncio.Lock] = (
             weakref.WeakValueDictionary()
         )
-        self._step_tasks: set[asyncio.Task[None]] = set()  # first steps, started by intake
-        self._ringing: dict[int, asyncio.Event] = {}  # set once a first step's ring is sent
+        # steps going on by themselves: first steps started by intake, the timer's
+        self._step_tasks: set[asyncio.Task[None]] = set()
+        self._slots: asyncio.Semaphore | None = None  # the timer's (see _timer_slots)
+        # a running step's "ring on its way" (see _start_step), called once its POST goes out
+        self._ringing: dict[int, Callable[[], None]] = {}
+        self._post_queued: set[int] = set()  # refreshes waiting for their turn (_publish_soon)
         self._posting: set[int] = set()  # posts the timer is making now
         # the timer's posts, going on after its run
         self._timer_posts: set[asyncio.Future[list[bool | BaseException]]] = set()
@@ -413,15 +433,14 @@ class OnCall:
             share=self.post_share,
         )
         log.info("incident %s for team %s: %s", incident.id, team.name, alert.source)
-        if silence is not None:
-            pass  # its first step is due when the silence ends: the timer takes it then
-        elif not rings_now:
-            self._wake.set()  # its first step is due now: the timer (maybe another's) takes it
-        else:
-            rung = self._ring_first(incident, now)
+        if rings_now:
+            rung = self._ring_first(incident, team, now)
             with suppress(TimeoutError):  # the post waits for the ring to be on its way
                 async with asyncio.timeout(POST_WAIT):
                     await rung.wait()
+        elif silence is None:
+            self._wake.set()  # its first step is due now: the timer (maybe another's) takes it
+        # else its first step is due when the silence ends: the timer takes it then
         await self._publish(incident.id)
         return "created", await self._store.incident(incident.id) or incident
 
@@ -453,33 +472,59 @@ class OnCall:
         have one), and not once it is stopping."""
         return self._timer_running and not self._stopping
 
-    def _ring_first(self, incident: Incident, now: datetime) -> asyncio.Event:
+    def _ring_first(self, incident: Incident, team: Team, now: datetime) -> asyncio.Event:
         """The first step of a new incident, claimed when it was created, runs at once: not
         after the timer's next look, and not after the post, which follows from its write
         ahead, in parallel with the POST. Returns an event set once the ring is written ahead
         (its POST going out) or the step ended. A shutdown waits for it like any step."""
+        rung = asyncio.Event()
+        # intake found no silence holding it a moment ago
+        known = _Known(team, silence=None, contacts={})
+        task = self._start_step(incident, now, known, on_ring=rung.set, track=True)
+        self._step_tasks.add(task)
+        task.add_done_callback(self._step_done)
+        return rung
+
+    def _start_step(
+        self,
+        incident: Incident,
+        now: datetime,
+        known: _Known | None,
+        *,
+        on_ring: Callable[[], None],
+        track: bool = False,
+    ) -> asyncio.Task[None]:
+        """Run a claimed step in a task. `on_ring` is called once, when its ring is on its way
+        (written ahead: the POST goes out) or the step ended without one. With `track`, a
+        shutdown waits for it (the timer's steps are tracked by run_due)."""
+        called = False
+
+        def rung() -> None:
+            nonlocal called
+            if not called:
+                called = True
+                on_ring()
+
         self._running.add(incident.id)
-        rung = self._ringing[incident.id] = asyncio.Event()
+        self._ringing[incident.id] = rung
 
         async def step() -> None:
             try:
-                async with self._drain.track():
-                    await self._step(incident, now)
+                async with self._drain.track() if track else nullcontext():
+                    await self._step(incident, now, known)
             finally:
-                rung.set()
                 if self._ringing.get(incident.id) is rung:
-                    del self._ringing[incident.id]
+                    self._rung(incident.id)
+                rung()
 
-        task = asyncio.create_task(step(), name=f"step {incident.id}")
-        self._step_tasks.add(task)
-        task.add_done_callback(self._first_step_done)
-        return rung
+        return asyncio.create_task(step(), name=f"step {incident.id}")
 
-    def _first_step_done(self, task: asyncio.Task[None]) -> None:
+    def _step_done(self, task: asyncio.Task[None]) -> None:
+        """A step that went on by itself (a first step, the timer's) ended."""
         self._step_tasks.discard(task)
         if not task.cancelled() and (error := task.exception()) is not None:
             # Its lease runs out and the timer takes the step again.
-            log.error("first on-call step failed", exc_info=error)
+            log.error("on-call step failed", exc_info=error)
 
     async def _still_firing(self, incident: Incident, team: Team) -> tuple[str, Incident]:
         """A repeat of an alert whose escalation ran out: the same incident, paged again only
@@ -586,7 +631,12 @@ class OnCall:
 
     def _publish_soon(self, incident_id: int) -> None:
         """The post's refresh without making the caller wait for Telegram (a webhook, a step):
-        a task, awaited by `stop`; if it is lost, the timer makes the pending post."""
+        a task, awaited by `stop`; if it is lost, the timer makes the pending post. One that is
+        still waiting for its turn (the incident's post lock) shows this change too: no second
+        one is started for it."""
+        if incident_id in self._post_queued:
+            return
+        self._post_queued.add(incident_id)
         task = asyncio.create_task(self._publish(incident_id), name=f"post {incident_id}")
         self._post_tasks.add(task)
         task.add_done_callback(self._post_done)
@@ -614,6 +664,7 @@ class OnCall:
         timer passes over a post another replica is claiming (it makes it, or it stays due)."""
         lock = self._post_locks.setdefault(incident_id, asyncio.Lock())
         async with lock:  # a second caller then finds the post made, or makes the newer state
+            self._post_queued.discard(incident_id)  # a change from now on needs a new turn
             now = self.clock()
             incident = await self._store.claim_post(incident_id, now, POST_LEASE, skip_locked=timer)
             if incident is None:
@@ -729,30 +780,25 @@ class OnCall:
 
     # the timer
 
-    async def run_due(self, parallel: int = 16, *, wait_for_posts: bool = True) -> int:
+    async def run_due(
+        self, parallel: int = 16, *, wait_for_posts: bool = True, wait_for_steps: bool = True
+    ) -> int:
         """Take every step that is due now, several at once; returns how many were taken. Each
         is claimed when a slot is free, so what this process cannot start yet stays free for
         another replica; a step made due again meanwhile waits for the next run. Due posts are
         made alongside, with slots of their own (a post waiting for Telegram's send limits never
-        holds a ring back); without `wait_for_posts` (the timer) they go on after it returns."""
+        holds a ring back); without `wait_for_posts` (the timer) they go on after it returns.
+        Without `wait_for_steps` (the timer), it takes what its free slots allow and returns:
+        the steps go on, and the timer looks again once a slot is free or a timer is due."""
         if self._stopping:
             return 0
-        gate, posts_gate = asyncio.Semaphore(parallel), asyncio.Semaphore(parallel)
-
-        async def post(incident_id: int) -> bool:
-            async with posts_gate:
-                return await self._publish(incident_id, timer=True)
-
         await self._expire_acks()
-        posts = [i for i in await self._store.posts_due(self.clock()) if i not in self._posting]
-        self._posting.update(posts)
-        posting = asyncio.ensure_future(
-            asyncio.gather(*(post(i) for i in posts), return_exceptions=True)
-        )
-        posting.add_done_callback(lambda _: self._posting.difference_update(posts))
-        if not wait_for_posts:
-            self._timer_posts.add(posting)
-            posting.add_done_callback(self._timer_posts.discard)
+        if not wait_for_steps:
+            taken = await self._start_due(self._timer_slots(parallel))
+            self._post_due(parallel, wait=False)
+            return taken
+        gate = asyncio.Semaphore(parallel)
+        posting = self._post_due(parallel, wait=wait_for_posts)
         steps: dict[int, asyncio.Task[None]] = {}
         try:
             async with self._drain.track():  # a shutdown waits for the steps claimed here
@@ -765,10 +811,62 @@ class OnCall:
                     # Its lease runs out and the step is taken again later.
                     log.error("on-call step of incident %s failed", incident_id, exc_info=result)
         finally:
-            if wait_for_posts:
+            if posting is not None:
+                await posting
+        return len(steps)
+
+    def _post_due(self, parallel: int, *, wait: bool) -> Awaitable[None] | None:
+        """Make the due posts, `parallel` at a time, in a task; with `wait`, what to await for
+        them (their failures logged), else they go on by themselves."""
+        posts_gate = asyncio.Semaphore(parallel)
+
+        async def post(incident_id: int) -> bool:
+            async with posts_gate:
+                return await self._publish(incident_id, timer=True)
+
+        async def make() -> list[bool | BaseException]:
+            due = await self._store.posts_due(self.clock())
+            posts[:] = [i for i in due if i not in self._posting]
+            self._posting.update(posts)
+            try:
+                return await asyncio.gather(*(post(i) for i in posts), return_exceptions=True)
+            finally:
+                self._posting.difference_update(posts)
+
+        posts: list[int] = []
+        posting = asyncio.ensure_future(make())
+        if wait:
+
+            async def done() -> None:
                 _log_failed_posts(posts, await posting)
-            else:
-                posting.add_done_callback(partial(_posts_done, posts))
+
+            return done()
+        self._timer_posts.add(posting)
+        posting.add_done_callback(self._timer_posts.discard)
+        posting.add_done_callback(partial(_posts_done, posts))
+        return None
+
+    def _timer_slots(self, parallel: int) -> asyncio.Semaphore:
+        """The timer's slots: kept across its runs, since its steps outlive them."""
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(parallel)
+        return self._slots
+
+    async def _start_due(self, gate: asyncio.Semaphore) -> int:
+        """The timer's claims: as many due steps as it has free slots, started to go on by
+        themselves (a shutdown waits for them). A slot freed when none was wakes the timer
+        (due steps may be waiting for it)."""
+        steps: dict[int, asyncio.Task[None]] = {}
+
+        def free() -> None:
+            if gate.locked():
+                self._wake.set()
+            gate.release()
+
+        await self._claim_steps(gate, steps, wait=False, on_ring=free)
+        for task in steps.values():
+            self._step_tasks.add(task)
+            task.add_done_callback(self._step_done)
         return len(steps)
 
     async def run_forever(self, tick: float) -> None:
@@ -779,7 +877,7 @@ class OnCall:
             delay = tick
             self._wake.clear()  # before looking: an incident arriving meanwhile wakes the wait
             try:
-                await self.run_due(wait_for_posts=False)
+                await self.run_due(wait_for_posts=False, wait_for_steps=False)
                 next_at = await self._store.next_due_at()
                 if next_at is not None:
                     delay = min(tick, max(0.0, (next_at - self.clock()).total_seconds()))
@@ -797,34 +895,81 @@ class OnCall:
         self._stopping = True
         self._wake.set()
 
+    def _rung(self, incident_id: int) -> Callable[[], None] | None:
+        """The step's ring is on its way (or the step ended): its "on its way" callback."""
+        return self._ringing.pop(incident_id, None)
+
     async def _claim_steps(
-        self, gate: asyncio.Semaphore, steps: dict[int, asyncio.Task[None]]
+        self,
+        gate: asyncio.Semaphore,
+        steps: dict[int, asyncio.Task[None]],
+        *,
+        wait: bool = True,
+        on_ring: Callable[[], None] | None = None,
     ) -> None:
-        """Claim due steps one at a time, each once a slot is free, and start them (`steps`)."""
+        """Claim due steps in batches, as many as there are free slots, and start them
+        (`steps`). A step holds its slot until its ring is on its way (written ahead, its POST
+        going out) or it ends (`on_ring` then; default: the slot is released): the POST's
+        answer and the step's settling take no slot. Without `wait`, it returns when no slot
+        is free rather than waiting for one."""
         while not self._stopping:
+            if not wait and gate.locked():
+                return
             await gate.acquire()
+            slots = 1
+            while not gate.locked():  # every slot free now, without waiting
+                await gate.acquire()
+                slots += 1
             try:
                 now = self.clock()
-                claimed = None
+                claimed = Claimed()
                 if not self._stopping:
                     skip = {*self._running, *steps}  # this process runs them (renewing)
-                    claimed = await self._store.claim_next(now, self.lease, skip=skip)
+                    claimed = await self._store.claim_due(now, self.lease, limit=slots, skip=skip)
+                known = await self._look_up(claimed, now)
             except BaseException:
-                gate.release()
+                for _ in range(slots):
+                    gate.release()
                 raise
-            if claimed is None:
+            for _ in range(slots - len(claimed.incidents)):
                 gate.release()
+            if not claimed.incidents:
                 return
-            self._running.add(claimed.id)
-            task = asyncio.create_task(self._step(claimed, now), name=f"step {claimed.id}")
-            task.add_done_callback(lambda _task: gate.release())
-            steps[claimed.id] = task
+            for incident in claimed.incidents:
+                steps[incident.id] = self._start_step(
+                    incident,
+                    now,
+                    known.get(incident.id),
+                    on_ring=on_ring or gate.release,
+                    track=not wait,
+                )
 
-    async def _step(self, incident: Incident, now: datetime) -> None:
-        """Run a claimed step, its lease renewed meanwhile."""
+    async def _look_up(self, claimed: Claimed, now: datetime) -> dict[int, _Known]:
+        """What the claimed steps look up before they ring, in one query each for all of them:
+        their silences and the contacts they ring (their teams came with the claim)."""
+        incidents = [i for i in claimed.incidents if i.team_id in claimed.teams]
+        if not incidents:
+            return {}
+        silences: list[Silence | None] = [None] * len(incidents)
+        if self._silences is not None:
+            alerts = [(i.team_id, i.labels) for i in incidents]
+            silences = await self._silences.holding_each(alerts, now)
+        aliases = set()
+        for incident in incidents:
+            steps = plan(claimed.teams[incident.team_id], now)
+            if incident.step < len(steps):
+                aliases.add(steps[incident.step])
+        contacts = await self._store.contacts_named(aliases) if aliases else {}
+        return {
+            incident.id: _Known(claimed.teams[incident.team_id], silence, contacts)
+            for incident, silence in zip(incidents, silences, strict=True)
+        }
+
+    async def _step(self, incident: Incident, now: datetime, known: _Known | None = None) -> None:
+        """Run a claimed step, its lease renewed meanwhile (`known`: what it would look up)."""
         renewing = asyncio.create_task(self._renew(incident), name=f"lease {incident.id}")
         try:
-            result = await self._run_step(incident, now)
+            result = await self._run_step(incident, now, known)
             if self._on_step is not None:
                 self._on_step(result)
         finally:
@@ -846,9 +991,9 @@ class OnCall:
             except Exception:
                 log.exception("cannot renew the lease of incident %s", incident.id)
 
-    async def _run_step(self, incident: Incident, now: datetime) -> str:
+    async def _run_step(self, incident: Incident, now: datetime, known: _Known | None) -> str:
         """Run the step; returns what it did (a metrics label: see bot.ops.metrics.STEP_RESULTS)."""
-        team = await self._store.team_by_id(incident.team_id)
+        team = known.team if known else await self._store.team_by_id(incident.team_id)
         assert team is not None
         steps = plan(team, now)
         fence = incident.attempt
@@ -859,7 +1004,10 @@ class OnCall:
             if pending is None:
                 return "settled"
             incident = pending
-        silence = await self._silence(team, incident.labels, now)
+        if known is not None:
+            silence = known.silence
+        else:
+            silence = await self._silence(team, incident.labels, now)
         if silence is not None:  # nobody is rung: the step waits for the silence's end
             said = incident.silence_id == silence.id
             await self._update(
@@ -904,7 +1052,10 @@ class OnCall:
             )
             return "exhausted"
         alias = steps[incident.step]
-        contact = await self._store.contact(alias)
+        if known is not None and alias in known.contacts:
+            contact: Contact | None = known.contacts[alias]
+        else:
+            contact = await self._store.contact(alias)
         if contact is None:
             await self._update(
                 incident,
@@ -958,8 +1109,8 @@ class OnCall:
                 raise _Held(ringing.until)
             written.append(record.id)
             self._publish_soon(ringing.id)
-            if (rung := self._ringing.get(incident.id)) is not None:
-                rung.set()  # intake's wait for the post to follow the ring ends
+            if (rung := self._rung(incident.id)) is not None:
+                rung()  # its slot is free, or intake's wait for the post to follow it ends
 
         try:
             # Rings of one number from this process take turns (a storm's incidents all ring
@@ -1042,6 +1193,7 @@ class OnCall:
             )
             return "no_permission"
         quota = _quota_note(outcome)
+        placed = self.clock()  # the wait for an acknowledgement runs from the ring, not the claim
         # Applied only if no end event settled this ring first (then the next step is due).
         await self._end_ring(
             incident,
@@ -1052,7 +1204,7 @@ class OnCall:
             else None,
             step=incident.step + 1,
             call_id=outcome.record.id,
-            next_action_at=now + timedelta(seconds=team.wait_seconds),
+            next_action_at=placed + timedelta(seconds=team.wait_seconds),
         )
         return "rang"
 
@@ -1218,8 +1370,12 @@ def _log_failed_posts(posts: list[int], results: Sequence[object]) -> None:
 
 
 def _posts_done(posts: list[int], done: asyncio.Future[list[bool | BaseException]]) -> None:
-    if not done.cancelled():
-        _log_failed_posts(posts, done.result())
+    if done.cancelled():
+        return
+    if (error := done.exception()) is not None:  # the due posts were not even found
+        log.error("due posts not made; the timer retries them", exc_info=error)
+        return
+    _log_failed_posts(posts, done.result())
 
 
 def _fingerprint(lines: list[Incident]) -> str:

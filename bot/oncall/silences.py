@@ -12,7 +12,7 @@ here knows aiogram.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -35,8 +35,14 @@ class Silences:
         self, team_id: int, labels: Mapping[str, str], now: datetime
     ) -> Silence | None:
         """The silence that holds an alert with these labels now: the one ending last."""
-        holding = [s for s in await self._store.silences(now, team_id) if s.holds(labels, now)]
-        return max(holding, key=lambda s: s.ends_at, default=None)
+        return _holding(await self._store.silences(now, team_id), team_id, labels, now)
+
+    async def holding_each(
+        self, alerts: Sequence[tuple[int, Mapping[str, str]]], now: datetime
+    ) -> list[Silence | None]:
+        """`holding` for each (team id, labels), in one query (a batch of steps)."""
+        silences = await self._store.silences(now)
+        return [_holding(silences, team_id, labels, now) for team_id, labels in alerts]
 
     async def add(self, team_id: int, words: list[str], *, by: str, now: datetime) -> Silence:
         """`<duration> [label=value…] [reason…]`, from now."""
@@ -149,3 +155,11 @@ def _matchers(where: str, raw: object) -> dict[str, str]:
         if _MATCHER.fullmatch(f"{label}={value}") is None:
             raise ValueError(f"{where}: matcher {label[:64]!r} is not label=value")
     return dict(pairs)
+
+
+def _holding(
+    silences: list[Silence], team_id: int, labels: Mapping[str, str], now: datetime
+) -> Silence | None:
+    """Of these silences, the one holding the team's alert now: the one ending last."""
+    holding = [s for s in silences if s.team_id == team_id and s.holds(labels, now)]
+    return max(holding, key=lambda s: s.ends_at, default=None)

@@ -125,6 +125,14 @@ class Held:
 
 
 @dataclass(frozen=True)
+class Claimed:
+    """Steps claimed together (see claim_due), with their teams."""
+
+    incidents: tuple[Incident, ...] = ()
+    teams: dict[int, Team] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class NewIncident:
     team_id: int
     dedup_key: str
@@ -239,6 +247,12 @@ class OnCallStore:
             row = (await session.execute(query.order_by(ContactRow.id))).scalars().first()
             return _contact(row) if row else None
 
+    async def contacts_named(self, aliases: Collection[str]) -> dict[str, Contact]:
+        """The contacts of these aliases (one query for a batch of steps)."""
+        async with self._sessions() as session:
+            query = select(ContactRow).where(ContactRow.alias.in_(list(aliases)))
+            return {row.alias: _contact(row) for row in (await session.execute(query)).scalars()}
+
     async def contacts(self) -> list[Contact]:
         async with self._sessions() as session:
             rows = (await session.execute(select(ContactRow).order_by(ContactRow.alias))).scalars()
@@ -344,7 +358,7 @@ class OnCallStore:
         share: PostShare | None = None,
     ) -> Incident:
         """A new firing incident, its first step due now. With `claim` (a lease), the caller
-        takes that step at once, as `claim_next` would have: the timer passes over it until the
+        takes that step at once, as `claim_due` would have: the timer passes over it until the
         lease runs out (a crash before the ring retakes it then). With `share`, an incident
         past its team's share of posts in a minute goes into the team's digest post."""
         async with self._sessions.begin() as session:
@@ -560,27 +574,32 @@ class OnCallStore:
             if row is not None and row.admins_told_at is None:
                 row.admins_told_at = at
 
-    async def claim_next(
-        self, now: datetime, lease: timedelta, *, skip: Collection[int] = ()
-    ) -> Incident | None:
-        """Take the most overdue step (firing, due, not in `skip`) that nobody else holds. Its
-        timer moves to now + lease, so nobody else takes it meanwhile (and a crash mid-step
-        retries it after the lease), and it gets a new attempt: the fence its result is
-        committed with. None when nothing is due."""
+    async def claim_due(
+        self, now: datetime, lease: timedelta, *, limit: int, skip: Collection[int] = ()
+    ) -> Claimed:
+        """Take up to `limit` due steps (firing, due, not in `skip`, most overdue first) that
+        nobody else holds, in one transaction. Each one's timer moves to now + lease, so nobody
+        else takes it meanwhile (and a crash mid-step retries it after the lease), and it gets
+        a new attempt: the fence its result is committed with. Their teams are read in the same
+        transaction (a step needs its team before it rings)."""
         query = select(IncidentRow).where(
             IncidentRow.status == "firing", IncidentRow.next_action_at <= now
         )
         if skip:
             query = query.where(IncidentRow.id.not_in(list(skip)))
-        query = query.order_by(IncidentRow.next_action_at, IncidentRow.id).limit(1)
+        query = query.order_by(IncidentRow.next_action_at, IncidentRow.id).limit(limit)
         async with self._sessions.begin() as session:
-            row = (await session.execute(query.with_for_update(skip_locked=True))).scalars().first()
-            if row is None:
-                return None
-            row.attempt = (row.attempt or 0) + 1
-            claimed = _incident(row)  # carries the time the step was due
-            row.next_action_at = now + lease
-            return claimed
+            rows = (await session.execute(query.with_for_update(skip_locked=True))).scalars()
+            claimed = []
+            for row in rows.all():
+                row.attempt = (row.attempt or 0) + 1
+                claimed.append(_incident(row))  # carries the time the step was due
+                row.next_action_at = now + lease
+            if not claimed:
+                return Claimed()
+            team_ids = {incident.team_id for incident in claimed}
+            found = await session.execute(select(TeamRow).where(TeamRow.id.in_(team_ids)))
+            return Claimed(tuple(claimed), {row.id: _team(row) for row in found.scalars()})
 
     async def renew(self, incident_id: int, attempt: int, until: datetime) -> bool:
         """Extend the lease of a step still held by `attempt` (False: it is not any more)."""
