@@ -77,6 +77,7 @@ from bot.storage.watch import WatchStore
 from bot.telegram.ledger import MemoryLedger, RedisLedger, UpdateLedger
 from bot.telegram.middlewares import (
     InFlightUpdatesMiddleware,
+    KeepResponseModels,
     LedgerMiddleware,
     RetryAfterMiddleware,
 )
@@ -157,6 +158,7 @@ def build_bot(
     if settings.telegram_api_url is not None:
         base = str(settings.telegram_api_url).rstrip("/")
         session = AiohttpSession(api=TelegramAPIServer.from_base(base))
+    session.middleware(KeepResponseModels())
     session.middleware(RetryAfterMiddleware())
     if pacer is not None:  # inside the retry: a send tried again waits for a slot again
         session.middleware(pacer)
