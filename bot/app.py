@@ -49,6 +49,7 @@ from bot.shared.locks import locks
 from bot.shared.pending import Pending, pending_store
 from bot.shared.redis import Keys
 from bot.shared.redis import connect as connect_redis
+from bot.shared.tasks import stop_all
 from bot.shared.turns import LocalTurns, SharedTurns
 from bot.softphone.auth import InitDataCheck
 from bot.softphone.ice import ice_servers
@@ -624,9 +625,7 @@ class CallbotApp:
 
     async def close(self) -> None:
         await self.drain()
-        for task in list(self._background):
-            task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
+        await stop_all(list(self._background))
         await self.voice.stop()
         await self.meta_talk.stop()
         await self.tracker.stop()

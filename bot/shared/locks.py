@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Protocol
 
 from redis.asyncio import Redis
@@ -19,6 +19,7 @@ from redis.asyncio.lock import Lock
 from redis.exceptions import LockError, RedisError
 
 from bot.shared.redis import Keys
+from bot.shared.tasks import stop
 
 log = logging.getLogger(__name__)
 WAIT_POLL = 0.02  # seconds between two tries at a name another holder has, when waiting
@@ -80,9 +81,7 @@ class RedisLocks:
         try:
             yield
         finally:
-            renewal.cancel()
-            with suppress(asyncio.CancelledError):
-                await renewal
+            await stop(renewal)
             try:
                 await lock.release()
             except LockError:

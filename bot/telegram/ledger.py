@@ -28,6 +28,7 @@ from typing import Any, Protocol
 from redis.asyncio import Redis
 
 from bot.shared.redis import Keys
+from bot.shared.tasks import stop
 
 log = logging.getLogger(__name__)
 LEASE_SECONDS = 30.0  # a dead holder's update is taken again after this
@@ -65,15 +66,15 @@ async def holding(
     try:
         yield
     except Exception:
-        await _stop(renewer)
+        await stop(renewer)
         await _done(ledger, update_id)
         raise
     except BaseException:
-        await _stop(renewer)
+        await stop(renewer)
         with suppress(Exception):
             await asyncio.shield(ledger.release(update_id))
         raise
-    await _stop(renewer)
+    await stop(renewer)
     await _done(ledger, update_id)
 
 
@@ -83,12 +84,6 @@ async def _done(ledger: UpdateLedger, update_id: int) -> None:
         await ledger.done(update_id)
     except Exception as err:
         log.warning("update %s handled but not marked done (%s)", update_id, type(err).__name__)
-
-
-async def _stop(task: asyncio.Task[None]) -> None:
-    task.cancel()
-    with suppress(asyncio.CancelledError):
-        await task
 
 
 async def _renew(ledger: UpdateLedger, update_id: int, every: float) -> None:
