@@ -16,7 +16,7 @@ from aiogram.client.session.aiohttp import AiohttpSession
 from aiogram.methods import SendMessage
 from sqlalchemy import text
 
-from bot.shared.tasks import stop, stop_all
+from bot.shared.tasks import stop_all
 from bot.storage.db import create_engine
 from bot.telegram.middlewares import KeepResponseModels
 
@@ -99,41 +99,6 @@ async def test_answer_models_are_kept_across_garbage_collections() -> None:
         assert type(await keep(send, bot, method)) is model()
     finally:
         await session.close()
-
-
-async def test_stopping_a_helper_task_keeps_a_cancellation_aimed_at_the_caller() -> None:
-    """A lease's renewal is stopped on the way out; if the caller itself is cancelled while it
-    waits for that, it must end cancelled, not go on (a background loop then ran forever)."""
-    cleaned = asyncio.Event()
-
-    async def renewal() -> None:
-        try:
-            await asyncio.sleep(3600)
-        finally:
-            cleaned.set()
-            await asyncio.sleep(0.05)  # a slow way out: the caller waits for it
-
-    went_on = False
-
-    async def caller() -> None:
-        nonlocal went_on
-        renewing = asyncio.create_task(renewal())
-        await asyncio.sleep(0)  # it runs up to its sleep
-        await stop(renewing)
-        went_on = True
-
-    task = asyncio.create_task(caller())
-    await asyncio.wait_for(cleaned.wait(), 5)
-    task.cancel()
-    await asyncio.wait([task], timeout=5)
-    assert task.cancelled()
-    assert not went_on
-
-
-async def test_stopping_a_helper_task_alone_raises_nothing() -> None:
-    helper = asyncio.create_task(asyncio.sleep(3600))
-    await stop(helper)
-    assert helper.cancelled()
 
 
 async def test_stopping_background_tasks_cancels_again_one_that_lost_its_cancellation() -> None:

@@ -19,7 +19,6 @@ from redis.asyncio.lock import Lock
 from redis.exceptions import LockError, RedisError
 
 from bot.shared.redis import Keys
-from bot.shared.tasks import stop
 
 log = logging.getLogger(__name__)
 WAIT_POLL = 0.02  # seconds between two tries at a name another holder has, when waiting
@@ -81,7 +80,9 @@ class RedisLocks:
         try:
             yield
         finally:
-            await stop(renewal)
+            # not awaited: waiting could swallow a cancellation of ours, and a renewal that
+            # lands after the release finds the token gone and does nothing
+            renewal.cancel()
             try:
                 await lock.release()
             except LockError:

@@ -28,7 +28,6 @@ from typing import Any, Protocol
 from redis.asyncio import Redis
 
 from bot.shared.redis import Keys
-from bot.shared.tasks import stop
 
 log = logging.getLogger(__name__)
 LEASE_SECONDS = 30.0  # a dead holder's update is taken again after this
@@ -60,21 +59,23 @@ async def holding(
 
     Leaving normally, or with an error (aiogram's error handlers have reported it; handling it
     again would fail again), marks it done. Cancelled (a shutdown cut it off), it is released so
-    that the redelivery is handled at once by whoever gets it.
+    that the redelivery is handled at once by whoever gets it. The renewer is cancelled, not
+    awaited: waiting could swallow a cancellation of ours, and a late renewal finds the lease
+    gone.
     """
     renewer = asyncio.create_task(_renew(ledger, update_id, lease / 3), name="update lease")
     try:
         yield
     except Exception:
-        await stop(renewer)
+        renewer.cancel()
         await _done(ledger, update_id)
         raise
     except BaseException:
-        await stop(renewer)
+        renewer.cancel()
         with suppress(Exception):
             await asyncio.shield(ledger.release(update_id))
         raise
-    await stop(renewer)
+    renewer.cancel()
     await _done(ledger, update_id)
 
 
