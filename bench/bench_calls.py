@@ -3,13 +3,17 @@
 Run from the repo root::
 
     .venv/bin/python -m bench.bench_calls [--calls 1000] [--concurrency 100] [--fakes subprocess]
+        [--database sqlite|postgres] [--redis]
 
 N `/call` updates (one operator in a private chat, each to a different Brazilian mobile) are fed
 to the real aiogram Dispatcher (`dp.feed_raw_update`, at most `--concurrency` in flight) of a
 `bot.app.CallbotApp` built as `python -m bot` builds it, against the loopback fakes of
 `tests/fakes`: FakePilotStatus answers `POST /v1/calls`, FakeTelegram receives the replies
 (sendMessage) over HTTP from the real aiogram Bot session. The same run is then repeated with a
-client-per-call baseline. bench/README.md explains each figure.
+client-per-call baseline. Each run has a fresh database: a SQLite file (the default) or a new
+PostgreSQL database (`--database postgres`, on TEST_POSTGRES_URL's server); `--redis` puts the
+shared state (update ledger, number guard) on a redis-server of the bench's own.
+bench/README.md explains each figure.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ import httpx
 from aiohttp import web
 
 import bot.app
+from bench.bench_replicas import OwnRedis, drop_database, fresh_database
 from bot.app import CallbotApp, build_pilot_client
 from bot.config import Settings, load_settings
 from bot.ops.metrics import Metrics
@@ -254,10 +259,17 @@ class FakesHandle:
 
 
 def bench_settings(
-    pilot_url: str, telegram_url: str, data_dir: str, *, paced: bool = False
+    pilot_url: str,
+    telegram_url: str,
+    data_dir: str,
+    *,
+    paced: bool = False,
+    database_url: str | None = None,
+    redis_url: str | None = None,
 ) -> Settings:
     """The app's defaults pointed at the fakes, like tests/conftest.py settings_for. Unpaced
-    (the default here): Telegram's send limits off, so a reply never waits for a slot."""
+    (the default here): Telegram's send limits off, so a reply never waits for a slot.
+    `database_url` None: a SQLite file under `data_dir`."""
     limits = (
         {}
         if paced
@@ -275,7 +287,10 @@ def bench_settings(
         pilot_status_base_url=pilot_url,
         pilot_status_number_type="web",  # no probe
         operator_ids=str(OPERATOR),
-        data_dir=data_dir,  # a fresh SQLite database per run
+        data_dir=data_dir,  # a fresh SQLite database per run, unless database_url
+        database_url=database_url,
+        redis_url=redis_url,
+        redis_key_prefix=f"callbot-bench-{os.getpid()}-{time.monotonic_ns()}:",
         # Calls are followed by webhooks (none arrive here), so no status polling competes
         # with the measured /call path.
         pilot_status_webhook_token=WEBHOOK_TOKEN,
@@ -411,8 +426,10 @@ class Result:
     name: str
     calls: int
     seconds: float  # first update fed -> last reply received by the Telegram fake
+    post_seconds: float  # first update fed -> last POST /v1/calls received by the Pilot fake
     leg_a: list[float]  # ms: update fed -> POST /v1/calls received by the fake
     leg_b: list[float]  # ms: 201 sent by the fake -> sendMessage received by the fake
+    reply_latency: list[float]  # ms: update fed -> sendMessage received by the fake
     connections: int  # opened to Pilot Status during the measured run
     warmup_connections: int
     peak_rss_mib: float
@@ -424,6 +441,12 @@ class Result:
 
     @property
     def throughput(self) -> float:
+        """Calls started per second: first update fed -> last POST /v1/calls."""
+        return self.calls / self.post_seconds
+
+    @property
+    def reply_rate(self) -> float:
+        """Replies per second: first update fed -> last reply."""
         return self.calls / self.seconds
 
     @property
@@ -448,15 +471,28 @@ async def run_variant(
     calls: int,
     concurrency: int,
     warmup: int,
+    database: str = "sqlite",
+    redis_url: str | None = None,
 ) -> Result:
     with tempfile.TemporaryDirectory(prefix="callbot-bench-") as data_dir:
-        settings = bench_settings(fakes.pilot_url, fakes.telegram_url, data_dir)
-        app = build_app(settings, pilot)
-        await app.start()  # migrations, webhook receiver
+        postgres = await fresh_database() if database == "postgres" else None
+        settings = bench_settings(
+            fakes.pilot_url,
+            fakes.telegram_url,
+            data_dir,
+            database_url=postgres[0] if postgres else None,
+            redis_url=redis_url,
+        )
         try:
-            return await measure(name, app, fakes, updates, calls, concurrency, warmup)
+            app = build_app(settings, pilot)
+            await app.start()  # migrations, webhook receiver
+            try:
+                return await measure(name, app, fakes, updates, calls, concurrency, warmup)
+            finally:
+                await app.close()
         finally:
-            await app.close()
+            if postgres is not None:
+                await drop_database(postgres[1])
 
 
 async def measure(
@@ -482,14 +518,18 @@ async def measure(
         done = time.perf_counter()
         cpu_after = os.times()
     after: Snapshot = await fakes.ask("snapshot")
-    leg_a, leg_b, last_reply = check_and_match(name, measured, fed_at, before, after)
+    leg_a, leg_b, reply_latency, last_post, last_reply = check_and_match(
+        name, measured, fed_at, before, after
+    )
     sys_seconds = cpu_after.system - cpu_before.system
     return Result(
         name=name,
         calls=calls,
         seconds=last_reply - min(fed_at),
+        post_seconds=last_post - min(fed_at),
         leg_a=leg_a,
         leg_b=leg_b,
+        reply_latency=reply_latency,
         connections=after.connections_opened - before.connections_opened,
         warmup_connections=before.connections_opened - start.connections_opened,
         peak_rss_mib=rss.peak_kib / 1024,
@@ -509,9 +549,10 @@ def check_and_match(
     fed_at: Sequence[float],
     before: Snapshot,
     after: Snapshot,
-) -> tuple[list[float], list[float], float]:
+) -> tuple[list[float], list[float], list[float], float, float]:
     """Every call got exactly one POST (answered 201) and one reply naming the started call,
-    and nothing else was sent; returns legs a and b in ms per call, and the last reply's time."""
+    and nothing else was sent; returns legs a and b and fed -> reply in ms per call, and the
+    times of the last POST and of the last reply."""
     posts: dict[str | None, list[Post]] = defaultdict(list)
     for post in after.posts[len(before.posts) :]:
         posts[post.to].append(post)
@@ -528,6 +569,7 @@ def check_and_match(
     ]
     leg_a: list[float] = []
     leg_b: list[float] = []
+    reply_latency: list[float] = []
     for update, fed in zip(measured, fed_at, strict=True):
         message = update["message"]
         number = callee(message["text"])
@@ -549,6 +591,7 @@ def check_and_match(
             continue
         leg_a.append((post.received_at - fed) * 1000)
         leg_b.append((reply.received_at - post.responded_at) * 1000)
+        reply_latency.append((reply.received_at - fed) * 1000)
     problems += [f"POST for a number not in this run: {n} x{len(p)}" for n, p in posts.items()]
     problems += [f"reply not matching a call: {r[0].text[:80]!r}" for r in replies.values()]
     if problems:
@@ -557,7 +600,8 @@ def check_and_match(
             f"{len(problems)} problem(s):\n  " + "\n  ".join(problems[:20])
         )
     last_reply = max(r.received_at for r in after.replies[len(before.replies) :])
-    return leg_a, leg_b, last_reply
+    last_post = max(p.received_at for p in after.posts[len(before.posts) :])
+    return leg_a, leg_b, reply_latency, last_post, last_reply
 
 
 # ------------------------------------------------------------------ report
@@ -596,10 +640,13 @@ def print_header(args: argparse.Namespace, settings: Settings, clock: str) -> No
         "  bot: bot.app.CallbotApp, app defaults + pilot_status_number_type=web, "
         f"pilot_status_max_connections={settings.pilot_status_max_connections},"
     )
+    database = {"sqlite": "SQLite file", "postgres": "PostgreSQL database"}[args.database]
     print(
-        "       webhooks on (calls not polled), a fresh SQLite database per run, "
+        f"       webhooks on (calls not polled), a fresh {database} per run, "
+        f"Redis {'on (a redis-server of its own)' if args.redis else 'off'}, "
         "updates fed with dp.feed_raw_update"
     )
+    print("       Telegram send limits off (replies not paced)")
     print(f"  code: sha256 of bot/ + handlers/ sources = {code_fingerprint()}")
     print(f"  peak RSS: {PeakRss.method}")
     print()
@@ -610,18 +657,20 @@ def print_report(
 ) -> None:
     def row(label: str, a: float, b: float, fmt: str = "{:.1f}") -> None:
         ratio = f"{a / b:.2f}x" if b else "-"
-        print(f"  {label:<42} {fmt.format(a):>10} {fmt.format(b):>10} {ratio:>12}")
+        print(f"  {label:<46} {fmt.format(a):>10} {fmt.format(b):>10} {ratio:>12}")
 
     def share(seconds: float, result: Result) -> float:
         return 100 * seconds / result.busy_seconds
 
-    print(f"  {'':<42} {'shared':>10} {'per-call':>10} {'shared/base':>12}")
-    row("throughput (calls/s)", shared.throughput, base.throughput)
+    print(f"  {'':<46} {'shared':>10} {'per-call':>10} {'shared/base':>12}")
+    row("calls started/s (first fed -> last POST)", shared.throughput, base.throughput)
+    row("replies/s (first fed -> last reply)", shared.reply_rate, base.reply_rate)
     row("wall time, first fed -> last reply (s)", shared.seconds, base.seconds, "{:.2f}")
     legs: list[tuple[str, Callable[[Result], list[float]]]] = [
         ("(a) fed -> POST received", lambda r: r.leg_a),
         ("(b) 201 sent -> reply received", lambda r: r.leg_b),
         ("(a)+(b) bot-added, per call", lambda r: r.bot_added),
+        ("reply latency, fed -> reply received", lambda r: r.reply_latency),
     ]
     for label, get in legs:
         for p in (50, 99):
@@ -664,7 +713,7 @@ def print_report(
     )
     speedup = shared.throughput / base.throughput
     verdict(
-        f">= {TARGET_SPEEDUP:g}x the baseline's throughput",
+        f">= {TARGET_SPEEDUP:g}x the baseline's calls started/s",
         f"{speedup:.2f}x",
         speedup >= TARGET_SPEEDUP,
         speedup_reason(shared, base),
@@ -735,8 +784,11 @@ def connections_reason(result: Result, concurrency: int, settings: Settings) -> 
 
 async def bench(args: argparse.Namespace) -> None:
     fakes = FakesHandle(args.fakes)
+    redis = OwnRedis() if args.redis else None
     await fakes.start()
     try:
+        if redis is not None:
+            await redis.ready()
         clock = await fakes.check_clock()
         settings = bench_settings(fakes.pilot_url, fakes.telegram_url, "<temp dir>")
         print_header(args, settings, clock)
@@ -752,11 +804,15 @@ async def bench(args: argparse.Namespace) -> None:
                 calls=args.calls,
                 concurrency=args.concurrency,
                 warmup=args.warmup,
+                database=args.database,
+                redis_url=redis.url if redis else None,
             )
             results.append(result)
         print_report(results[0], results[1], args, settings)
     finally:
         await fakes.close()
+        if redis is not None:
+            await redis.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -765,6 +821,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=100, help="updates in flight at once")
     parser.add_argument("--warmup", type=int, default=5, help="excluded calls before each run")
     parser.add_argument("--fakes", choices=("subprocess", "inprocess"), default="subprocess")
+    parser.add_argument("--database", choices=("sqlite", "postgres"), default="sqlite")
+    parser.add_argument("--redis", action="store_true", help="REDIS_URL on (own redis-server)")
     args = parser.parse_args(argv)
     if args.calls < 2 or args.concurrency < 1 or args.warmup < 0:
         parser.error("need --calls >= 2, --concurrency >= 1, --warmup >= 0")

@@ -48,6 +48,7 @@ from bot.shared.locks import locks
 from bot.shared.pending import Pending, pending_store
 from bot.shared.redis import Keys
 from bot.shared.redis import connect as connect_redis
+from bot.shared.tasks import stop_all
 from bot.shared.turns import LocalTurns, SharedTurns
 from bot.softphone.auth import InitDataCheck
 from bot.softphone.ice import ice_servers
@@ -76,6 +77,7 @@ from bot.storage.watch import WatchStore
 from bot.telegram.ledger import MemoryLedger, RedisLedger, UpdateLedger
 from bot.telegram.middlewares import (
     InFlightUpdatesMiddleware,
+    KeepResponseModels,
     LedgerMiddleware,
     RetryAfterMiddleware,
 )
@@ -159,6 +161,7 @@ def build_bot(
     if settings.telegram_api_url is not None:
         base = str(settings.telegram_api_url).rstrip("/")
         session = AiohttpSession(api=TelegramAPIServer.from_base(base))
+    session.middleware(KeepResponseModels())
     session.middleware(RetryAfterMiddleware())
     if pacer is not None:  # inside the retry: a send tried again waits for a slot again
         session.middleware(pacer)
@@ -624,9 +627,7 @@ class CallbotApp:
 
     async def close(self) -> None:
         await self.drain()
-        for task in list(self._background):
-            task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
+        await stop_all(list(self._background))
         await self.voice.stop()
         await self.meta_talk.stop()
         await self.tracker.stop()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING, Protocol
 
 from bot.shared.redis import Keys, redis_error
@@ -82,9 +82,9 @@ class RedisLocks:
         try:
             yield
         finally:
+            # not awaited: waiting could swallow a cancellation of ours, and a renewal that
+            # lands after the release finds the token gone and does nothing
             renewal.cancel()
-            with suppress(asyncio.CancelledError):
-                await renewal
             try:
                 await lock.release()
             except LockError:

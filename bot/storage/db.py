@@ -8,6 +8,7 @@ import os
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,6 +22,8 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 from tenacity import before_sleep_log, retry, retry_if_exception, stop_after_attempt, wait_random
+
+from bot.storage.sqlite import LoopConnection
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -61,9 +64,11 @@ def create_engine(url: str) -> AsyncEngine:
         # One connection: SQLite has one writer anyway. Transactions queue for it in asyncio,
         # so a read-then-write (SELECT ... FOR UPDATE, which SQLite ignores) never acts on a
         # row another transaction is changing, and nobody sleeps in SQLite's busy handler.
+        # Its statements run on the loop's thread, not aiosqlite's (bot/storage/sqlite.py).
+        database = parsed.database or ":memory:"
         engine = create_async_engine(
             url,
-            connect_args={"timeout": 30},
+            async_creator=partial(LoopConnection.open, database, busy_seconds=30),
             pool_size=1,
             max_overflow=0,
             pool_timeout=60,

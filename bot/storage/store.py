@@ -49,6 +49,20 @@ STARTED_COLUMNS = (
     "connected_at",
     "ended_at",
 )
+# The /call path's statements, built once: a statement object keeps its cache key, so a /call
+# neither builds its expressions nor hashes them again (bench/README.md, stop 17).
+INSERT_CALL = insert(CALLS)
+INSERT_STATUS = insert(STATUSES)
+INSERT_AUDIT = insert(AUDIT)
+CALL_FOR_UPDATE = select(CALLS).where(CALLS.c.id == bindparam("call_id")).with_for_update()
+UPDATE_CALL = update(CALLS).where(CALLS.c.id == bindparam("call_id"))
+SET_MESSAGE = (
+    update(CALLS)
+    .where(CALLS.c.id == bindparam("call_id"))
+    .values(message_id=bindparam("new_message_id"))
+    .returning(*CALLS.c)
+)
+CALL_BY_REQUEST = select(CALLS).where(CALLS.c.request_key == bindparam("request_key"))
 
 
 def utcnow() -> datetime:
@@ -236,9 +250,9 @@ class Store:
         )
         values = {column.key: getattr(record, column.key, None) for column in CALLS.c}
         async with self._engine.begin() as connection:
-            await connection.execute(insert(CALLS), {**values, "request_key": new.request_key})
+            await connection.execute(INSERT_CALL, {**values, "request_key": new.request_key})
             await connection.execute(
-                insert(STATUSES),
+                INSERT_STATUS,
                 {"call_id": new.id, "status": states.PENDING, "at": now, "source": "bot"},
             )
             await self._audit_core(connection, audit, new.chat_id, new.id, now)
@@ -257,8 +271,7 @@ class Store:
     ) -> CallRecord:
         now = at or utcnow()
         async with self._engine.begin() as connection:
-            query = select(CALLS).where(CALLS.c.id == call_id).with_for_update()
-            found = (await connection.execute(query)).first()
+            found = (await connection.execute(CALL_FOR_UPDATE, {"call_id": call_id})).first()
             if found is None:
                 raise KeyError(call_id)
             row = CallRow(**found._mapping)  # transient: changed here, written by one UPDATE
@@ -268,10 +281,10 @@ class Store:
             if row.status in (states.PENDING, states.UNKNOWN_OUTCOME):
                 changes.append(self._step(row, "INITIATED", now, source))
             written = {name: getattr(row, name) for name in STARTED_COLUMNS}
-            await connection.execute(update(CALLS).where(CALLS.c.id == call_id), written)
+            await connection.execute(UPDATE_CALL, {"call_id": call_id, **written})
             history = [c for c in changes if c is not None]
             if history:
-                await connection.execute(insert(STATUSES), history)
+                await connection.execute(INSERT_STATUS, history)
             await self._audit_core(connection, audit, row.chat_id, row.id, now)
             return _record(row)
 
@@ -284,7 +297,7 @@ class Store:
         at: datetime,
     ) -> None:
         if audit is not None:
-            await connection.execute(insert(AUDIT), audit.values(chat_id, call_id, at))
+            await connection.execute(INSERT_AUDIT, audit.values(chat_id, call_id, at))
 
     async def call_failed(
         self,
@@ -317,13 +330,8 @@ class Store:
         id (and edits it) or is seen here (and the caller shows it) — read unlocked, both could
         miss each other."""
         async with self._engine.begin() as connection:
-            query = (
-                update(CALLS)
-                .where(CALLS.c.id == call_id)
-                .values(message_id=message_id)
-                .returning(*CALLS.c)
-            )
-            row = (await connection.execute(query)).first()
+            values = {"call_id": call_id, "new_message_id": message_id}
+            row = (await connection.execute(SET_MESSAGE, values)).first()
             return _record(row) if row is not None else None
 
     async def apply_delivery(
@@ -523,8 +531,8 @@ class Store:
     async def call_by_request(self, request_key: str) -> CallRecord | None:
         """The attempt a /call message already made (NewCall.request_key), if any."""
         async with self._engine.connect() as connection:
-            query = select(CALLS).where(CALLS.c.request_key == request_key)
-            row = (await connection.execute(query)).first()
+            found = await connection.execute(CALL_BY_REQUEST, {"request_key": request_key})
+            row = found.first()
             return _record(row) if row is not None else None
 
     async def call_by_message(self, chat_id: int, message_id: int) -> CallRecord | None:

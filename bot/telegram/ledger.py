@@ -60,21 +60,23 @@ async def holding(
 
     Leaving normally, or with an error (aiogram's error handlers have reported it; handling it
     again would fail again), marks it done. Cancelled (a shutdown cut it off), it is released so
-    that the redelivery is handled at once by whoever gets it.
+    that the redelivery is handled at once by whoever gets it. The renewer is cancelled, not
+    awaited: waiting could swallow a cancellation of ours, and a late renewal finds the lease
+    gone.
     """
     renewer = asyncio.create_task(_renew(ledger, update_id, lease / 3), name="update lease")
     try:
         yield
     except Exception:
-        await _stop(renewer)
+        renewer.cancel()
         await _done(ledger, update_id)
         raise
     except BaseException:
-        await _stop(renewer)
+        renewer.cancel()
         with suppress(Exception):
             await asyncio.shield(ledger.release(update_id))
         raise
-    await _stop(renewer)
+    renewer.cancel()
     await _done(ledger, update_id)
 
 
@@ -84,12 +86,6 @@ async def _done(ledger: UpdateLedger, update_id: int) -> None:
         await ledger.done(update_id)
     except Exception as err:
         log.warning("update %s handled but not marked done (%s)", update_id, type(err).__name__)
-
-
-async def _stop(task: asyncio.Task[None]) -> None:
-    task.cancel()
-    with suppress(asyncio.CancelledError):
-        await task
 
 
 async def _renew(ledger: UpdateLedger, update_id: int, every: float) -> None:
