@@ -974,9 +974,8 @@ class OnCall:
                 self._on_step(result)
         finally:
             self._running.discard(incident.id)
+            # cancelled, not awaited: awaiting it could swallow a cancellation aimed at the step
             renewing.cancel()
-            with suppress(asyncio.CancelledError):
-                await renewing
 
     async def _renew(self, incident: Incident) -> None:
         """Keep the claim while the step runs (a POST may take longer than the lease)."""
