@@ -15,13 +15,21 @@ import hashlib
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import delete, func, or_, select, text
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy import Row, Table, bindparam, delete, func, or_, select, text
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from bot.oncall.schedules import Override, active
 from bot.storage.db import retry_conflicts
 from bot.storage.tables import ContactRow, IncidentRow, RingRow, TeamRow
+
+TEAMS: Table = TeamRow.__table__  # type: ignore[assignment]
+# Asked on every /call: on Core, built once (no ORM session, no statement rebuilt and hashed;
+# bench/README.md, stop 17: call2). Read each time, not cached: another replica may change teams.
+TEAM_OF_CHAT = (
+    select(TEAMS).where(TEAMS.c.chat_id == bindparam("chat_id")).order_by(TEAMS.c.id).limit(1)
+)
 
 # Open: a repeat of its alert updates it. An exhausted escalation stays open (its alert is still
 # firing, nobody acknowledged): a repeat says so rather than opening a new incident.
@@ -154,7 +162,7 @@ def _contact(row: ContactRow) -> Contact:
     return Contact(row.alias, row.phone, row.phone_display, row.telegram_id)
 
 
-def _team(row: TeamRow) -> Team:
+def _team(row: TeamRow | Row[Any]) -> Team:
     return Team(
         id=row.id,
         name=row.name,
@@ -215,6 +223,7 @@ def _incident(row: IncidentRow) -> Incident:
 class OnCallStore:
     def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
         self._sessions = sessions
+        self._engine: AsyncEngine = sessions.kw["bind"]
 
     # contacts
 
@@ -323,10 +332,9 @@ class OnCallStore:
             return _team(row) if row else None
 
     async def team_of_chat(self, chat_id: int) -> Team | None:
-        async with self._sessions() as session:
-            query = select(TeamRow).where(TeamRow.chat_id == chat_id).order_by(TeamRow.id)
-            row = (await session.execute(query)).scalars().first()
-            return _team(row) if row else None
+        async with self._engine.connect() as connection:
+            row = (await connection.execute(TEAM_OF_CHAT, {"chat_id": chat_id})).first()
+            return _team(row) if row is not None else None
 
     async def teams(self) -> list[Team]:
         async with self._sessions() as session:
