@@ -10,11 +10,14 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import os
 import re
 import shutil
+import signal
 import struct
 import wave
 from collections import OrderedDict
+from contextlib import suppress
 from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
@@ -180,15 +183,14 @@ class Speaker:
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,  # its own process group: a wrapper's children end with it
         )
         try:
             out, err = await asyncio.wait_for(
                 process.communicate(speech.text.encode()), self._timeout
             )
         except BaseException:
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
+            await _end(process)
             raise
         if process.returncode != 0 or not out:
             reason = err.decode(errors="replace").strip()[:200]
@@ -220,3 +222,19 @@ def spoken_note(note: str | None, locale: str) -> tuple[str | None, Speech | Non
     elif language == "en":
         locale = "en"
     return text, Speech.for_locale(text, locale)
+
+
+async def _end(process: asyncio.subprocess.Process, grace: float = 2.0) -> None:
+    """Kill a synthesis cut short (cancelled, timed out) with its whole process group, then wait
+    for it a bounded time: asyncio's wait() returns only once every pipe has closed, and a
+    process that kept one open (a wrapper's child) would hold a shutdown forever."""
+    if process.returncode is None:
+        with suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    try:
+        async with asyncio.timeout(grace):
+            await process.wait()
+    except TimeoutError:
+        log.warning(
+            "speech engine (pid %s) did not end within %.0f s of its kill", process.pid, grace
+        )
