@@ -225,15 +225,16 @@ def spoken_note(note: str | None, locale: str) -> tuple[str | None, Speech | Non
 
 
 async def _end(process: asyncio.subprocess.Process, grace: float = 2.0) -> None:
-    """Kill a synthesis cut short (cancelled, timed out) with its whole process group, then wait
-    for it a bounded time: asyncio's wait() returns only once every pipe has closed, and a
-    process that kept one open (a wrapper's child) would hold a shutdown forever."""
+    """End a synthesis cut short (cancelled, timed out): kill the engine with its process group,
+    then read what is left of its pipes until they close, for a bounded time. asyncio's wait()
+    returns only once every pipe has closed, and a pipe whose reading paused when the reader was
+    cancelled never does: that held a shutdown forever."""
     if process.returncode is None:
         with suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
     try:
         async with asyncio.timeout(grace):
-            await process.wait()
+            await process.communicate()
     except TimeoutError:
         log.warning(
             "speech engine (pid %s) did not end within %.0f s of its kill", process.pid, grace
