@@ -11,13 +11,14 @@ import weakref
 from pathlib import Path
 from typing import Any
 
+import pytest
 from aiogram import Bot
 from aiogram.client.session.aiohttp import AiohttpSession
 from aiogram.methods import SendMessage
 from sqlalchemy import text
 
 from bot.shared.tasks import stop_all
-from bot.storage.db import create_engine
+from bot.storage.db import create_engine, sessionmaker
 from bot.telegram.middlewares import KeepResponseModels
 
 TOKEN = "123456:" + "A" * 35
@@ -77,6 +78,40 @@ async def test_a_locked_database_is_waited_for_without_blocking_the_loop(tmp_pat
 async def _insert(engine: Any, n: int) -> None:
     async with engine.begin() as connection:
         await connection.execute(text("INSERT INTO t VALUES (:n)"), {"n": n})
+
+
+async def test_a_transaction_cancelled_while_the_database_is_locked_gives_its_connection_back(
+    tmp_path: Path,
+) -> None:
+    # Sessions and connections of the SQLite engine end inline, not in a task of SQLAlchemy's
+    # (bot/storage/sqlite.py): a cancellation must still not keep the engine's one connection.
+    url = f"sqlite+aiosqlite:///{tmp_path / 'callbot.db'}"
+    first, second = create_engine(url), create_engine(url)
+    sessions = sessionmaker(second)
+
+    async def insert_in_session(n: int) -> None:
+        async with sessions.begin() as session:
+            await session.execute(text("INSERT INTO t VALUES (:n)"), {"n": n})
+
+    try:
+        async with first.begin() as connection:
+            await connection.execute(text("CREATE TABLE t (n INTEGER)"))
+        for writer in (_insert(second, 2), insert_in_session(3)):
+            async with first.begin() as holder:
+                await holder.execute(text("INSERT INTO t VALUES (1)"))  # holds the write lock
+                waiting = asyncio.create_task(writer)
+                await asyncio.sleep(0.05)
+                assert not waiting.done()
+                waiting.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await waiting
+            await asyncio.wait_for(insert_in_session(4), 5)  # the one connection is free
+        async with second.connect() as connection:
+            rows = (await connection.execute(text("SELECT n FROM t ORDER BY n"))).all()
+        assert [n for (n,) in rows] == [1, 1, 4, 4]  # nothing of the cancelled writers
+    finally:
+        await first.dispose()
+        await second.dispose()
 
 
 async def test_answer_models_are_kept_across_garbage_collections() -> None:

@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import (
 )
 from tenacity import before_sleep_log, retry, retry_if_exception, stop_after_attempt, wait_random
 
-from bot.storage.sqlite import LoopConnection
+from bot.storage.sqlite import LoopConnection, LoopEngine, LoopSession
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -66,16 +66,16 @@ def create_engine(url: str) -> AsyncEngine:
         # row another transaction is changing, and nobody sleeps in SQLite's busy handler.
         # Its statements run on the loop's thread, not aiosqlite's (bot/storage/sqlite.py).
         database = parsed.database or ":memory:"
-        engine = create_async_engine(
+        sync_engine = create_async_engine(
             url,
             async_creator=partial(LoopConnection.open, database, busy_seconds=30),
             pool_size=1,
             max_overflow=0,
             pool_timeout=60,
             hide_parameters=True,
-        )
-        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
-        return engine
+        ).sync_engine
+        event.listen(sync_engine, "connect", _sqlite_pragmas)
+        return LoopEngine(sync_engine)
     return create_async_engine(
         url, pool_size=10, max_overflow=10, pool_pre_ping=True, hide_parameters=True
     )
@@ -110,7 +110,8 @@ retry_conflicts = retry(
 
 
 def sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
-    return async_sessionmaker(engine, expire_on_commit=False)
+    session = LoopSession if isinstance(engine, LoopEngine) else AsyncSession
+    return async_sessionmaker(engine, class_=session, expire_on_commit=False)
 
 
 def alembic_config(url: str | None = None) -> Config:

@@ -10,6 +10,14 @@ One process uses the file (SqliteFileLock), so another writer is rare (a second 
 process, the sqlite3 shell). SQLite's own busy handler would block the loop while that writer
 needs it to go on, so the connection has none: a locked database is retried after a sleep on
 the loop, until `busy_seconds` have passed, as SQLite's handler would.
+
+SQLAlchemy ends every `async with` of a session or connection in a task of its own
+(`_run_to_completion`: its cleanup must not be cut short by a cancellation). That costs a turn
+or two of the loop per transaction, with the one connection still checked out: every other
+transaction waits behind the whole loop's queue, and under a burst the queue is the latency.
+LoopEngine's connections and LoopSession end inline instead. That is as safe here: after the
+commit (which suspends only while another writer holds the database), nothing in the close
+suspends, so a cancellation cannot reach it, and the close runs in `finally`.
 """
 
 from __future__ import annotations
@@ -18,7 +26,11 @@ import asyncio
 import sqlite3
 import time
 from collections.abc import Callable, Iterable
+from types import TracebackType
 from typing import Any, TypeVar
+
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
+from sqlalchemy.ext.asyncio.session import _AsyncSessionContextManager
 
 T = TypeVar("T")
 FIRST_WAIT = 0.001  # seconds before the first retry of a locked database; doubled up to
@@ -140,3 +152,49 @@ class LoopConnection:
     @isolation_level.setter
     def isolation_level(self, value: str | None) -> None:
         self._conn.isolation_level = value  # type: ignore[assignment]
+
+
+class LoopAsyncConnection(AsyncConnection):
+    """`async with engine.connect()` / `engine.begin()` on a LoopEngine: closed inline."""
+
+    async def __aexit__(
+        self,
+        type_: type[BaseException] | None,
+        value: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+
+class LoopEngine(AsyncEngine):
+    """The SQLite engine: its connections end inline (see the module's docstring)."""
+
+    _connection_cls = LoopAsyncConnection
+
+
+class LoopSession(AsyncSession):
+    """A session on a LoopEngine: `async with sessions()` and `sessions.begin()` end inline."""
+
+    async def __aexit__(
+        self,
+        type_: type[BaseException] | None,
+        value: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def _maker_context_manager(self) -> _AsyncSessionContextManager[LoopSession]:
+        return _LoopBegun(self)
+
+
+class _LoopBegun(_AsyncSessionContextManager[LoopSession]):
+    async def __aexit__(
+        self,
+        type_: type[BaseException] | None,
+        value: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            await self.trans.__aexit__(type_, value, tb)  # commit, or roll back on an error
+        finally:
+            await self.async_session.close()  # gives the connection back; never suspends
