@@ -15,7 +15,7 @@ from typing import Any
 from bot.calls.service import CallOutcome, CallRequest
 from bot.storage.oncall import Claimed
 from tests.conftest import RunningBot, StartBot
-from tests.test_oncall import ALICE, CAROL, WEB_TOKEN, Clock, alert, generic
+from tests.test_oncall import ALICE, CAROL, INFRA_CHAT, WEB_TOKEN, Clock, alert, generic, post_in
 from tests.test_oncall_ring import posted, ring_bot, settled, slow_post
 
 
@@ -117,3 +117,29 @@ async def test_a_refresh_waiting_for_its_turn_shows_later_changes_too(
     oncall._publish_soon(infra)  # that one is done: a new change gets a refresh of its own
     assert len(oncall._post_tasks) == 1
     await asyncio.gather(*oncall._post_tasks)
+
+
+async def test_the_ring_goes_out_before_the_teams_post(start_bot: StartBot, tmp_path: Path) -> None:
+    # The timer runs, so intake rings at once. Pilot Status answers the POST after 0.5 s: the
+    # post waits for the ring's step (under a burst, every ring goes out before the posts).
+    bot = await ring_bot(start_bot, tmp_path, None, oncall_tick_seconds=1)
+    slow_post(bot.pilot, "call_slow", delay=0.5)
+    sending = asyncio.create_task(alert(bot, generic()))
+    await posted(bot.pilot, ALICE)
+    await asyncio.sleep(0.3)
+    assert bot.telegram.bot_messages(INFRA_CHAT) == []  # the ring's answer is still due
+    assert (await sending).status_code == 200
+    await post_in(bot, INFRA_CHAT, "calling alice")
+
+
+async def test_a_ring_stuck_on_a_slow_api_holds_the_post_back_a_second_at_most(
+    start_bot: StartBot, tmp_path: Path
+) -> None:
+    bot = await ring_bot(start_bot, tmp_path, None, oncall_tick_seconds=1)
+    slow_post(bot.pilot, "call_slow", delay=8)
+    sending = asyncio.create_task(alert(bot, generic()))
+    await posted(bot.pilot, ALICE)
+    await post_in(bot, INFRA_CHAT, "calling alice")  # in 5 s, while the POST waits 8
+    assert (await sending).status_code == 200  # the alert's sender does not wait for it either
+    incident = await bot.app.oncall_store.incident((await sending).json()["incident"])
+    assert incident is not None and incident.step == 0 and incident.ring_call_id is not None

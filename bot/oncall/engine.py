@@ -76,6 +76,9 @@ POST_GIVE_UP = timedelta(days=1)  # after that an unposted incident is only logg
 # a step whose number is being called right now (another incident's ring, an operator's /call)
 # is tried again this much later, not skipped
 BUSY_RETRY = timedelta(seconds=1)
+# How long a post waits, at most, for the steps this process is running: under a burst the
+# rings go out first and the posts follow (a step that is stuck holds them back no longer).
+RINGS_FIRST = 1.0
 TELL_ADMINS_AFTER = 3  # failed posts in a row (Telegram down) before the admins are told
 _DURATION = re.compile(r"(\d+)\s*([smhd]?)")
 _UNIT = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -271,6 +274,10 @@ class OnCall:
         self._slots: asyncio.Semaphore | None = None  # the timer's (see _timer_slots)
         # a running step's "ring on its way" (see _start_step), called once its POST goes out
         self._ringing: dict[int, Callable[[], None]] = {}
+        # steps running now (their POSTs are the hot path): posts wait for them, bounded
+        self._steps_running = 0
+        self._steps_over = asyncio.Event()  # set while no step runs
+        self._steps_over.set()
         self._post_queued: set[int] = set()  # refreshes waiting for their turn (_publish_soon)
         self._posting: set[int] = set()  # posts the timer is making now
         # the timer's posts, going on after its run
@@ -509,6 +516,8 @@ class OnCall:
         self._ringing[incident.id] = rung
 
         async def step() -> None:
+            self._steps_running += 1
+            self._steps_over.clear()
             try:
                 async with self._drain.track() if track else nullcontext():
                     await self._step(incident, now, known)
@@ -516,6 +525,9 @@ class OnCall:
                 if self._ringing.get(incident.id) is rung:
                     self._rung(incident.id)
                 rung()
+                self._steps_running -= 1
+                if not self._steps_running:
+                    self._steps_over.set()
 
         return asyncio.create_task(step(), name=f"step {incident.id}")
 
@@ -661,7 +673,11 @@ class OnCall:
 
     async def _publish(self, incident_id: int, *, timer: bool = False) -> bool:
         """One attempt at the incident's post, if it is due; a failure is retried later. The
-        timer passes over a post another replica is claiming (it makes it, or it stays due)."""
+        timer passes over a post another replica is claiming (it makes it, or it stays due).
+        The steps this process is running (their rings) go first, for at most RINGS_FIRST."""
+        with suppress(TimeoutError):
+            async with asyncio.timeout(RINGS_FIRST):
+                await self._steps_over.wait()
         lock = self._post_locks.setdefault(incident_id, asyncio.Lock())
         async with lock:  # a second caller then finds the post made, or makes the newer state
             self._post_queued.discard(incident_id)  # a change from now on needs a new turn
