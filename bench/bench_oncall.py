@@ -3,8 +3,9 @@
 Run from the repo root:  .venv/bin/python -m bench.bench_oncall [--alerts 200] [--incidents 100]
 
 The real CallbotApp runs in this process with its on-call timer on (ONCALL_TICK_SECONDS=1, woken
-by each new incident); the fake Telegram runs in a second process (bench.bench_webhooks.Peer);
-the fake Pilot Status runs in this process and stamps each request on arrival. Throttles are off
+by each new incident); the fake Telegram, the fake Pilot Status (it stamps each request on
+arrival) and the alerts' sender run in a second process (bench.bench_webhooks.Peer), so that
+their CPU (the fake's contract check of each request) is not counted as the bot's. Throttles are off
 (a throttle wait is excluded by the target), and every alert goes to its own team, so nobody is
 rung twice.
 1. Alerts: N generic alerts are posted, B at a time (default 1: each waits for the previous
@@ -39,7 +40,6 @@ from bot.config import load_settings
 from bot.oncall.engine import token_hash
 from bot.storage.oncall import Contact
 from bot.storage.store import utcnow
-from tests.fakes.pilot_status import FakePilotStatus
 
 WAIT = 2
 
@@ -49,7 +49,7 @@ def phone(i: int) -> str:
 
 
 async def build(
-    peer: Peer, pilot: FakePilotStatus, teams: int, members: int, wait: int = WAIT, **overrides: Any
+    peer: Peer, pilot_url: str, teams: int, members: int, wait: int = WAIT, **overrides: Any
 ) -> CallbotApp:
     """The app on the fakes, with `teams` teams of `members` people each (`overrides`: more
     settings, e.g. bench_storm's)."""
@@ -58,7 +58,7 @@ async def build(
         bot_token=TOKEN,
         telegram_api_url=await peer.ask("url"),
         pilot_status_api_key="ps_" + "a" * 48,
-        pilot_status_base_url=pilot.url,
+        pilot_status_base_url=pilot_url,
         pilot_status_number_type="web",
         operator_ids="1",
         data_dir=tempfile.mkdtemp(),
@@ -93,8 +93,9 @@ async def build(
     return app
 
 
-async def send_alerts(app: CallbotApp, teams: range) -> dict[int, float]:
-    """Post one alert per team, all at once; when each was sent."""
+async def send_alerts(port: int, teams: list[int]) -> dict[int, float]:
+    """Post one alert per team to the bot on `port`, all at once; when each was sent (run in
+    the Peer's process)."""
     sent: dict[int, float] = {}
     queue = list(teams)
 
@@ -103,7 +104,7 @@ async def send_alerts(app: CallbotApp, teams: range) -> dict[int, float]:
         async def worker() -> None:
             while queue:
                 t = queue.pop(0)
-                url = f"http://127.0.0.1:{app.web_port}/alerts/generic/t{t}"
+                url = f"http://127.0.0.1:{port}/alerts/generic/t{t}"
                 body = json.dumps({"title": f"alert {t}", "dedupKey": f"k{t}"})
                 headers = {"Authorization": f"Bearer token-{t}"}
                 sent[t] = time.perf_counter()
@@ -114,18 +115,16 @@ async def send_alerts(app: CallbotApp, teams: range) -> dict[int, float]:
     return sent
 
 
-async def wait_for_posts(pilot: FakePilotStatus, count: int, seconds: float) -> None:
+async def wait_for_posts(peer: Peer, count: int, seconds: float) -> dict[str, list[float]]:
+    """Once `count` calls were placed: when each callee's POSTs arrived at the fake."""
     deadline = time.perf_counter() + seconds
-    while len(pilot.calls_started()) < count:
+    while len(rung := await peer.ask("rung")) < count:
         if time.perf_counter() > deadline:
-            raise SystemExit(f"only {len(pilot.calls_started())} of {count} calls placed")
+            raise SystemExit(f"only {len(rung)} of {count} calls placed")
         await asyncio.sleep(0.01)
-
-
-def arrivals(pilot: FakePilotStatus) -> dict[str, list[float]]:
     by_phone: dict[str, list[float]] = {}
-    for request in pilot.calls_started():
-        by_phone.setdefault(request.json["to"], []).append(request.received_at)
+    for to, received_at in rung:
+        by_phone.setdefault(to, []).append(received_at)
     return by_phone
 
 
@@ -135,20 +134,18 @@ def pct(values: list[float], q: float) -> float:
 
 
 async def part_alerts(count: int, burst: int) -> dict[str, Any]:
-    peer, pilot = Peer(), FakePilotStatus(number_type="web")
-    await pilot.start()
-    app = await build(peer, pilot, teams=count, members=1)
+    peer = Peer()
+    app = await build(peer, await peer.ask("pilot"), teams=count, members=1)
     try:
         rss_before = rss_kib()
         sent: dict[int, float] = {}
         for first in range(0, count, burst):  # a burst of alerts, then wait for its calls
             batch = range(first, min(count, first + burst))
-            sent |= await send_alerts(app, batch)
-            await wait_for_posts(pilot, batch.stop, 60)
-        rung = arrivals(pilot)
+            sent |= await peer.ask("alerts", app.web_port, list(batch))
+            rung = await wait_for_posts(peer, batch.stop, 60)
         latencies = [(rung[phone(t)][0] - sent[t]) * 1000 for t in range(count)]
-        if len(pilot.calls_started()) != count:
-            raise SystemExit(f"{len(pilot.calls_started())} calls for {count} alerts")
+        if sum(map(len, rung.values())) != count:
+            raise SystemExit(f"{sum(map(len, rung.values()))} calls for {count} alerts")
         return {
             "p50": statistics.median(latencies),
             "p99": pct(latencies, 0.99),
@@ -159,13 +156,11 @@ async def part_alerts(count: int, burst: int) -> dict[str, Any]:
     finally:
         await app.close()
         await peer.close()
-        await pilot.close()
 
 
 async def part_timers(count: int) -> dict[str, Any]:
-    peer, pilot = Peer(), FakePilotStatus(number_type="web")
-    await pilot.start()
-    app = await build(peer, pilot, teams=count, members=2)
+    peer = Peer()
+    app = await build(peer, await peer.ask("pilot"), teams=count, members=2)
     late: list[float] = []
     due: dict[int, float] = {}  # team -> when its second step was due (perf_counter time)
     claim = app.oncall_store.claim_due
@@ -182,11 +177,10 @@ async def part_timers(count: int) -> dict[str, Any]:
 
     app.oncall_store.claim_due = timed_claim  # type: ignore[method-assign]
     try:
-        await send_alerts(app, range(count))
-        await wait_for_posts(pilot, 2 * count, 120)
-        if len(pilot.calls_started()) != 2 * count or len(late) != count:
-            raise SystemExit(f"{len(pilot.calls_started())} calls, {len(late)} second steps")
-        rung = arrivals(pilot)
+        await peer.ask("alerts", app.web_port, list(range(count)))
+        rung = await wait_for_posts(peer, 2 * count, 120)
+        if len(late) != count:
+            raise SystemExit(f"{len(late)} second steps for {count} incidents")
         ring_late = [(rung[phone(2 * t + 1)][0] - at) * 1000 for t, at in due.items()]
         # whatever a step's due time is counted from: first POST -> second POST, minus the wait
         gaps = [
@@ -206,7 +200,6 @@ async def part_timers(count: int) -> dict[str, Any]:
     finally:
         await app.close()
         await peer.close()
-        await pilot.close()
 
 
 async def main() -> None:
@@ -217,7 +210,7 @@ async def main() -> None:
     args = parser.parse_args()
     print(
         f"callbot on-call bench: Python {platform.python_version()}, {os.cpu_count()} CPUs; "
-        "fake Telegram in a second process, fake Pilot Status and the alert sender in this one"
+        "fake Telegram, fake Pilot Status and the alert sender in a second process"
     )
     if args.alerts:  # --alerts 0: part 2 only
         alerts = await part_alerts(args.alerts, args.burst)

@@ -141,7 +141,7 @@ async def run(count: int, teams: int, seconds: float, share: int, settle: float)
     await pilot.start()
     app = await build(
         peer,  # type: ignore[arg-type]  (the same ask("url") as bench_webhooks.Peer)
-        pilot,
+        pilot.url,
         teams,
         1,
         wait=300,  # no second step during the bench: the storm's first rings are timed

@@ -77,7 +77,9 @@ class StampedTelegram(FakeTelegram):
 
 class Peer:
     """The world outside the bot, in another process: the fake Telegram (noting when each edit
-    arrives) and the sender of the deliveries, so neither spends the bot's CPU.
+    arrives), the sender of the deliveries and, for bench_oncall, the fake Pilot Status (noting
+    when each POST arrives, after its contract check) and the sender of the alerts, so none of
+    them spends the bot's CPU or waits in its event loop's queue.
     time.perf_counter is CLOCK_MONOTONIC on Linux: comparable across processes."""
 
     def __init__(self) -> None:
@@ -104,6 +106,7 @@ async def _peer(conn: Connection) -> None:
 
     telegram = StampedTelegram(TOKEN)
     await telegram.start()
+    pilot: FakePilotStatus | None = None
     try:
         while True:
             command, *args = await asyncio.to_thread(conn.recv)
@@ -123,7 +126,20 @@ async def _peer(conn: Connection) -> None:
                 conn.send(await _send_phase(*args))
             elif command == "edits":
                 conn.send(dict(telegram.edit_times))
+            elif command == "pilot":  # a fake Pilot Status here too (bench_oncall)
+                pilot = FakePilotStatus(number_type="web")
+                await pilot.start()
+                conn.send(pilot.url)
+            elif command == "rung":  # (callee, when its POST /v1/calls arrived) so far
+                assert pilot is not None
+                conn.send([(r.json["to"], r.received_at) for r in pilot.calls_started()])
+            elif command == "alerts":  # bench_oncall's alerts, sent from here
+                from bench.bench_oncall import send_alerts
+
+                conn.send(await send_alerts(*args))
     finally:
+        if pilot is not None:
+            await pilot.close()
         await telegram.close()
 
 
