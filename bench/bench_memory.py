@@ -61,20 +61,9 @@ LAZY = sys.argv[2].split(",")
 
 async def main(data_dir):
     from bot.app import CallbotApp
-    from bot.config import load_settings
+    from tests.idle import idle_settings
 
-    settings = load_settings(
-        _env_file=None,
-        bot_token="123456:" + "A" * 35,
-        telegram_api_url="http://127.0.0.1:9",
-        pilot_status_api_key="ps_" + "a" * 48,
-        pilot_status_base_url="http://127.0.0.1:9",
-        pilot_status_number_type="web",
-        operator_ids="111",
-        data_dir=data_dir,
-        web_host="127.0.0.1",
-        web_port=0,
-    )
+    settings = idle_settings(data_dir)
     app = CallbotApp(settings)
     await app.start()
     try:

@@ -9,22 +9,11 @@ from pathlib import Path
 STARTED = """
 import asyncio, sys
 from bot.app import CallbotApp
-from bot.config import load_settings
+from tests.idle import idle_settings
 from bot.shared.redis import redis_error
 
 async def main():
-    settings = load_settings(
-        _env_file=None,
-        bot_token="123456:" + "A" * 35,
-        telegram_api_url="http://127.0.0.1:9",
-        pilot_status_api_key="ps_" + "a" * 48,
-        pilot_status_base_url="http://127.0.0.1:9",
-        pilot_status_number_type="web",
-        operator_ids="111",
-        data_dir=sys.argv[1],
-        web_host="127.0.0.1",
-        web_port=0,
-    )
+    settings = idle_settings(sys.argv[1])
     app = CallbotApp(settings)
     await app.start()
     try:
@@ -47,6 +36,7 @@ asyncio.run(main())
 def test_without_redis_url_a_started_bot_never_imports_redis(tmp_path: Path) -> None:
     out = subprocess.run(
         [sys.executable, "-c", STARTED, str(tmp_path)],
+        cwd=Path(__file__).resolve().parents[1],  # where `tests` is importable
         capture_output=True,
         text=True,
         check=True,
