@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -398,14 +398,14 @@ class OnCallStore:
                 silence_id=new.silence_id,
                 attempt=1 if claim else 0,
             )
+            if claim:  # inserted claimed: no second statement to store the lease
+                row.next_action_at = at + claim
             session.add(row)
             await session.flush()
             if share is not None:
                 await _join_digest(session, row, share, at)
-            created = _incident(row)  # carries the time its first step was due
-            if claim:
-                row.next_action_at = at + claim
-            return created
+            # it carries the time its first step was due
+            return replace(_incident(row), next_action_at=new.held_until or at)
 
     async def incident(self, incident_id: int) -> Incident | None:
         async with self._sessions() as session:
