@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import shutil
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ from aiogram.client.session.aiohttp import AiohttpSession
 
 from bot.app import CallbotApp
 from bot.config import Settings, load_settings
+from bot.storage.db import create_engine, database_url, migrate
 from tests.fakes.pilot_status import FakePilotStatus
 from tests.fakes.telegram import FakeTelegram
 
@@ -122,9 +125,30 @@ class RunningBot:
 StartBot = Callable[..., Awaitable[RunningBot]]
 
 
+@pytest.fixture(scope="session")
+def migrated_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A DATA_DIR whose SQLite database is migrated to head, once per run: `start_bot` gives each
+    bot a copy (the app then finds its schema at head and leaves it). Migrations on a fresh
+    database are the process tests' to run (tests/test_e2e_process.py, tests/test_config.py,
+    tests/test_startup_locks.py) and tests/test_store.py's."""
+    folder = tmp_path_factory.mktemp("migrated")
+
+    async def build() -> None:
+        engine = create_engine(database_url(None, folder))
+        try:
+            await migrate(engine)
+        finally:
+            await engine.dispose()
+
+    with ThreadPoolExecutor(1) as thread:  # a loop of its own, outside pytest-asyncio's
+        thread.submit(lambda: asyncio.run(build())).result()
+    assert [p.name for p in folder.iterdir()] == ["callbot.db"], "closed: no WAL left to copy"
+    return folder
+
+
 @pytest.fixture
 async def start_bot(
-    telegram: FakeTelegram, pilot: FakePilotStatus, tmp_path: Path
+    telegram: FakeTelegram, pilot: FakePilotStatus, tmp_path: Path, migrated_data_dir: Path
 ) -> AsyncIterator[StartBot]:
     """Build the bot the way `python -m bot` does and run it against the fakes (long polling)."""
     running: list[RunningBot] = []
@@ -142,6 +166,10 @@ async def start_bot(
             overrides.setdefault("telegram_webhook_url", f"http://127.0.0.1:{port}{WEBHOOK_PATH}")
             overrides.setdefault("telegram_webhook_secret", WEBHOOK_SECRET)
         overrides.setdefault("data_dir", str(tmp_path / f"data{len(running)}"))
+        database = Path(overrides["data_dir"]) / "callbot.db"
+        if overrides.get("database_url") is None and not database.exists():
+            database.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(migrated_data_dir / "callbot.db", database)
         overrides.setdefault("telegram_edit_interval", 0.05)
         overrides.setdefault("call_poll_interval", 0.05)
         settings = settings_for(telegram, pilot, **overrides)
