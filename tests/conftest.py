@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import shutil
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -32,12 +31,6 @@ STRANGER = 333
 GROUP = -100500
 WEBHOOK_SECRET = "webhook-secret_" + "s" * 20
 WEBHOOK_PATH = "/telegram/webhook"
-
-
-def pytest_collection_finish(session: pytest.Session) -> None:
-    """What collection imported (the app, aiogram's ~300 models, the fakes, Hypothesis) lives for
-    the whole run: frozen out of the cyclic collector, every full collection skips it."""
-    gc.freeze()
 
 
 @pytest.fixture
