@@ -107,6 +107,9 @@ STARTUP_PROBE_SECONDS = 10.0
 # replicas: how often open call attempts of a replica that died are looked for, and how old
 ATTEMPT_SWEEP_SECONDS = 30.0
 ATTEMPT_SWEEP_AGE = timedelta(minutes=1)
+# after a restart: how often open attempts a live process held the number's guard for are looked
+# at again (their holder may have died: its guard's lease then runs out)
+ATTEMPT_RECHECK_SECONDS = 10.0
 READY_TIMEOUT_SECONDS = 3.0  # a readiness probe's database check
 # setWebhook failed at start: tried again in the background, waiting this long, doubled each time
 WEBHOOK_RETRY_FIRST_SECONDS = 1.0
@@ -239,6 +242,7 @@ class CallbotApp:
             follow_for=settings.call_poll_timeout,
             confirm_after=settings.call_poll_interval,
             guard=number_guard,
+            recheck_after=ATTEMPT_RECHECK_SECONDS,
         )
         self.number_types = NumberTypes(self.pilot, settings.pilot_status_number_type)
         self.speaker = Speaker(

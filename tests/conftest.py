@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiogram import Dispatcher
+from aiogram.client.session.aiohttp import AiohttpSession
 
 from bot.app import CallbotApp
 from bot.config import Settings, load_settings
+from bot.storage.db import create_engine, database_url, migrate
 from tests.fakes.pilot_status import FakePilotStatus
 from tests.fakes.telegram import FakeTelegram
 
@@ -114,9 +118,30 @@ class RunningBot:
 StartBot = Callable[..., Awaitable[RunningBot]]
 
 
+@pytest.fixture(scope="session")
+def migrated_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A DATA_DIR whose SQLite database is migrated to head, once per run: `start_bot` gives each
+    bot a copy (the app then finds its schema at head and leaves it). Migrations on a fresh
+    database are the process tests' to run (tests/test_e2e_process.py, tests/test_config.py,
+    tests/test_startup_locks.py) and tests/test_store.py's."""
+    folder = tmp_path_factory.mktemp("migrated")
+
+    async def build() -> None:
+        engine = create_engine(database_url(None, folder))
+        try:
+            await migrate(engine)
+        finally:
+            await engine.dispose()
+
+    with ThreadPoolExecutor(1) as thread:  # a loop of its own, outside pytest-asyncio's
+        thread.submit(lambda: asyncio.run(build())).result()
+    assert [p.name for p in folder.iterdir()] == ["callbot.db"], "closed: no WAL left to copy"
+    return folder
+
+
 @pytest.fixture
 async def start_bot(
-    telegram: FakeTelegram, pilot: FakePilotStatus, tmp_path: Path
+    telegram: FakeTelegram, pilot: FakePilotStatus, tmp_path: Path, migrated_data_dir: Path
 ) -> AsyncIterator[StartBot]:
     """Build the bot the way `python -m bot` does and run it against the fakes (long polling)."""
     running: list[RunningBot] = []
@@ -134,10 +159,15 @@ async def start_bot(
             overrides.setdefault("telegram_webhook_url", f"http://127.0.0.1:{port}{WEBHOOK_PATH}")
             overrides.setdefault("telegram_webhook_secret", WEBHOOK_SECRET)
         overrides.setdefault("data_dir", str(tmp_path / f"data{len(running)}"))
+        database = Path(overrides["data_dir"]) / "callbot.db"
+        if overrides.get("database_url") is None and not database.exists():
+            database.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(migrated_data_dir / "callbot.db", database)
         overrides.setdefault("telegram_edit_interval", 0.05)
         overrides.setdefault("call_poll_interval", 0.05)
         settings = settings_for(telegram, pilot, **overrides)
         app = CallbotApp(settings)
+        close_without_tls_grace(app.bot.session)
         app.dp.workflow_data.update(data or {})
         started = asyncio.Event()
         app.dp.startup.register(started.set)
@@ -154,6 +184,19 @@ async def start_bot(
     yield start
     for harness in running:
         await harness.stop()
+
+
+def close_without_tls_grace(session: AiohttpSession) -> None:
+    """aiogram waits 250 ms after closing its aiohttp session, for TLS connections to finish
+    closing (aiohttp's graceful-shutdown advice). The fake Telegram speaks plain HTTP: nothing to
+    wait for, and it was a quarter of a second of every test's teardown. The session itself is
+    closed as before (an unclosed one is a warning, and the warnings are errors)."""
+
+    async def close() -> None:
+        if session._session is not None and not session._session.closed:
+            await session._session.close()
+
+    session.close = close  # type: ignore[method-assign]
 
 
 def free_port() -> int:

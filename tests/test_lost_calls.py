@@ -279,7 +279,9 @@ async def test_an_attempt_whose_holder_died_is_settled_once_its_guard_lease_runs
     db_url: str,
     shared_state: dict[str, str],
     tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setattr(bot.app, "ATTEMPT_RECHECK_SECONDS", 0.5)  # within the lease: held, freed
     shared = {"database_url": db_url, **shared_state}
     first = await webhook_bot(start_bot, tmp_path / "a", webhook=True, **shared)
     # the replica that wrote it died holding the number's guard: a lease that just runs out

@@ -299,7 +299,8 @@ async def test_a_meta_call_whose_replica_died_is_hung_up_once_its_claim_lapses(
 async def test_media_sessions_count_the_realtime_streams_being_sent(
     start_bot: StartBot, espeak: str
 ) -> None:
-    bot = await start_bot(pilot_status_number_type="web", speech_repeat=3)
+    # said once, the note thrice over is seconds of stream: long enough to see it counted
+    bot = await start_bot(pilot_status_number_type="web", speech_repeat=1)
     reply = await command(bot, f"/call {PHONE} say: {MESSAGE}, {MESSAGE}, {MESSAGE}")
     pilot_id = pilot_id_of(bot)
     bot.pilot.emit_status(pilot_id, "ACCEPTED")
