@@ -25,7 +25,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from bot.errors import TalkRefused
 from bot.softphone.ice import IceServer
 from bot.voice.service import TalkLine
-from bot.voice.webrtc import MessageTrack, Rechunker
+from bot.voice.webrtc import MessageTrack, Rechunker, close_peer
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ class BrowserLeg:
         self.line.session.listen(None)
         self._to_browser.stop()
         try:
-            await self._pc.close()
+            await close_peer(self._pc)
         finally:
             for task in self._tasks:
                 task.cancel()

@@ -111,6 +111,21 @@ _offer_rsa_ciphers_too()
 LIVE_FRAMES = 6  # 120 ms: live audio queued beyond this is late, its oldest frames dropped
 
 
+CLOSE_WAIT = 2.0  # seconds a cancelled close still gives the peer connection to finish
+
+
+async def close_peer(pc: RTCPeerConnection) -> None:
+    """`pc.close()`, finished even when the caller is cancelled meanwhile (a shutdown cancels
+    the call's voice task): cut short, aiortc leaves its ICE transports' sockets open. The
+    cancellation then goes on, after at most CLOSE_WAIT."""
+    closing = asyncio.ensure_future(pc.close())
+    try:
+        await asyncio.shield(closing)
+    except asyncio.CancelledError:
+        await asyncio.wait({closing}, timeout=CLOSE_WAIT)
+        raise
+
+
 class Rechunker:
     """Decoded frames of any layout and rate → mono s16 48 kHz, in 20 ms pieces."""
 
@@ -291,7 +306,7 @@ class AiortcSession:
         self._closed = True
         self._track.stop()
         try:
-            await self._pc.close()
+            await close_peer(self._pc)
         finally:
             for task in self._listening:
                 task.cancel()
