@@ -369,6 +369,7 @@ class OnCallStore:
         takes that step at once, as `claim_due` would have: the timer passes over it until the
         lease runs out (a crash before the ring retakes it then). With `share`, an incident
         past its team's share of posts in a minute goes into the team's digest post."""
+        due = new.held_until or at
         async with self._sessions.begin() as session:
             if share is not None:  # before the insert, whose key lock on the team would deadlock
                 await session.execute(
@@ -386,7 +387,8 @@ class OnCallStore:
                 status="firing",
                 fired=1,
                 step=0,
-                next_action_at=new.held_until or at,
+                # inserted claimed (the lease), so no second statement stores it
+                next_action_at=at + claim if claim else due,
                 notes=list(new.notes),
                 created_at=at,
                 updated_at=at,
@@ -398,14 +400,11 @@ class OnCallStore:
                 silence_id=new.silence_id,
                 attempt=1 if claim else 0,
             )
-            if claim:  # inserted claimed: no second statement to store the lease
-                row.next_action_at = at + claim
             session.add(row)
             await session.flush()
             if share is not None:
                 await _join_digest(session, row, share, at)
-            # it carries the time its first step was due
-            return replace(_incident(row), next_action_at=new.held_until or at)
+            return replace(_incident(row), next_action_at=due)  # when its first step was due
 
     async def incident(self, incident_id: int) -> Incident | None:
         async with self._sessions() as session:
