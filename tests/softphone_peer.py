@@ -24,6 +24,7 @@ class Microphone(ToneTrack):
         super().__init__(440.0, 0.3)
         self.on = False
         self.turned_on_at: float | None = None
+        self.sent_loud = 0  # 20 ms frames sent while on
 
     def speak(self, on: bool = True) -> None:
         self.on = on
@@ -32,7 +33,9 @@ class Microphone(ToneTrack):
 
     async def recv(self) -> av.AudioFrame:
         frame = await super().recv()
-        if not self.on:
+        if self.on:
+            self.sent_loud += 1
+        else:
             frame.planes[0].update(bytes(WINDOW * 2))
         return frame
 

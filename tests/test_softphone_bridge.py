@@ -129,7 +129,10 @@ async def test_the_operator_and_the_callee_hear_each_other(talking: Joined) -> N
     await asyncio.sleep(0.5)
     loud = [i for i, r in enumerate(edge.rms) if r > LOUD]
     assert loud[0] >= start, (loud[:5], start)  # nothing before the operator spoke
-    assert 0.7 <= len(loud) * 0.02 <= 1.6, (len(loud), start, stop)  # about the second spoken
+    # about what was spoken (a loaded loop may keep the microphone on past the second):
+    # most of its 20 ms frames heard, nothing heard that was not spoken
+    spoken = peer.mic.sent_loud
+    assert 0.7 * spoken <= len(loud) <= spoken + 2, (len(loud), spoken, start, stop)
     assert not [i for i in loud if i > stop + 25], (loud[-5:], stop)  # 500 ms slack
     assert delay < 1.0, delay  # live, not queued (a loose bound; the figure is printed)
 
