@@ -68,11 +68,13 @@ class _Failure(Exception):
 
 @dataclass(eq=False)
 class VoiceLeg:
-    """What one call needs from the voice side: its audio (already repeated as the policy says;
-    synthesized while the call is placed and rings, since it is needed only once the callee
-    answers), and on Meta its peer connection."""
+    """What one call needs from the voice side: its audio (synthesized while the call is placed
+    and rings, since it is needed only once the callee answers; repeated as the policy says only
+    then, so a storm of ringing calls holds one saying each, shared with the Speaker's cache),
+    and on Meta its peer connection."""
 
     synthesize: Callable[[], Coroutine[Any, Any, Audio]]
+    repeat: tuple[int, float] = (1, 0.0)  # times said, seconds of silence between two sayings
     session: MediaSession | None = None
     release: Callable[[], None] | None = None
     shelved: str | None = None  # the URL of its audio on the shelf, for /play
@@ -91,7 +93,7 @@ class VoiceLeg:
     async def audio(self) -> Audio:
         self.prime()
         assert self.sound is not None
-        return await asyncio.shield(self.sound)
+        return (await asyncio.shield(self.sound)).repeated(*self.repeat)
 
     async def close(self) -> None:
         release, self.release = self.release, None
@@ -218,7 +220,7 @@ class Voice:
             raise CallbotError("speech_unavailable")
         if number_type is not NumberType.META:
             # synthesized once the POST is on its way (see begin)
-            return None if speech is None else VoiceLeg(partial(self._audio, speech))
+            return None if speech is None else self._leg(partial(self._audio, speech))
         if self._open >= self.policy.max_sessions:
             raise CallbotError("media_busy", {"max": str(self.policy.max_sessions)})
         self._open += 1  # the slot is taken before any await: two /calls cannot both pass
@@ -226,10 +228,10 @@ class Voice:
             leg = VoiceLeg(self._silence, release=self._release, talk=True)
         elif speech is None and not self._speaker.available:
             # no engine: the callee still hears that the call is for them
-            leg = VoiceLeg(self._tone, release=self._release)
+            leg = self._leg(self._tone, release=self._release)
         else:
             said = speech or Speech.for_locale(self._default_text(locale), locale)
-            leg = VoiceLeg(partial(self._audio, said), release=self._release)
+            leg = self._leg(partial(self._audio, said), release=self._release)
         leg.prime()  # synthesized while the peer connection gathers its offer
         try:
             leg.session = await self._endpoint.open_session()
@@ -241,6 +243,10 @@ class Voice:
             raise CallbotError("media_unavailable") from err
         return leg
 
+    def _leg(self, synthesize: Callable[[], Coroutine[Any, Any, Audio]], **more: Any) -> VoiceLeg:
+        """A leg that plays what `synthesize` makes, repeated as the policy says."""
+        return VoiceLeg(synthesize, repeat=(self.policy.repeat, self.policy.gap), **more)
+
     def _release(self) -> None:
         self._open -= 1
 
@@ -248,7 +254,7 @@ class Voice:
         return Audio(b"", RATE)
 
     async def _tone(self) -> Audio:
-        return tone().repeated(self.policy.repeat, self.policy.gap)
+        return tone()
 
     async def _audio(self, speech: Speech) -> Audio:
         """What the callee hears, synthesized off the call's hot path (the POST never waits
@@ -258,7 +264,7 @@ class Voice:
         except Exception as err:  # SpeechError, or the engine could not even be started
             log.warning("speech failed, the call plays a tone instead: %s", err)
             said = tone()
-        return said.repeated(self.policy.repeat, self.policy.gap)
+        return said
 
     # after the API accepted the call
 
