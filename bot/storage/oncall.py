@@ -46,6 +46,23 @@ TEAM_NAMED = select(TEAMS).where(TEAMS.c.name == bindparam("name"))
 TEAM_BY_ID = select(TEAMS).where(TEAMS.c.id == bindparam("id"))
 CONTACT_NAMED = select(CONTACTS).where(CONTACTS.c.alias == bindparam("alias")).limit(1)
 INCIDENT_BY_ID = select(INCIDENTS).where(INCIDENTS.c.id == bindparam("id"))
+INCIDENT_FOR_UPDATE = (
+    select(INCIDENTS).where(INCIDENTS.c.id == bindparam("incident_id")).with_for_update()
+)
+# the columns a change sets are its parameters' keys (compiled once per set of keys)
+UPDATE_INCIDENT = INCIDENTS.update().where(INCIDENTS.c.id == bindparam("incident_id"))
+INSERT_INCIDENT = INCIDENTS.insert().returning(INCIDENTS.c.id)
+INSERT_RING = RINGS.insert()
+LOCK_TEAM = select(TEAMS.c.id).where(TEAMS.c.id == bindparam("team_id")).with_for_update()
+RECENT = INCIDENTS.c.team_id == bindparam("team_id"), INCIDENTS.c.created_at > bindparam("since")
+OWN_POSTS = select(func.count()).where(*RECENT, INCIDENTS.c.digest_id.is_(None))
+DIGEST_HEAD = (
+    select(INCIDENTS.c.id, INCIDENTS.c.post_next_at)
+    .where(*RECENT, INCIDENTS.c.digest_id == INCIDENTS.c.id)
+    .order_by(INCIDENTS.c.id.desc())
+    .limit(1)
+)
+DIGEST_LINES = select(func.count()).where(INCIDENTS.c.digest_id == bindparam("head_id"))
 # the newest: an exhausted one may be older than a firing one of the same key
 OPEN_INCIDENT = (
     select(INCIDENTS)
@@ -379,41 +396,45 @@ class OnCallStore:
         lease runs out (a crash before the ring retakes it then). With `share`, an incident
         past its team's share of posts in a minute goes into the team's digest post."""
         due = new.held_until or at
-        async with self._sessions.begin() as session:
+        values: dict[str, Any] = {
+            "team_id": new.team_id,
+            "dedup_key": new.dedup_key,
+            "source": new.source,
+            "title": new.title,
+            "text": new.text,
+            "severity": new.severity,
+            "labels": new.labels,
+            "links": list(new.links),
+            "status": "firing",
+            "fired": 1,
+            "step": 0,
+            # inserted claimed (the lease), so no second statement stores it
+            "next_action_at": at + claim if claim else due,
+            "notes": list(new.notes),
+            "created_at": at,
+            "updated_at": at,
+            "alert_items": list(new.items),
+            "alert_count": new.alert_count,
+            "post_status": "pending",
+            "post_attempts": 0,
+            "post_next_at": at,
+            "silence_id": new.silence_id,
+            "attempt": 1 if claim else 0,
+        }
+        # On Core, in front of the alert's ring (as begin_ring)
+        async with self._engine.begin() as connection:
+            head = False
             if share is not None:  # before the insert, whose key lock on the team would deadlock
-                await session.execute(
-                    select(TeamRow.id).where(TeamRow.id == new.team_id).with_for_update()
-                )
-            row = IncidentRow(
-                team_id=new.team_id,
-                dedup_key=new.dedup_key,
-                source=new.source,
-                title=new.title,
-                text=new.text,
-                severity=new.severity,
-                labels=new.labels,
-                links=list(new.links),
-                status="firing",
-                fired=1,
-                step=0,
-                # inserted claimed (the lease), so no second statement stores it
-                next_action_at=at + claim if claim else due,
-                notes=list(new.notes),
-                created_at=at,
-                updated_at=at,
-                alert_items=list(new.items),
-                alert_count=new.alert_count,
-                post_status="pending",
-                post_attempts=0,
-                post_next_at=at,
-                silence_id=new.silence_id,
-                attempt=1 if claim else 0,
-            )
-            session.add(row)
-            await session.flush()
-            if share is not None:
-                await _join_digest(session, row, share, at)
-            return replace(_incident(row), next_action_at=due)  # when its first step was due
+                await connection.execute(LOCK_TEAM, {"team_id": new.team_id})
+                digest, head = await _digest_of_new(connection, new.team_id, share, at)
+                values |= digest
+            incident_id = (await connection.execute(INSERT_INCIDENT, values)).scalar_one()
+            if head:  # its post is the new digest (its own id)
+                values["digest_id"] = incident_id
+                digest_id = {"incident_id": incident_id, "digest_id": incident_id}
+                await connection.execute(UPDATE_INCIDENT, digest_id)
+        row = SimpleNamespace(**(dict.fromkeys(INCIDENTS.c.keys()) | values | {"id": incident_id}))
+        return replace(_incident(row), next_action_at=due)  # when its first step was due
 
     async def incident(self, incident_id: int) -> Incident | None:
         row = await self._first(INCIDENT_BY_ID, id=incident_id)
@@ -684,8 +705,8 @@ class OnCallStore:
         # On Core, right before the POST: an ORM flush of the same three statements costs
         # about twice their time (bench/README.md, stop 19).
         async with self._engine.begin() as connection:
-            locked = select(INCIDENTS).where(INCIDENTS.c.id == incident_id).with_for_update()
-            row = (await connection.execute(locked)).first()
+            locked = await connection.execute(INCIDENT_FOR_UPDATE, {"incident_id": incident_id})
+            row = locked.first()
             if row is None or row.status != "firing" or row.attempt != fence:
                 return None
             await _lock_number(connection, phone)
@@ -700,10 +721,8 @@ class OnCallStore:
                 "post_next_at": row.post_next_at or at,
                 "updated_at": at,
             }
-            await connection.execute(
-                INCIDENTS.update().where(INCIDENTS.c.id == incident_id).values(values)
-            )
-            await connection.execute(RINGS.insert().values(phone=phone, at=at, call_id=call_id))
+            await connection.execute(UPDATE_INCIDENT, {"incident_id": incident_id, **values})
+            await connection.execute(INSERT_RING, {"phone": phone, "at": at, "call_id": call_id})
             return _incident(SimpleNamespace(**(row._asdict() | values)))
 
     async def end_ring(
@@ -817,33 +836,35 @@ class PostShare:
     gather: timedelta = timedelta(seconds=3)  # a digest is posted or edited at most this often
 
 
-async def _join_digest(
-    session: AsyncSession, row: IncidentRow, share: PostShare, at: datetime
-) -> None:
-    """A new incident past its team's share of posts in the last minute becomes a line of the
-    team's open digest (started within the minute, not full), or starts one. Counted under the
+async def _digest_of_new(
+    connection: AsyncConnection, team_id: int, share: PostShare, at: datetime
+) -> tuple[dict[str, Any], bool]:
+    """Before a new incident's insert: past its team's share of posts in the last minute, it
+    becomes a line of the team's open digest (started within the minute, not full), or starts
+    one (its post is the digest, made once its first lines gathered). Returns the fields that
+    say so (none: it has a post of its own) and whether it starts a digest. Counted under the
     team's row lock (taken by the caller), so replicas taking a storm together keep to one
     share."""
-    since = at - share.window
-    recent = IncidentRow.team_id == row.team_id, IncidentRow.created_at > since
-    own = select(func.count()).where(
-        *recent, IncidentRow.digest_id.is_(None), IncidentRow.id != row.id
-    )
-    if (await session.scalar(own) or 0) < share.posts:
-        return
-    heads = select(IncidentRow).where(*recent, IncidentRow.digest_id == IncidentRow.id)
-    head = (await session.execute(heads.order_by(IncidentRow.id.desc()).limit(1))).scalars().first()
-    if head is not None:
-        lines = select(func.count()).where(IncidentRow.digest_id == head.id)
-        if (await session.scalar(lines) or 0) < share.lines:
-            row.digest_id, row.digest_shown = head.id, row.status
-            row.post_status, row.post_next_at = "digest", None
-            # lines joining within `gather` of each other cost one edit together
-            head.post_status = "pending"
-            head.post_next_at = head.post_next_at or at + share.gather
-            return
-    row.digest_id = row.id  # its post is the new digest, made once its first lines gathered
-    row.post_next_at = at + share.gather
+    recent = {"team_id": team_id, "since": at - share.window}
+    if (await connection.scalar(OWN_POSTS, recent) or 0) < share.posts:
+        return {}, False
+    head = (await connection.execute(DIGEST_HEAD, recent)).first()
+    if (
+        head is not None
+        and (await connection.scalar(DIGEST_LINES, {"head_id": head.id}) or 0) < share.lines
+    ):
+        # lines joining within `gather` of each other cost one edit together
+        due = head.post_next_at or at + share.gather
+        refresh = {"incident_id": head.id, "post_status": "pending", "post_next_at": due}
+        await connection.execute(UPDATE_INCIDENT, refresh)
+        line = {
+            "digest_id": head.id,
+            "digest_shown": "firing",
+            "post_status": "digest",
+            "post_next_at": None,
+        }
+        return line, False
+    return {"post_next_at": at + share.gather}, True
 
 
 async def _digest_due(
