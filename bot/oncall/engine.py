@@ -79,6 +79,10 @@ BUSY_RETRY = timedelta(seconds=1)
 # How long a post waits, at most, for the steps this process is running: under a burst the
 # rings go out first and the posts follow (a step that is stuck holds them back no longer).
 RINGS_FIRST = 1.0
+# How long the timer sleeps when what is due was left by its last look: it is in hand (a post
+# waiting for the rings, a row another replica holds; a freed slot wakes the timer). Without
+# it the timer looks again and again at once.
+IN_HAND = 0.25
 TELL_ADMINS_AFTER = 3  # failed posts in a row (Telegram down) before the admins are told
 _DURATION = re.compile(r"(\d+)\s*([smhd]?)")
 _UNIT = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -259,6 +263,7 @@ class OnCall:
         self._locale = locale
         self.clock = clock
         self._wake = asyncio.Event()
+        self._wakes_at: datetime | None = None  # when the sleeping timer looks next (else now)
         self._admins = admins  # told in private when a team's chat cannot be reached
         # one post attempt per incident at a time; the lock lives while someone holds it
         self._post_locks: weakref.WeakValueDictionary[int, asyncio.Lock] = (
@@ -892,19 +897,30 @@ class OnCall:
         while not self._stopping:
             delay = tick
             self._wake.clear()  # before looking: an incident arriving meanwhile wakes the wait
+            self._wakes_at = None
             try:
                 await self.run_due(wait_for_posts=False, wait_for_steps=False)
                 next_at = await self._store.next_due_at()
                 if next_at is not None:
-                    delay = min(tick, max(0.0, (next_at - self.clock()).total_seconds()))
+                    due_in = (next_at - self.clock()).total_seconds()
+                    delay = min(tick, due_in if due_in > 0 else IN_HAND)
             except Exception:
                 log.exception("on-call step failed; retrying")
+            self._wakes_at = self.clock() + timedelta(seconds=delay)
             with suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), delay)
 
     def wake(self) -> None:
         """Look for due steps now (a silence ended early)."""
         self._wake.set()
+
+    def _due(self, incident: Incident) -> None:
+        """The incident's timer changed: the timer looks now if it would look too late. A
+        ring's next step is due after its wait, mostly after the timer's next look anyway: each
+        ring waking it cost a pass of its queries (bench/README.md, stop 19)."""
+        at, wakes_at = incident.next_action_at, self._wakes_at
+        if at is not None and (wakes_at is None or at < wakes_at):
+            self._wake.set()
 
     def stop(self) -> None:
         """Shutting down: take no new step (the ones running finish: see InFlight)."""
@@ -1264,7 +1280,7 @@ class OnCall:
         )
         if updated is not None and changed:
             self._publish_soon(updated.id)
-            self._wake.set()
+            self._due(updated)
         elif updated is not None and updated.status != "firing" and fields.get("call_id"):
             # Acknowledged (or resolved) while this ring was being placed: it must not ring on.
             await self._hang_up_ring(ring)
@@ -1348,7 +1364,7 @@ class OnCall:
             )
             if updated is not None and changed:
                 self._publish_soon(updated.id)
-                self._wake.set()
+                self._due(updated)
 
 
 class _Superseded(Exception):
