@@ -11,7 +11,8 @@ rung twice.
 1. Alerts: N generic alerts are posted, B at a time (default 1: each waits for the previous
    alert's call); per alert, from just before it is sent to
    the fake Pilot Status receiving the POST that rings the team's person on call. Targets:
-   p99 <= 20 ms.
+   p99 <= 20 ms. Printed beside it, the floor in the same run: a relay that does only the
+   transport (aiohttp takes the alert, one shared httpx client POSTs the ring, nothing stored).
 2. Timers: M incidents ring their first person at once; every team waits `wait_seconds` (2 s)
    for an acknowledgement, so M second steps fall due together; lateness = when the step was
    taken (claimed under its row lock) minus when it was due (its stored next_action_at), and
@@ -33,6 +34,8 @@ import time
 from typing import Any
 
 import aiohttp
+import httpx
+from aiohttp import web
 
 from bench.bench_webhooks import TOKEN, Peer, rss_kib
 from bot.app import CallbotApp
@@ -138,11 +141,13 @@ async def part_alerts(count: int, burst: int) -> dict[str, Any]:
     app = await build(peer, await peer.ask("pilot"), teams=count, members=1)
     try:
         rss_before = rss_kib()
+        cpu, wall = time.process_time(), time.perf_counter()
         sent: dict[int, float] = {}
         for first in range(0, count, burst):  # a burst of alerts, then wait for its calls
             batch = range(first, min(count, first + burst))
             sent |= await peer.ask("alerts", app.web_port, list(batch))
             rung = await wait_for_posts(peer, batch.stop, 60)
+        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
         latencies = [(rung[phone(t)][0] - sent[t]) * 1000 for t in range(count)]
         if sum(map(len, rung.values())) != count:
             raise SystemExit(f"{sum(map(len, rung.values()))} calls for {count} alerts")
@@ -152,9 +157,49 @@ async def part_alerts(count: int, burst: int) -> dict[str, Any]:
             "max": max(latencies),
             "rss_mib": rss_kib() / 1024,
             "rss_growth_mib": (rss_kib() - rss_before) / 1024,
+            # the bot's CPU while the alerts came (their posts and rings included), per alert
+            "cpu_ms": cpu / count * 1000,
+            "every_ms": wall / count * 1000,
         }
     finally:
         await app.close()
+        await peer.close()
+
+
+async def part_floor(count: int, burst: int) -> dict[str, Any]:
+    """Part 1 against the relay: the alert's transport in and the ring's out, nothing else."""
+    peer = Peer()
+    pilot = httpx.AsyncClient(
+        base_url=await peer.ask("pilot"), headers={"x-api-key": "ps_" + "a" * 48}
+    )
+
+    async def relay(request: web.Request) -> web.Response:
+        team = int(request.match_info["team"][1:])
+        if request.headers.get("Authorization") != f"Bearer token-{team}":
+            raise web.HTTPUnauthorized
+        await request.json()
+        response = await pilot.post("/v1/calls", json={"to": phone(team)})
+        response.raise_for_status()
+        return web.json_response({"result": "created"})
+
+    app = web.Application()
+    app.router.add_post("/alerts/generic/{team}", relay)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        sent: dict[int, float] = {}
+        for first in range(0, count, burst):
+            batch = range(first, min(count, first + burst))
+            sent |= await peer.ask("alerts", port, list(batch))
+            rung = await wait_for_posts(peer, batch.stop, 60)
+        latencies = [(rung[phone(t)][0] - sent[t]) * 1000 for t in range(count)]
+        return {"p50": statistics.median(latencies), "p99": pct(latencies, 0.99)}
+    finally:
+        await runner.cleanup()
+        await pilot.aclose()
         await peer.close()
 
 
@@ -213,6 +258,7 @@ async def main() -> None:
         "fake Telegram, fake Pilot Status and the alert sender in a second process"
     )
     if args.alerts:  # --alerts 0: part 2 only
+        floor = await part_floor(args.alerts, args.burst)
         alerts = await part_alerts(args.alerts, args.burst)
         verdict = "PASS" if alerts["p99"] <= 20 else "MISS"
         print(
@@ -220,7 +266,10 @@ async def main() -> None:
             f"received: p50 {alerts['p50']:.1f} ms, p99 {alerts['p99']:.1f} ms, "
             f"max {alerts['max']:.1f} ms "
             f"(target p99 <= 20 ms: {verdict}); RSS {alerts['rss_mib']:.0f} MiB "
-            f"(+{alerts['rss_growth_mib']:.1f} MiB during the run)"
+            f"(+{alerts['rss_growth_mib']:.1f} MiB during the run); the bot's CPU "
+            f"{alerts['cpu_ms']:.1f} ms per alert, an alert every {alerts['every_ms']:.1f} ms\n"
+            f"   the floor, a relay (transport only, same fakes, same run): "
+            f"p50 {floor['p50']:.1f} ms, p99 {floor['p99']:.1f} ms"
         )
     timers = await part_timers(args.incidents)
     print(
