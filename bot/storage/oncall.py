@@ -52,6 +52,7 @@ INCIDENT_FOR_UPDATE = (
 # the columns a change sets are its parameters' keys (compiled once per set of keys)
 UPDATE_INCIDENT = INCIDENTS.update().where(INCIDENTS.c.id == bindparam("incident_id"))
 INSERT_INCIDENT = INCIDENTS.insert().returning(INCIDENTS.c.id)
+POSTED = UPDATE_INCIDENT.returning(*INCIDENTS.c)
 INSERT_RING = RINGS.insert()
 LOCK_TEAM = select(TEAMS.c.id).where(TEAMS.c.id == bindparam("team_id")).with_for_update()
 RECENT = INCIDENTS.c.team_id == bindparam("team_id"), INCIDENTS.c.created_at > bindparam("since")
@@ -576,16 +577,20 @@ class OnCallStore:
     async def post_done(
         self, incident_id: int, message_id: int, *, shown: str | None = None
     ) -> Incident | None:
-        """The post was made; `shown`: a digest's fingerprint of the lines it shows."""
-        async with self._sessions.begin() as session:
-            row = await self._locked(session, incident_id)
-            if row is None:
-                return None
-            if shown is not None:
-                row.digest_shown = shown
-            row.post_message_id, row.post_status = message_id, "posted"
-            row.post_attempts, row.post_next_at = 0, None
-            return _incident(row)
+        """The post was made; `shown`: a digest's fingerprint of the lines it shows. One
+        `UPDATE … RETURNING` on Core (the update takes the row's lock itself)."""
+        values = {
+            "incident_id": incident_id,
+            "post_message_id": message_id,
+            "post_status": "posted",
+            "post_attempts": 0,
+            "post_next_at": None,
+        }
+        if shown is not None:
+            values["digest_shown"] = shown
+        async with self._engine.begin() as connection:
+            row = (await connection.execute(POSTED, values)).first()
+            return _incident(row) if row is not None else None
 
     async def digest_lines(self, head_id: int) -> list[Incident]:
         """The incidents a digest post lists, oldest first (its head among them)."""
