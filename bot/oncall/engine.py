@@ -79,9 +79,9 @@ BUSY_RETRY = timedelta(seconds=1)
 # How long a post waits, at most, for the steps this process is running: under a burst the
 # rings go out first and the posts follow (a step that is stuck holds them back no longer).
 RINGS_FIRST = 1.0
-# How long the timer sleeps when what is due was left by its last look: it is in hand (a post
-# waiting for the rings, a row another replica holds; a freed slot wakes the timer). Without
-# it the timer looks again and again at once.
+# How long the timer sleeps when what is due was left by a look that took nothing: it is in
+# hand (a post waiting for the rings, a row another replica holds; a freed slot wakes the
+# timer). Without it the timer looks again and again at once.
 IN_HAND = 0.25
 TELL_ADMINS_AFTER = 3  # failed posts in a row (Telegram down) before the admins are told
 _DURATION = re.compile(r"(\d+)\s*([smhd]?)")
@@ -899,11 +899,12 @@ class OnCall:
             self._wake.clear()  # before looking: an incident arriving meanwhile wakes the wait
             self._wakes_at = None
             try:
-                await self.run_due(wait_for_posts=False, wait_for_steps=False)
+                taken = await self.run_due(wait_for_posts=False, wait_for_steps=False)
                 next_at = await self._store.next_due_at()
                 if next_at is not None:
                     due_in = (next_at - self.clock()).total_seconds()
-                    delay = min(tick, due_in if due_in > 0 else IN_HAND)
+                    # due now: more to take after a batch; else what this look left is in hand
+                    delay = min(tick, max(0.0, due_in) if due_in > 0 or taken else IN_HAND)
             except Exception:
                 log.exception("on-call step failed; retrying")
             self._wakes_at = self.clock() + timedelta(seconds=delay)
