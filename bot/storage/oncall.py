@@ -54,6 +54,11 @@ UPDATE_INCIDENT = INCIDENTS.update().where(INCIDENTS.c.id == bindparam("incident
 INSERT_INCIDENT = INCIDENTS.insert().returning(INCIDENTS.c.id)
 POSTED = UPDATE_INCIDENT.returning(*INCIDENTS.c)
 INSERT_RING = RINGS.insert()
+RINGS_SINCE = (
+    select(RINGS.c.at)
+    .where(RINGS.c.phone == bindparam("phone"), RINGS.c.at > bindparam("since"))
+    .order_by(RINGS.c.at)
+)
 LOCK_TEAM = select(TEAMS.c.id).where(TEAMS.c.id == bindparam("team_id")).with_for_update()
 RECENT = INCIDENTS.c.team_id == bindparam("team_id"), INCIDENTS.c.created_at > bindparam("since")
 OWN_POSTS = select(func.count()).where(*RECENT, INCIDENTS.c.digest_id.is_(None))
@@ -722,8 +727,7 @@ class OnCallStore:
             values = {
                 "ring_call_id": call_id,
                 "notes": [*(row.notes or []), note][-12:],
-                "post_status": "pending",  # its post is refreshed (as _repost says)
-                "post_next_at": row.post_next_at or at,
+                **_reposted(row, at),
                 "updated_at": at,
             }
             await connection.execute(UPDATE_INCIDENT, {"incident_id": incident_id, **values})
@@ -890,8 +894,7 @@ async def _digest_due(
 async def _rings_since(
     session: AsyncSession | AsyncConnection, phone: str, since: datetime
 ) -> list[datetime]:
-    query = select(RingRow.at).where(RingRow.phone == phone, RingRow.at > since)
-    return list((await session.execute(query.order_by(RingRow.at))).scalars())
+    return list((await session.execute(RINGS_SINCE, {"phone": phone, "since": since})).scalars())
 
 
 async def _lock_number(session: AsyncSession | AsyncConnection, phone: str) -> None:
@@ -905,7 +908,11 @@ async def _lock_number(session: AsyncSession | AsyncConnection, phone: str) -> N
     await session.execute(statement, {"space": RING_LOCKS, "key": key})
 
 
-def _repost(row: IncidentRow, at: datetime) -> None:
+def _reposted(row: IncidentRow | Row[Any], at: datetime) -> dict[str, Any]:
     """The incident changed: its post is to be refreshed (due now, unless a retry is due)."""
-    row.post_status = "pending"
-    row.post_next_at = row.post_next_at or at
+    return {"post_status": "pending", "post_next_at": row.post_next_at or at}
+
+
+def _repost(row: IncidentRow, at: datetime) -> None:
+    for key, value in _reposted(row, at).items():
+        setattr(row, key, value)
