@@ -136,21 +136,27 @@ def pct(values: list[float], q: float) -> float:
     return ordered[max(0, int(len(ordered) * q) - 1)]
 
 
+async def ring_latencies(peer: Peer, port: int, count: int, burst: int) -> list[float]:
+    """One alert per team to whoever listens on `port`, `burst` at a time (each burst waits for
+    its calls); per alert, ms from its send to its ring's POST reaching the fake."""
+    sent: dict[int, float] = {}
+    for first in range(0, count, burst):
+        batch = range(first, min(count, first + burst))
+        sent |= await peer.ask("alerts", port, list(batch))
+        rung = await wait_for_posts(peer, batch.stop, 60)
+    if sum(map(len, rung.values())) != count:
+        raise SystemExit(f"{sum(map(len, rung.values()))} calls for {count} alerts")
+    return [(rung[phone(t)][0] - sent[t]) * 1000 for t in range(count)]
+
+
 async def part_alerts(count: int, burst: int) -> dict[str, Any]:
     peer = Peer()
     app = await build(peer, await peer.ask("pilot"), teams=count, members=1)
     try:
         rss_before = rss_kib()
         cpu, wall = time.process_time(), time.perf_counter()
-        sent: dict[int, float] = {}
-        for first in range(0, count, burst):  # a burst of alerts, then wait for its calls
-            batch = range(first, min(count, first + burst))
-            sent |= await peer.ask("alerts", app.web_port, list(batch))
-            rung = await wait_for_posts(peer, batch.stop, 60)
+        latencies = await ring_latencies(peer, app.web_port, count, burst)
         cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-        latencies = [(rung[phone(t)][0] - sent[t]) * 1000 for t in range(count)]
-        if sum(map(len, rung.values())) != count:
-            raise SystemExit(f"{sum(map(len, rung.values()))} calls for {count} alerts")
         return {
             "p50": statistics.median(latencies),
             "p99": pct(latencies, 0.99),
@@ -190,12 +196,7 @@ async def part_floor(count: int, burst: int) -> dict[str, Any]:
     await site.start()
     port = runner.addresses[0][1]
     try:
-        sent: dict[int, float] = {}
-        for first in range(0, count, burst):
-            batch = range(first, min(count, first + burst))
-            sent |= await peer.ask("alerts", port, list(batch))
-            rung = await wait_for_posts(peer, batch.stop, 60)
-        latencies = [(rung[phone(t)][0] - sent[t]) * 1000 for t in range(count)]
+        latencies = await ring_latencies(peer, port, count, burst)
         return {"p50": statistics.median(latencies), "p99": pct(latencies, 0.99)}
     finally:
         await runner.cleanup()
